@@ -1,0 +1,41 @@
+"""selfflow: the Self-Flow ImageNet 256 model, its samplers, and ADM-identical evaluation.
+
+Importing the package is cheap and needs no GPU; heavy pieces (diffusers, the evaluator)
+are imported only when used.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from selfflow.errors import CheckpointError, ConfigurationError, DownloadError, SelfFlowError
+
+__all__ = [
+    "CheckpointError",
+    "ConfigurationError",
+    "DownloadError",
+    "ModelConfig",
+    "SelfFlowDiT",
+    "SelfFlowError",
+    "SelfFlowPipeline",
+    "__version__",
+    "load_model",
+    "save_model",
+]
+
+
+def __getattr__(name: str):
+    # Lazy attributes keep `import selfflow` fast (no torch import for `selfflow --help`).
+    if name in ("ModelConfig", "SelfFlowDiT"):
+        from selfflow import model
+
+        return getattr(model, name)
+    if name in ("load_model", "save_model"):
+        from selfflow import checkpoint
+
+        return getattr(checkpoint, name)
+    if name == "SelfFlowPipeline":
+        from selfflow.pipeline import SelfFlowPipeline
+
+        return SelfFlowPipeline
+    raise AttributeError(f"module 'selfflow' has no attribute {name!r}")

@@ -1,0 +1,23 @@
+"""Exceptions that the CLI turns into a one-line message instead of a traceback.
+
+Every error a user can cause (a wrong file, a bad option, a missing download) derives
+from :class:`SelfFlowError`; its message must say what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+
+class SelfFlowError(Exception):
+    """An error caused by the user's input or environment, reported without a traceback."""
+
+
+class CheckpointError(SelfFlowError):
+    """A checkpoint file is missing, unreadable, or does not match the model."""
+
+
+class DownloadError(SelfFlowError):
+    """A file could not be fetched; the message says how to get it by hand."""
+
+
+class ConfigurationError(SelfFlowError, ValueError):
+    """An option or argument has a value that cannot work."""
