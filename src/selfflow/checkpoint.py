@@ -1,0 +1,316 @@
+"""Find, download, read, validate and write Self-Flow checkpoints.
+
+The official loader takes ``strict=False``, so a wrong file silently becomes a random model.
+Here every key and shape is checked, every tensor must be finite, and the file is read with
+``torch.load(weights_only=True)`` (no pickled code is ever executed).
+
+Accepted layouts (FACTS §1):
+
+* the released ``selfflow_imagenet256.pt``: a bare state dict, or one wrapped under ``ema``,
+  ``model`` or ``state_dict``; keys may carry ``module.`` (DDP) or ``_orig_mod.``
+  (``torch.compile``) prefixes. When both ``ema`` and ``model`` are present the EMA weights are
+  loaded: they are the ones the paper evaluates.
+* files written by :func:`save_model`: ``{"format": "selfflow", "config": {...}, "state_dict": ...}``
+  (``.pt``), or a ``.safetensors`` file whose metadata holds the config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from selfflow.errors import CheckpointError, DownloadError
+from selfflow.model import ModelConfig, SelfFlowDiT
+
+logger = logging.getLogger(__name__)
+
+HUB_REPO_ID = "Hila/Self-Flow"
+HUB_FILENAME = "selfflow_imagenet256.pt"
+HUB_URL = f"https://huggingface.co/{HUB_REPO_ID}/resolve/main/{HUB_FILENAME}"
+FORMAT_TAG = "selfflow"
+_PREFIXES = ("module.", "_orig_mod.")
+_WRAPPERS = ("ema", "model", "state_dict")  # in order of preference
+_MAX_LISTED = 8
+
+
+@dataclass
+class CheckpointInfo:
+    """Where the weights came from, for manifests and for the user."""
+
+    path: Path
+    source_entry: (
+        str | None
+    )  # the top-level entry the weights were taken from, None for a bare dict
+    config: ModelConfig
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# Download
+
+
+def download_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Fetch the released checkpoint through huggingface_hub's cache and return its path.
+
+    Offline (or when the hub cannot be reached) the error says how to get the file by hand.
+    """
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(HUB_REPO_ID, HUB_FILENAME, cache_dir=cache_dir))
+    except Exception as error:  # the hub raises many types: offline, HTTP, missing entry
+        raise DownloadError(
+            f"could not get {HUB_FILENAME} from the Hugging Face repo {HUB_REPO_ID} "
+            f"({type(error).__name__}: {error}). Download it by hand from {HUB_URL} "
+            f"and pass its path (--ckpt PATH, or load_model(PATH)), or run "
+            f"`selfflow download checkpoint` on a machine with internet access and copy "
+            f"huggingface_hub's cache (HF_HOME) across."
+        ) from error
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoints are gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} stores pickled Python objects besides tensors, and selfflow only loads "
+            f"checkpoints with torch.load(weights_only=True), which never runs code from a file. "
+            f"If you trust the file, re-save just its tensors: "
+            f"torch.save(torch.load(path, weights_only=False)['model'], 'clean.pt'). "
+            f"(torch said: {str(error).splitlines()[0]})"
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or not a torch.save file): "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from error
+
+
+def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            return tensors, dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def _unwrap(raw: object, path: Path) -> tuple[Mapping[str, object], str | None, list[str]]:
+    """Pick the state dict out of a checkpoint's top level."""
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(
+            f"{path} holds a {type(raw).__name__}; expected a dict of tensors (a state dict) "
+            f"or a dict with one of the entries {list(_WRAPPERS)}"
+        )
+    notes: list[str] = []
+    present = [key for key in _WRAPPERS if isinstance(raw.get(key), Mapping)]
+    if not present:
+        return raw, None, notes
+    chosen = present[0]
+    if chosen == "ema" and "model" in present:
+        notes.append(
+            f"{path.name} holds both 'model' and 'ema' weights; loading 'ema', "
+            f"the weights the paper evaluates"
+        )
+    return raw[chosen], chosen, notes
+
+
+def _strip_prefixes(state: Mapping[str, object]) -> dict[str, object]:
+    cleaned: dict[str, object] = {}
+    for key, value in state.items():
+        name = str(key)
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _PREFIXES:
+                if name.startswith(prefix):
+                    name, stripped = name[len(prefix) :], True
+        if name in cleaned:
+            raise CheckpointError(
+                f"two entries map to the key {name!r} after removing prefixes {_PREFIXES}"
+            )
+        cleaned[name] = value
+    return cleaned
+
+
+def read_checkpoint(
+    path: str | os.PathLike,
+) -> tuple[dict[str, torch.Tensor], ModelConfig | None, str | None, list[str]]:
+    """Read a checkpoint file into ``(state_dict, stored_config, source_entry, notes)``.
+
+    ``stored_config`` is None for files that do not record one (the released file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (expected a .pt or .safetensors file)")
+    stored_config: ModelConfig | None = None
+    if path.suffix == ".safetensors":
+        state, metadata = _safetensors_load(path)
+        if "selfflow_config" in metadata:
+            stored_config = _parse_config(json.loads(metadata["selfflow_config"]), path)
+        return _strip_prefixes(state), stored_config, None, []  # type: ignore[return-value]
+
+    raw = _torch_load(path)
+    if isinstance(raw, Mapping) and raw.get("format") == FORMAT_TAG:
+        stored_config = _parse_config(raw.get("config"), path)
+    state, entry, notes = _unwrap(raw, path)
+    state = _strip_prefixes(state)
+    not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"{path}: expected a state dict of tensors, but these entries are not tensors: "
+            f"{_listing(not_tensors)}"
+        )
+    return state, stored_config, entry, notes  # type: ignore[return-value]
+
+
+def _parse_config(values: object, path: Path) -> ModelConfig:
+    if not isinstance(values, Mapping):
+        raise CheckpointError(
+            f"{path}: the stored 'config' is a {type(values).__name__}, expected a dict"
+        )
+    try:
+        return ModelConfig.from_dict(dict(values))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: the stored model config is invalid: {error}") from error
+
+
+def infer_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """The config of a file that does not store one: the released XL/2 when the shapes match."""
+    reference = ModelConfig.xl_2()
+    proj = state.get("x_embedder.proj.weight")
+    if proj is not None and tuple(proj.shape) != (reference.hidden_size, 16):
+        raise CheckpointError(
+            f"this checkpoint stores no model config and its shapes are not the released XL/2 "
+            f"(x_embedder.proj.weight is {tuple(proj.shape)}, expected (1152, 16)); "
+            f"pass config=ModelConfig(...) to load_model"
+        )
+    return reference
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    more = len(names) - _MAX_LISTED
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def validate_state_dict(
+    state: Mapping[str, torch.Tensor], model: SelfFlowDiT, path: Path | str = "checkpoint"
+) -> None:
+    """Strict check of keys, shapes and finiteness; raises with every problem listed."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong_shape = [
+        f"{key}: expected {tuple(expected[key].shape)}, found {tuple(state[key].shape)}"
+        for key in expected
+        if key in state and tuple(state[key].shape) != tuple(expected[key].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_listing(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_listing(unexpected)})")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} wrong shapes ({_listing(wrong_shape)})")
+    if problems:
+        raise CheckpointError(
+            f"{path} does not match the Self-Flow model {model.config}: " + "; ".join(problems)
+        )
+    not_float = [key for key, value in state.items() if not value.is_floating_point()]
+    if not_float:
+        raise CheckpointError(
+            f"{path}: expected floating-point tensors; found integer tensors at {_listing(not_float)}"
+        )
+    not_finite = [key for key, value in state.items() if not bool(torch.isfinite(value).all())]
+    if not_finite:
+        raise CheckpointError(f"{path}: non-finite values (NaN or inf) in {_listing(not_finite)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_model(
+    path: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: ModelConfig | None = None,
+) -> SelfFlowDiT:
+    """Load a Self-Flow model, strictly, in eval mode.
+
+    ``path=None`` downloads (or finds in the cache) the released checkpoint. The returned model
+    carries a :class:`CheckpointInfo` as ``model.checkpoint_info``.
+    """
+    if path is None:
+        path = download_checkpoint()
+    path = Path(path)
+    state, stored_config, entry, notes = read_checkpoint(path)
+    if config is not None and stored_config is not None and config != stored_config:
+        raise CheckpointError(
+            f"{path} stores the config {stored_config}, which differs from the config passed in {config}"
+        )
+    config = config or stored_config or infer_config(state)
+    with torch.device("meta"):
+        model = SelfFlowDiT(config)
+    validate_state_dict(state, model, path)
+    model.load_state_dict(state, strict=True, assign=True)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    for note in notes:
+        logger.warning(note)
+    model.checkpoint_info = CheckpointInfo(
+        path=path, source_entry=entry, config=config, notes=notes
+    )
+    return model
+
+
+def save_model(model: SelfFlowDiT, path: str | os.PathLike) -> Path:
+    """Write the model with its config, atomically: ``.safetensors`` by suffix, else ``torch.save``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(
+                state, str(tmp), metadata={"selfflow_config": json.dumps(model.config.to_dict())}
+            )
+        else:
+            torch.save(
+                {"format": FORMAT_TAG, "config": model.config.to_dict(), "state_dict": state}, tmp
+            )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
