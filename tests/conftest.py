@@ -33,3 +33,40 @@ def tiny_config() -> ModelConfig:
 @pytest.fixture
 def tiny_model(tiny_config: ModelConfig) -> SelfFlowDiT:
     return randomize_(SelfFlowDiT(tiny_config), seed=1).eval()
+
+
+def make_tiny_vae():
+    """A diffusers AutoencoderKL with the SD-VAE's interface (4 latent channels) at toy size:
+    one downsampling, so 8 × 8 latents decode to 16 × 16 RGB images."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory) -> str:
+    """A tiny VAE written with ``save_pretrained``, as the real one is stored on the hub."""
+    folder = tmp_path_factory.mktemp("tiny_vae")
+    make_tiny_vae().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A tiny random Self-Flow model saved by ``save_model`` (stores its config)."""
+    from selfflow.checkpoint import save_model
+
+    path = tmp_path_factory.mktemp("tiny_ckpt") / "tiny.pt"
+    save_model(randomize_(SelfFlowDiT(ModelConfig.tiny()), seed=7, gain=0.5), path)
+    return str(path)

@@ -1,0 +1,205 @@
+"""The Python API: model + sampler + VAE → uint8 images for a list of sample indices.
+
+``SelfFlowPipeline.from_pretrained()`` loads the released checkpoint and the SD-VAE;
+``pipe(class_labels, seed=...)`` returns ``(B, 256, 256, 3)`` uint8 images. Sample ``i`` of a
+call (its global index is ``indices[i]``, by default ``i``) takes its start noise and every
+Brownian increment from streams keyed by ``(seed, index)``: the same index gives the same
+image whatever batch it is drawn in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from selfflow import seeds, transport, vae
+from selfflow.errors import ConfigurationError
+from selfflow.model import NULL_CLASS, SelfFlowDiT
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Everything besides the seed and the labels that changes the images."""
+
+    num_steps: int = 250
+    mode: str = "sde"
+    solver: str = "heun"
+    cfg_scale: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 0.7)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", str(self.mode).lower())
+        object.__setattr__(self, "solver", str(self.solver).lower())
+        if self.mode not in ("sde", "ode"):
+            raise ConfigurationError(f"mode must be 'sde' or 'ode'; got {self.mode!r}")
+        if self.solver not in ("euler", "heun"):
+            raise ConfigurationError(f"solver must be 'euler' or 'heun'; got {self.solver!r}")
+        if int(self.num_steps) < 2:
+            raise ConfigurationError(f"num_steps must be at least 2; got {self.num_steps}")
+        if self.cfg_scale < 0:
+            raise ConfigurationError(f"cfg_scale must be >= 0; got {self.cfg_scale}")
+        low, high = self.guidance_interval
+        if not 0.0 <= low <= high <= 1.0:
+            raise ConfigurationError(
+                f"guidance interval must satisfy 0 <= low <= high <= 1; got ({low}, {high})"
+            )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_labels(
+    class_labels: Sequence[int] | np.ndarray | torch.Tensor, num_classes: int = 1000
+) -> torch.Tensor:
+    """Labels as int64; each in ``[0, num_classes]`` (``num_classes`` is the null label)."""
+    labels = torch.as_tensor(np.asarray(class_labels))
+    if labels.dim() != 1 or labels.numel() == 0:
+        raise ConfigurationError(
+            f"class_labels must be a non-empty 1-D list; got shape {tuple(labels.shape)}"
+        )
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ConfigurationError(f"class_labels must be integers; got {labels.dtype}")
+    bad = labels[(labels < 0) | (labels > num_classes)]
+    if bad.numel():
+        raise ConfigurationError(
+            f"class labels must lie in [0, {num_classes}] ({num_classes} = unconditional); got {bad.tolist()[:8]}"
+        )
+    return labels.to(torch.int64)
+
+
+class SelfFlowPipeline:
+    """Sample Self-Flow images.
+
+    ``model_fn`` defaults to the model itself; the fast path (``selfflow.fast``) can be passed
+    instead, as any callable ``(x, tau, y) -> ε − x_data`` with the model's signature.
+    """
+
+    def __init__(
+        self,
+        model: SelfFlowDiT,
+        autoencoder=None,
+        *,
+        device: str | torch.device | None = None,
+        model_fn: ModelFn | None = None,
+    ) -> None:
+        self.model = model
+        self.autoencoder = autoencoder
+        self.device = (
+            torch.device(device) if device is not None else next(model.parameters()).device
+        )
+        self.model_fn = model_fn or model
+        self.latent_shape = (
+            model.config.in_channels,
+            model.config.input_size,
+            model.config.input_size,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint: str | os.PathLike | None = None,
+        vae: str | os.PathLike | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        vae_dtype: torch.dtype = torch.bfloat16,
+    ) -> SelfFlowPipeline:
+        """Load the model (``checkpoint=None``: the released file) and the SD-VAE."""
+        from selfflow.checkpoint import load_model
+        from selfflow.vae import SD_VAE_ID, load_vae
+
+        device = torch.device(device) if device is not None else default_device()
+        model = load_model(checkpoint, device=device, dtype=dtype)
+        autoencoder = load_vae(vae or SD_VAE_ID, device=device, dtype=vae_dtype)
+        return cls(model, autoencoder, device=device)
+
+    # -- the three stages ---------------------------------------------------------------------
+
+    def velocity_fn(self, labels: torch.Tensor, settings: SamplerSettings) -> transport.Velocity:
+        """Paper-convention velocity of the model for ``labels``, guided as ``settings`` says.
+
+        The sampler integrates in float32; the network runs in its own dtype.
+        """
+        dtype = next(self.model.parameters()).dtype
+        model_fn = self.model_fn
+
+        def network(x: torch.Tensor, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return model_fn(x.to(dtype), tau.to(dtype), y).float()
+
+        return transport.guided_velocity(
+            network,
+            labels.to(self.device),
+            cfg_scale=settings.cfg_scale,
+            guidance_interval=settings.guidance_interval,
+            null_label=NULL_CLASS,
+        )
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        labels: torch.Tensor,
+        indices: Sequence[int],
+        seed: int,
+        settings: SamplerSettings,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Integrate from each sample's keyed start noise to a clean latent (float32)."""
+        x = seeds.start_noise(seed, indices, self.latent_shape).to(self.device)
+        brownian = None
+        if settings.mode == "sde":
+            brownian = seeds.BrownianIncrements(seed, indices, self.latent_shape, self.device)
+        return transport.sample(
+            self.velocity_fn(labels, settings),
+            x,
+            mode=settings.mode,
+            num_steps=settings.num_steps,
+            solver=settings.solver,
+            brownian=brownian,
+            progress=progress,
+        )
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        if self.autoencoder is None:
+            raise ConfigurationError(
+                "this pipeline has no VAE: pass one to decode latents into images"
+            )
+        return vae.decode(self.autoencoder, latents)
+
+    def __call__(
+        self,
+        class_labels: Sequence[int] | np.ndarray | torch.Tensor,
+        *,
+        seed: int = 0,
+        num_steps: int = 250,
+        mode: str = "sde",
+        solver: str = "heun",
+        cfg_scale: float = 1.0,
+        guidance_interval: tuple[float, float] = (0.0, 0.7),
+        indices: Sequence[int] | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Generate uint8 images ``(B, H, W, 3)`` for ``class_labels`` (1000 = unconditional).
+
+        ``indices`` are the samples' global indices (default ``0..B−1``): they key the noise.
+        """
+        labels = check_labels(class_labels, self.model.config.num_classes)
+        if indices is None:
+            indices = range(len(labels))
+        indices = [int(i) for i in indices]
+        if len(indices) != len(labels):
+            raise ConfigurationError(f"got {len(labels)} labels but {len(indices)} indices")
+        settings = SamplerSettings(num_steps, mode, solver, cfg_scale, tuple(guidance_interval))
+        latents = self.sample_latents(labels, indices, seed, settings, progress=progress)
+        bad = (~torch.isfinite(latents)).flatten(1).any(dim=1)
+        if bool(bad.any()):
+            raise FloatingPointError(
+                f"sampling produced NaN or inf for samples {[indices[i] for i in bad.nonzero().flatten().tolist()]}"
+            )
+        return self.decode(latents)

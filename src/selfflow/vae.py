@@ -1,0 +1,70 @@
+"""SD-VAE decoding: latents → uint8 NHWC images, exactly as the official sampler does.
+
+The official code decodes ``z / 0.18215`` with diffusers' ``AutoencoderKL`` in bf16 and maps
+``[-1, 1]`` to bytes with ``floor(255 · clamp((x + 1) / 2, 0, 1))`` (FACTS §2). The byte mapping
+runs in float32 here: it is the last step before the files, and doing it in float32 keeps the
+quantisation from adding bf16 rounding of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from selfflow.errors import ConfigurationError, DownloadError
+
+SD_VAE_ID = "stabilityai/sd-vae-ft-ema"
+LATENT_SCALE = 0.18215
+
+
+def load_vae(
+    name_or_path: str | os.PathLike = SD_VAE_ID,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+):
+    """Load a diffusers ``AutoencoderKL`` from a hub id or a local ``save_pretrained`` folder."""
+    from diffusers import AutoencoderKL
+
+    source = str(name_or_path)
+    local = Path(source).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise ConfigurationError(
+            f"{local} is not a diffusers AutoencoderKL folder: expected config.json and "
+            f"diffusion_pytorch_model.safetensors inside (save it with vae.save_pretrained(folder))"
+        )
+    try:
+        vae = AutoencoderKL.from_pretrained(str(local) if local.exists() else source)
+    except (OSError, ValueError) as error:
+        raise DownloadError(
+            f"could not load the VAE {source!r} ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            f"Without internet access, download the diffusers folder of {SD_VAE_ID} "
+            f"(config.json and diffusion_pytorch_model.safetensors) elsewhere and pass it "
+            f"with --vae FOLDER."
+        ) from error
+    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(B, 3, H, W)`` in about [-1, 1] → ``(B, H, W, 3)`` uint8 via ``floor(255·clamp((x+1)/2))``.
+
+    Raises if any value is not finite: NaN would otherwise silently become 0.
+    """
+    images = images.float()
+    bad = (~torch.isfinite(images)).flatten(1).any(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise FloatingPointError(f"decoded images contain NaN or inf at batch rows {rows}")
+    scaled = torch.floor(255.0 * ((images + 1.0) / 2.0).clamp(0.0, 1.0))
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> np.ndarray:
+    """Decode SD-VAE latents (already in the model's scale) to uint8 NHWC images."""
+    param = next(vae.parameters())
+    images = vae.decode((latents / LATENT_SCALE).to(device=param.device, dtype=param.dtype)).sample
+    return to_uint8(images)

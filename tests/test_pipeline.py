@@ -1,0 +1,180 @@
+"""Per-sample randomness, the VAE's byte mapping, and the end-to-end pipeline on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from selfflow import seeds
+from selfflow.errors import ConfigurationError, DownloadError
+from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
+from selfflow.vae import load_vae, to_uint8
+
+SHAPE = (4, 8, 8)
+
+
+def test_draws_of_a_sample_do_not_depend_on_its_batch():
+    batch = [10, 11, 12, 13, 14]
+    alone = 12
+    assert seeds.uniform_labels(31, [alone]).tolist() == [seeds.uniform_labels(31, batch)[2].item()]
+    assert torch.equal(
+        seeds.start_noise(31, [alone], SHAPE)[0], seeds.start_noise(31, batch, SHAPE)[2]
+    )
+    single = seeds.BrownianIncrements(31, [alone], SHAPE)
+    batched = seeds.BrownianIncrements(31, batch, SHAPE)
+    for step in range(4):
+        assert torch.equal(single(step)[0], batched(step)[2])
+
+
+def test_streams_differ_across_seeds_indices_and_purposes():
+    a = seeds.start_noise(1, [0, 1], SHAPE)
+    b = seeds.start_noise(2, [0], SHAPE)
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], b[0])
+    # Neighbouring seeds must not reuse each other's streams (seed + index would).
+    assert not torch.equal(seeds.start_noise(1, [1], SHAPE)[0], seeds.start_noise(2, [0], SHAPE)[0])
+    first_increment = seeds.BrownianIncrements(1, [0], SHAPE)(0)[0]
+    assert not torch.equal(first_increment, a[0])
+
+
+def test_brownian_increments_are_drawn_in_order():
+    source = seeds.BrownianIncrements(0, [0], SHAPE)
+    source(0)
+    with pytest.raises(RuntimeError, match="expected step 1, got 3"):
+        source(3)
+
+
+def test_uniform_labels_cover_the_classes_evenly():
+    labels = seeds.uniform_labels(5, range(20_000)).numpy()
+    assert labels.min() >= 0 and labels.max() <= 999
+    counts = np.bincount(labels, minlength=1000)
+    # Chi-square with 999 degrees of freedom: mean 999, sd ≈ 44.7; 6 sd either side.
+    chi2 = ((counts - 20.0) ** 2 / 20.0).sum()
+    assert 999 - 6 * 44.7 < chi2 < 999 + 6 * 44.7
+
+
+def test_balanced_labels_have_equal_counts_and_a_seeded_order():
+    labels = seeds.balanced_labels(3, 5000)
+    assert np.array_equal(np.bincount(labels, minlength=1000), np.full(1000, 5))
+    assert np.array_equal(labels, seeds.balanced_labels(3, 5000))
+    assert not np.array_equal(labels, seeds.balanced_labels(4, 5000))
+    assert not np.array_equal(labels[:1000], np.sort(labels[:1000]))
+    with pytest.raises(ConfigurationError, match="divisible by 1000"):
+        seeds.balanced_labels(3, 1500)
+
+
+def test_negative_indices_are_refused():
+    with pytest.raises(ConfigurationError, match=">= 0"):
+        seeds.start_noise(0, [-1], SHAPE)
+
+
+def test_to_uint8_matches_the_official_formula_in_float64():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 5, 7, generator=gen) * 0.8
+    images[0, 0, 0, :4] = torch.tensor([-1.0, 1.0, -1.5, 2.0])
+    got = to_uint8(images)
+    x = images.double().permute(0, 2, 3, 1).numpy()
+    want = np.floor(255 * np.clip((x + 1) / 2, 0, 1)).astype(np.uint8)
+    assert got.dtype == np.uint8 and got.shape == (3, 5, 7, 3)
+    np.testing.assert_array_equal(got, want)
+    assert got[0, 0, :4, 0].tolist() == [0, 255, 0, 255]
+
+
+def test_to_uint8_refuses_nan_and_names_the_rows():
+    images = torch.zeros(3, 3, 4, 4)
+    images[1, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"rows \[1\]"):
+        to_uint8(images)
+
+
+def test_vae_loading_errors(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigurationError, match="config.json"):
+        load_vae(tmp_path / "empty")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(DownloadError, match="--vae FOLDER"):
+        load_vae("someone/absent-vae")
+
+
+def test_settings_validation():
+    with pytest.raises(ConfigurationError, match="mode"):
+        SamplerSettings(mode="flow")
+    with pytest.raises(ConfigurationError, match="at least 2"):
+        SamplerSettings(num_steps=1)
+    with pytest.raises(ConfigurationError, match="cfg_scale"):
+        SamplerSettings(cfg_scale=-1)
+    with pytest.raises(ConfigurationError, match="low <= high"):
+        SamplerSettings(guidance_interval=(0.8, 0.2))
+    assert SamplerSettings(mode="SDE", solver="Euler").mode == "sde"
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on the tiny model and tiny VAE
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint, tiny_vae_dir) -> SelfFlowPipeline:
+    return SelfFlowPipeline.from_pretrained(tiny_checkpoint, tiny_vae_dir, device="cpu")
+
+
+def assert_same_up_to_reordering(a: np.ndarray, b: np.ndarray) -> None:
+    """At most 1 level apart, in at most 0.1 % of the values (float reordering across batches)."""
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.max() <= 1
+    assert (diff > 0).mean() <= 1e-3
+
+
+@pytest.mark.parametrize("mode", ["sde", "ode"])
+def test_a_sample_alone_equals_the_same_sample_in_a_batch(pipe, mode):
+    labels = [3, 100, 999, 1000, 42]
+    batch = pipe(labels, seed=31, num_steps=12, mode=mode, indices=range(20, 25))
+    alone = pipe([labels[3]], seed=31, num_steps=12, mode=mode, indices=[23])
+    assert batch.shape == (5, 16, 16, 3) and batch.dtype == np.uint8
+    assert_same_up_to_reordering(alone[0], batch[3])
+    assert batch.std() > 5, "images should not be flat"
+
+
+def test_seed_and_label_change_the_image(pipe):
+    base = pipe([7], seed=1, num_steps=6)
+    assert not np.array_equal(base, pipe([7], seed=2, num_steps=6))
+    assert not np.array_equal(base, pipe([8], seed=1, num_steps=6))
+    np.testing.assert_array_equal(base, pipe([7], seed=1, num_steps=6))
+
+
+def test_guidance_changes_the_image_only_when_scaled(pipe):
+    plain = pipe([7, 8], seed=1, num_steps=6)
+    assert not np.array_equal(plain, pipe([7, 8], seed=1, num_steps=6, cfg_scale=4.0))
+    # The SDE's last evaluation is at tau = 0.04: an interval [0, 0.01] never guides it.
+    np.testing.assert_array_equal(
+        plain, pipe([7, 8], seed=1, num_steps=6, cfg_scale=4.0, guidance_interval=(0.0, 0.01))
+    )
+
+
+def test_pipeline_rejects_bad_labels(pipe):
+    with pytest.raises(ConfigurationError, match=r"\[0, 1000\]"):
+        pipe([1001])
+    with pytest.raises(ConfigurationError, match="integers"):
+        pipe([1.5])
+    with pytest.raises(ConfigurationError, match="2 labels but 1 indices"):
+        pipe([1, 2], indices=[0])
+
+
+def test_generate_command_writes_a_grid(tiny_checkpoint, tiny_vae_dir, tmp_path):
+    from PIL import Image
+
+    from selfflow.cli import main
+
+    out = tmp_path / "grid.png"
+    argv = ["generate", "--ckpt", tiny_checkpoint, "--vae", tiny_vae_dir, "--class", "207", "1"]
+    assert (
+        main([*argv, "--num", "5", "--num-steps", "4", "--out", str(out), "--device", "cpu"]) == 0
+    )
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * 16 + 2, 3 * 16 + 4, 3)
+    # The first cell is sample 0 with label 207, drawn exactly as the pipeline draws it.
+    pipe = SelfFlowPipeline.from_pretrained(tiny_checkpoint, tiny_vae_dir, device="cpu")
+    np.testing.assert_array_equal(grid[:16, :16], pipe([207], seed=0, num_steps=4)[0])
