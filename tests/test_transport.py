@@ -78,7 +78,8 @@ def stop_law_discrete(mu: float, s: float, n: int) -> tuple[float, float]:
     for i in range(n):
         t = 0.96 * i / (n - 1) if i < n - 1 else 0.96
         h = 0.96 / (n - 1) if i < n - 1 else 0.04
-        a, b = 1 - (1 - t), 1 - t
+        tau = 1 - t
+        a, b = 1 - tau, tau
         var = a * a * s * s + b * b
         c = (b - a * s * s) / var
         # x + h ((1 + t)(-(c (x - a mu) - mu)) - x)
@@ -299,8 +300,9 @@ def test_brownian_increments_are_exactly_the_source():
     cpu_state = torch.get_rng_state()
     untouched = torch.Generator().manual_seed(5)
     gen_state = untouched.get_state()
-    out = sample_sde(lambda x, tau: torch.zeros_like(x), x, num_steps=n, brownian=brownian,
-                     generator=untouched)  # fmt: skip
+    out = sample_sde(
+        lambda x, tau: torch.zeros_like(x), x, num_steps=n, brownian=brownian, generator=untouched
+    )
     assert asked == list(range(n - 1))
     assert torch.equal(torch.get_rng_state(), cpu_state)
     assert torch.equal(untouched.get_state(), gen_state)
@@ -313,8 +315,9 @@ def test_brownian_increments_are_exactly_the_source():
     ref = ref * 0.96
     assert (out.double() - ref).abs().max().item() < 1e-5
     # A different source gives a different result (the increments really are used).
-    other = sample_sde(lambda x, tau: torch.zeros_like(x), x, num_steps=n,
-                       brownian=lambda k: -table[k])  # fmt: skip
+    other = sample_sde(
+        lambda x, tau: torch.zeros_like(x), x, num_steps=n, brownian=lambda k: -table[k]
+    )
     assert (other - out).abs().max().item() > 0.1
 
 
@@ -343,8 +346,9 @@ def test_brownian_wrong_shape_is_refused(bad_step, value, message):
         return value if k == bad_step else torch.zeros(4, 3)
 
     with pytest.raises(ConfigurationError, match=message):
-        sample_sde(lambda x, tau: torch.zeros_like(x), torch.zeros(4, 3), num_steps=10,
-                   brownian=brownian)  # fmt: skip
+        sample_sde(
+            lambda x, tau: torch.zeros_like(x), torch.zeros(4, 3), num_steps=10, brownian=brownian
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,9 +442,11 @@ def test_guided_sde_guides_exactly_the_steps_inside_the_interval():
     ):
         model = FakeModel()
         velocity = guided_velocity(
-            lambda x, tau, y, m=model: m(x, tau, y) * 0.0, labels, cfg_scale=2.0,
+            lambda x, tau, y, m=model: m(x, tau, y) * 0.0,
+            labels,
+            cfg_scale=2.0,
             guidance_interval=interval,
-        )  # fmt: skip
+        )
         sample_sde(velocity, torch.zeros(2, 2), num_steps=n, brownian=lambda k: torch.zeros(2, 2))
         sizes = [c[0] for c in model.calls]
         assert len(sizes) == n
@@ -493,14 +499,23 @@ def test_non_finite_velocity_names_the_step(mode):
     # Euler's first evaluation at tau <= 0.5 is interval 5.
     expected = r"SDE step 6 of 11" if mode == "sde" else r"ODE interval 5 of 10"
     with pytest.raises(ConfigurationError, match=expected):
-        sample(velocity, torch.zeros(2, 2), mode=mode, num_steps=11 if mode == "sde" else 10,
-               solver="euler")  # fmt: skip
+        sample(
+            velocity,
+            torch.zeros(2, 2),
+            mode=mode,
+            num_steps=11 if mode == "sde" else 10,
+            solver="euler",
+        )
 
 
 def test_non_finite_brownian_and_start_are_refused():
     with pytest.raises(ConfigurationError, match="SDE step 2 of 5"):
-        sample_sde(_zero, torch.zeros(2, 2), num_steps=5,
-                   brownian=lambda k: torch.full((2, 2), math.inf if k == 2 else 0.0))  # fmt: skip
+        sample_sde(
+            _zero,
+            torch.zeros(2, 2),
+            num_steps=5,
+            brownian=lambda k: torch.full((2, 2), math.inf if k == 2 else 0.0),
+        )
     with pytest.raises(ConfigurationError, match="start noise"):
         sample_sde(_zero, torch.tensor([[0.0, math.nan]]), num_steps=5)
 
