@@ -125,13 +125,15 @@ class SelfFlowPipeline:
     def velocity_fn(self, labels: torch.Tensor, settings: SamplerSettings) -> transport.Velocity:
         """Paper-convention velocity of the model for ``labels``, guided as ``settings`` says.
 
-        The sampler integrates in float32; the network runs in its own dtype.
+        The sampler integrates in float32; the network takes x in its own dtype but tau in
+        float32 (a bf16 tau would round the time to steps of 1/256, about one grid step at 250
+        steps; the timestep embedding computes its features in float32).
         """
         dtype = next(self.model.parameters()).dtype
         model_fn = self.model_fn
 
         def network(x: torch.Tensor, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return model_fn(x.to(dtype), tau.to(dtype), y).float()
+            return model_fn(x.to(dtype), tau.float(), y).float()
 
         return transport.guided_velocity(
             network,
