@@ -244,34 +244,38 @@ def sde_rollout(fn: NetworkFn, x0, y, xis, steps: int) -> torch.Tensor:
     return sample_sde(velocity, x0.clone(), num_steps=steps, brownian=xis.__getitem__)
 
 
-def error_checks(nets: dict[str, NetworkFn], model: SelfFlowDiT, config, args, device):
+def error_checks(nets: dict[str, NetworkFn], model: SelfFlowDiT, config, args, device, failures):
     """Relative L2 error of each path against the float32 per-sample network.
 
     ``forward``: one evaluation at random (x, tau, y). ``sde``: the end of an ``--error-steps``
     SDE run from the same start noise with the same Brownian increments. ``fp32``: the fast path
     with the same options but float32 weights (eager), which must match to float32 rounding:
     it shows that the fast path computes the same function, not only a close one.
+    A path that fails is recorded in ``failures`` and the others go on.
     """
     x, tau, y = inputs(config, args.error_batch, device, args.seed + 1)
-    with torch.no_grad():
-        ref_out = model(x, tau, y)
+    ref_out = model(x, tau, y)
+    g = torch.Generator().manual_seed(args.seed + 2)
+    x0 = torch.randn(x.shape, generator=g).to(device)
+    xis = [torch.randn(x.shape, generator=g).to(device) for _ in range(args.error_steps - 1)]
+    ref_end = sde_rollout(model, x0, y, xis, args.error_steps) if args.error_steps >= 2 else None
     results: dict[str, dict[str, float]] = {}
     for name, fn in nets.items():
-        results[name] = {"forward": rel_l2(fn(x, tau, y), ref_out)}
-        options = fast_options(name)
-        if options is not None:
-            exact = FastSelfFlow.from_model(
-                model, dtype=torch.float32, **{**options, "compile": False, "compile_mode": None}
-            )
-            results[name]["fp32"] = rel_l2(exact(x, tau, y), ref_out)
-            del exact
-    if args.error_steps >= 2:
-        g = torch.Generator().manual_seed(args.seed + 2)
-        x0 = torch.randn(x.shape, generator=g).to(device)
-        xis = [torch.randn(x.shape, generator=g).to(device) for _ in range(args.error_steps - 1)]
-        ref_end = sde_rollout(model, x0, y, xis, args.error_steps)
-        for name, fn in nets.items():
-            results[name]["sde"] = rel_l2(sde_rollout(fn, x0, y, xis, args.error_steps), ref_end)
+        try:
+            result = {"forward": rel_l2(fn(x, tau, y), ref_out)}
+            options = fast_options(name)
+            if options is not None:
+                eager = {**options, "compile": False, "compile_mode": None}
+                exact = FastSelfFlow.from_model(model, dtype=torch.float32, **eager)
+                result["fp32"] = rel_l2(exact(x, tau, y), ref_out)
+                del exact
+            if ref_end is not None:
+                end = sde_rollout(fn, x0, y, xis, args.error_steps)
+                result["sde"] = rel_l2(end, ref_end)
+            results[name] = result
+        except Exception as error:
+            failures[f"{name} (errors)"] = f"{type(error).__name__}: {error}"
+            log(f"{name} error check: {failures[f'{name} (errors)']}")
     return results
 
 
@@ -347,32 +351,6 @@ def main(argv: list[str] | None = None) -> int:
             failures[name] = f"{type(error).__name__}: {error}"
             log(f"{name}: {failures[name]}")
 
-    rows = []
-    for batch in args.batches:
-        base = None
-        for name, fn in list(nets.items()):
-            try:
-                row = time_path(name, fn, batch, args, config, device)
-            except Exception as error:
-                failures[name] = f"{type(error).__name__}: {error}"
-                log(f"{name} batch {batch}: {failures[name]}")
-                del nets[name]
-                continue
-            seconds = row["ms_per_eval"] / 1e3
-            base = seconds if name == "official" else base
-            row["images_per_s"] = batch / (args.steps * seconds)
-            row["mfu"] = flops * batch / seconds / peak
-            row["speedup"] = base / seconds if base else None
-            if "sampled_s" in row:
-                row["sampled_images_per_s"] = batch / row["sampled_s"]
-            rows.append(row)
-            log(
-                f"{name:>24} batch {batch:4d}: {row['ms_per_eval']:9.2f} ms/eval "
-                f"(first call {row['first_call_s']:.1f} s), MFU {row['mfu']:.3f}"
-            )
-
-    errors = error_checks(nets, model, config, args, device) if args.error_steps >= 0 else {}
-
     report = {
         "device": device_name(device),
         "device_type": device.type,
@@ -388,15 +366,49 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "error_batch": args.error_batch,
         "error_steps": args.error_steps,
-        "rows": rows,
-        "errors": errors,
+        "rows": [],
+        "errors": {},
         "failures": failures,
-        "wall_s": time.perf_counter() - wall,
+        "wall_s": 0.0,
     }
+
+    def save() -> None:
+        """Written after every figure, so a run stopped by a time limit keeps what it measured."""
+        report["wall_s"] = time.perf_counter() - wall
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2))
+
+    for batch in args.batches:
+        base = None
+        for name, fn in list(nets.items()):
+            try:
+                row = time_path(name, fn, batch, args, config, device)
+            except Exception as error:
+                failures[name] = f"{type(error).__name__}: {error}"
+                log(f"{name} batch {batch}: {failures[name]}")
+                del nets[name]
+                save()
+                continue
+            seconds = row["ms_per_eval"] / 1e3
+            base = seconds if name == "official" else base
+            row["images_per_s"] = batch / (args.steps * seconds)
+            row["mfu"] = flops * batch / seconds / peak
+            row["speedup"] = base / seconds if base else None
+            if "sampled_s" in row:
+                row["sampled_images_per_s"] = batch / row["sampled_s"]
+            report["rows"].append(row)
+            save()
+            log(
+                f"{name:>24} batch {batch:4d}: {row['ms_per_eval']:9.2f} ms/eval "
+                f"(first call {row['first_call_s']:.1f} s), MFU {row['mfu']:.3f}"
+            )
+
+    if args.error_steps >= 0:
+        report["errors"] = error_checks(nets, model, config, args, device, failures)
+    save()
     print(format_report(report))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
         log(f"wrote {args.json}")
     return 1 if failures else 0
 
@@ -431,9 +443,9 @@ def format_report(report: dict) -> str:
             "",
             f"Relative L2 error against the float32 per-sample network (batch {report['error_batch']}):",
             "",
-            "| path | one forward | after "
-            + (f"{es} SDE steps |" if es >= 2 else "– |")
-            + " same path in float32 (maths check) |",
+            "| path | one forward | "
+            + (f"after {es} SDE steps" if es >= 2 else "SDE (not run)")
+            + " | same path in float32 (maths check) |",
             "|---|---:|---:|---:|",
         ]
         for name, e in report["errors"].items():
