@@ -104,6 +104,14 @@ class FastSelfFlow(nn.Module):
     :meth:`from_model` or :meth:`from_state_dict`. Its tensors are non-persistent buffers in two
     precisions, so move it with ``.to(device)`` only (``.to(dtype)`` would cast the float32
     parts too).
+
+    Options: ``compile`` (default: on CUDA only) wraps the whole forward pass in one
+    ``torch.compile(fullgraph=True, dynamic=False)`` graph: the first call of each new batch
+    size compiles (about a minute for XL/2), so keep batch sizes few (guidance doubles the batch
+    inside its interval: two shapes). ``compile_mode`` is passed on (e.g.
+    ``"max-autotune-no-cudagraphs"``). ``attention_backends`` orders the SDPA kernels (names from
+    ``flash``, ``cudnn``, ``efficient``, ``math``; default PyTorch's choice). ``gelu_epilogue``
+    (CUDA only) computes fc1's bias and tanh-GELU in the cuBLASLt matmul epilogue.
     """
 
     def __init__(
