@@ -19,9 +19,11 @@ def inception_299(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def inception_small(tmp_path_factory) -> Path:
-    """The same structure resizing to 75: 3 x 3 mixed_6 map (63 spatial features), fast."""
+    """Minimal width (66 pool features) resizing to 75: 3 x 3 mixed_6 map (63 spatial features), fast."""
     path = tmp_path_factory.mktemp("graphs") / "inception_75.pb"
-    path.write_bytes(inception_like_graph(width=0.125, seed=1, classes=40, image_size=75))
+    path.write_bytes(
+        inception_like_graph(width=0.03, seed=1, classes=40, image_size=75, logit_scale=20.0)
+    )
     return path
 
 

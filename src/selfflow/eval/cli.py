@@ -1,4 +1,4 @@
-"""Placeholder: the subcommand is registered here once it is built."""
+"""``selfflow evaluate REF.npz SAMPLE.npz [OUT_DIR]``: ADM's metrics without TensorFlow."""
 
 from __future__ import annotations
 
@@ -6,4 +6,56 @@ import argparse
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register nothing yet."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="FID, sFID, Inception Score, precision and recall, identical to ADM's evaluator",
+        description=(
+            "Evaluate a sample batch against a reference batch exactly as ADM's evaluator does "
+            "(guided-diffusion/evaluations/evaluator.py), running its TensorFlow Inception "
+            "graph in PyTorch. Prints ADM's five lines; writes OUT_DIR/metrics.json when "
+            "OUT_DIR is given. Reference features are cached by the reference file's sha256."
+        ),
+    )
+    parser.add_argument(
+        "ref_batch",
+        metavar="REF.npz",
+        help="reference batch (arr_0 images, "
+        "optionally mu/sigma/mu_s/sigma_s), e.g. `selfflow download reference`",
+    )
+    parser.add_argument(
+        "sample_batch", metavar="SAMPLE.npz", help="sample batch: arr_0 uint8 (N, H, W, 3)"
+    )
+    parser.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        nargs="?",
+        default=None,
+        help="directory for metrics.json (written only on success)",
+    )
+    parser.add_argument(
+        "--inception",
+        metavar="PATH",
+        default=None,
+        help="Inception GraphDef (default: ADM's classify_image_graph_def.pb, "
+        "downloaded into the cache on first use)",
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="images per network batch (default: 64, as ADM)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from selfflow.eval.evaluator import evaluate, format_report
+
+    metrics = evaluate(
+        args.ref_batch,
+        args.sample_batch,
+        out_dir=args.out_dir,
+        inception=args.inception,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    print(format_report(metrics), flush=True)
+    return 0

@@ -116,10 +116,13 @@ class GraphBuilder:
 class _InceptionWriter:
     """Writes the 2015 Inception-v3 topology with scaled widths and random weights."""
 
-    def __init__(self, width: float, seed: int, classes: int, image_size: int) -> None:
+    def __init__(
+        self, width: float, seed: int, classes: int, image_size: int, logit_scale: float
+    ) -> None:
         self.b = GraphBuilder()
         self.width = width
         self.image_size = image_size
+        self.logit_scale = logit_scale
         self.rng = np.random.default_rng(seed)
         self.classes = classes
 
@@ -294,8 +297,11 @@ class _InceptionWriter:
         shape = b.const("pool_3/_reshape/shape", np.array([1, features], dtype=np.int32))
         flat = b.node("pool_3/_reshape", "Reshape", [pool3, shape], T=FLOAT)
         # Classifier: ADM uses input 1 of softmax/logits/MatMul (no bias) for the IS.
-        scale = 3.0 / np.sqrt(features)
+        scale = self.logit_scale / np.sqrt(features)
         weights = self.rng.standard_normal((features, self.classes)) * scale
+        # ReLU features share a large positive component; zero-sum columns ignore it, so the
+        # class probabilities follow what differs between images (a useful IS in tests).
+        weights -= weights.mean(axis=0, keepdims=True)
         w = b.const("softmax/weights", weights.astype(np.float32))
         bias = b.const(
             "softmax/biases", (0.1 * self.rng.standard_normal(self.classes)).astype(np.float32)
@@ -323,15 +329,20 @@ def final_map_size(image_size: int) -> int:
 
 
 def inception_like_graph(
-    width: float = 0.125, seed: int = 0, classes: int = 1008, image_size: int = 299
+    width: float = 0.125,
+    seed: int = 0,
+    classes: int = 1008,
+    image_size: int = 299,
+    logit_scale: float = 3.0,
 ) -> bytes:
     """Serialized GraphDef with the 2015 Inception-v3 structure, node names and op types.
 
     ``width`` scales channel counts (at least 8 each); ``width=1.0`` matches the real graph's
     shapes (2048 pool features, 23.8 M weights) and cost, with random weights. ``image_size``
     is the graph's internal resize target (299 in ADM's graph; 75 gives a 3 x 3 mixed_6 map,
-    63 spatial features, and fast tests).
+    63 spatial features, and fast tests). ``logit_scale`` sets the classifier weights' size
+    (logits ~ logit_scale * |pool| / sqrt(features)), i.e. how confident the softmax is.
     """
     if final_map_size(image_size) < 1:
         raise ValueError(f"image_size {image_size} is too small for the Inception stem (>= 75)")
-    return _InceptionWriter(width, seed, classes, image_size).build()
+    return _InceptionWriter(width, seed, classes, image_size, logit_scale).build()

@@ -511,6 +511,12 @@ class GraphExecutor:
         for name in self.feeds + self.fetches:
             graph.node(name.rsplit(":", 1)[0])
         self.order = self._topological_order(fed)
+        for name in self.order:
+            if graph.nodes[name].op == "Placeholder":
+                raise ConfigurationError(
+                    f"{graph.source}: node {name!r} is a Placeholder that the fetches need but "
+                    f"nothing feeds (feeds: {', '.join(self.feeds)})"
+                )
         unknown = [graph.nodes[n] for n in self.order if graph.nodes[n].op not in _BUILDERS]
         if unknown:
             node = unknown[0]
@@ -523,11 +529,6 @@ class GraphExecutor:
         self.ops: dict[str, OpFn] = {}
         for name in self.order:
             node = graph.nodes[name]
-            if node.op in ("Placeholder",):
-                raise ConfigurationError(
-                    f"{graph.source}: node {name!r} is a Placeholder that the fetches need but "
-                    f"nothing feeds (feeds: {', '.join(self.feeds)})"
-                )
             self.ops[name] = _BUILDERS[node.op](OpContext(node, graph, self.device))
         self._last_use = self._last_uses()
 

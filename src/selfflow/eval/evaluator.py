@@ -1,0 +1,306 @@
+"""ADM's evaluation of a sample batch against a reference batch, without TensorFlow.
+
+``evaluate(ref, sample)`` returns the five numbers ADM prints (Inception Score, FID, sFID,
+precision, recall) plus provenance; ``format_report`` gives ADM's five lines. Order of work:
+check both files (cheap, before any network is loaded), load the Inception graph, get the
+reference features (from the on-disk cache keyed by the reference's sha256 when possible),
+stream the samples through the network, then compute the metrics. ``metrics.json`` is written
+into OUT_DIR atomically, and only once everything has succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from selfflow.errors import ConfigurationError
+from selfflow.eval.features import BATCH_SIZE, Activations, compute_activations, compute_softmax
+from selfflow.eval.inception import InceptionV3
+from selfflow.eval.metrics import (
+    Statistics,
+    compute_statistics,
+    frechet_distance,
+    full_fp32,
+    inception_score,
+    precision_recall,
+)
+from selfflow.eval.npz import NpzImages, npz_keys, read_small_arrays, sha256_file
+
+REPORT_KEYS = (
+    ("Inception Score", "inception_score"),
+    ("FID", "fid"),
+    ("sFID", "sfid"),
+    ("Precision", "precision"),
+    ("Recall", "recall"),
+)
+_CACHE_FORMAT = 1
+_KINDS = {"pool": "mu/sigma", "spatial": "mu_s/sigma_s"}
+
+
+def format_report(metrics: dict) -> str:
+    """ADM's five lines, in ADM's order, with Python's shortest round-trip float format."""
+    return "\n".join(f"{label}: {float(metrics[key])}" for label, key in REPORT_KEYS)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigurationError(f"--device {device!r} is not a torch device ({error})") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError(f"--device {device} was asked for, but CUDA is not available")
+    return resolved
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _statistics_from_npz(path: Path, role: str, dims: tuple[int, int]) -> dict[str, Statistics]:
+    """The (mu, sigma) pairs an npz carries ("pool" and/or "spatial"), validated."""
+    arrays = read_small_arrays(path, ["mu", "sigma", "mu_s", "sigma_s"], role)
+    found: dict[str, Statistics] = {}
+    for kind, (mu_key, sigma_key), dim in (
+        ("pool", ("mu", "sigma"), dims[0]),
+        ("spatial", ("mu_s", "sigma_s"), dims[1]),
+    ):
+        if mu_key not in arrays and sigma_key not in arrays:
+            continue
+        if mu_key not in arrays or sigma_key not in arrays:
+            have = mu_key if mu_key in arrays else sigma_key
+            raise ConfigurationError(f"{role} {path} has {have!r} without its partner")
+        mu, sigma = arrays[mu_key], arrays[sigma_key]
+        if mu.shape != (dim,) or sigma.shape != (dim, dim):
+            raise ConfigurationError(
+                f"{role} {path}: {mu_key} {list(mu.shape)} / {sigma_key} {list(sigma.shape)} do "
+                f"not fit this Inception graph's {dim} features (expected ({dim},) / ({dim}, {dim}))"
+            )
+        if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
+            raise ConfigurationError(f"{role} {path}: {mu_key}/{sigma_key} are not floating point")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ConfigurationError(f"{role} {path}: {mu_key}/{sigma_key} contain NaN or inf")
+        found[kind] = Statistics(mu, sigma)
+    return found
+
+
+def _reference_cache_path(ref_sha: str, graph_sha: str | None) -> Path:
+    from selfflow.download import cache_dir
+
+    graph_part = (graph_sha or "unknown")[:16]
+    return cache_dir() / "reference-features" / f"{ref_sha}-{graph_part}.npz"
+
+
+def _load_cached(path: Path, count: int) -> Activations | None:
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            if int(cached["format"]) != _CACHE_FORMAT:
+                return None
+            pool, spatial = cached["pool"], cached["spatial"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if len(pool) != count or len(spatial) != count or pool.dtype != np.float32:
+        return None
+    return Activations(pool, spatial)
+
+
+def _save_cached(path: Path, acts: Activations) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, format=np.array(_CACHE_FORMAT), pool=acts.pool, spatial=acts.spatial)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Fail now, not after an hour of feature extraction, if OUT_DIR cannot be written."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigurationError(f"OUT_DIR {out_dir} exists and is not a directory")
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"OUT_DIR {out_dir} cannot be written ({probe} is not writable)")
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics-", suffix=".json.tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, allow_nan=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def evaluate(
+    ref_path: str | os.PathLike,
+    sample_path: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    inception: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = BATCH_SIZE,
+    *,
+    progress: bool = True,
+    use_cache: bool = True,
+) -> dict:
+    """Evaluate ``sample_path`` against ``ref_path`` exactly as ADM's evaluator does.
+
+    Returns a dict with ``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall``,
+    counts, the inputs' sha256 and any notes. With ``out_dir`` it also writes
+    ``OUT_DIR/metrics.json`` (only on success). ``inception`` is the GraphDef path; by default
+    ADM's graph is taken from (or downloaded into) the cache.
+    """
+    started = time.time()
+    ref_path, sample_path = Path(ref_path), Path(sample_path)
+    out_path = Path(out_dir) if out_dir is not None else None
+    if out_path is not None:
+        _check_writable(out_path)
+    if batch_size < 1:
+        raise ConfigurationError(f"batch size must be at least 1, got {batch_size}")
+    notes: list[str] = []
+
+    def note(message: str) -> None:
+        notes.append(message)
+        _log(f"note: {message}")
+
+    # 1. Check both inputs before anything expensive.
+    if not ref_path.is_file():
+        raise ConfigurationError(f"reference batch {ref_path} does not exist")
+    ref_keys = npz_keys(ref_path)
+    if "arr_0" not in ref_keys:
+        raise ConfigurationError(
+            f"reference batch {ref_path} has no array 'arr_0' (found "
+            f"{', '.join(map(repr, ref_keys)) or 'no arrays'}); ADM's precision/recall need the "
+            f"reference images (uint8, (N, H, W, 3))"
+        )
+    references = NpzImages(ref_path, role="reference batch")
+    samples = NpzImages(sample_path, role="sample batch")
+    dev = resolve_device(device)
+
+    # 2. The network.
+    if inception is None:
+        from selfflow.download import inception_path
+
+        inception = inception_path()
+    model = InceptionV3(inception, device=dev)
+    hasher = ThreadPoolExecutor(max_workers=1)
+    sample_sha = hasher.submit(sha256_file, sample_path)
+    try:
+        # 3. Reference features: cached by the reference file's sha256 (and the graph's).
+        ref_sha = sha256_file(ref_path)
+        cache_path = _reference_cache_path(ref_sha, model.sha256)
+        ref_acts = _load_cached(cache_path, len(references)) if use_cache else None
+        cached = ref_acts is not None
+        if cached:
+            _log(f"reference features from cache {cache_path}")
+        else:
+            ref_acts = compute_activations(model, references, batch_size, "reference", progress)
+            if use_cache:
+                _save_cached(cache_path, ref_acts)
+        dims = (ref_acts.pool.shape[1], ref_acts.spatial.shape[1])
+        ref_stats = _statistics_from_npz(ref_path, "reference batch", dims)
+        ref_source = {kind: "file" if kind in ref_stats else "computed" for kind in _KINDS}
+        for kind, key in _KINDS.items():
+            if kind not in ref_stats:
+                note(
+                    f"reference batch {ref_path.name} has no {key}; computed them from its "
+                    f"{len(references)} images"
+                )
+                ref_stats[kind] = compute_statistics(getattr(ref_acts, kind))
+
+        # 4. Sample features, streamed.
+        sample_acts = compute_activations(model, samples, batch_size, "samples", progress)
+        sample_stats = _statistics_from_npz(sample_path, "sample batch", dims)
+        sample_source = {kind: "file" if kind in sample_stats else "computed" for kind in _KINDS}
+        for kind, key in _KINDS.items():
+            if kind in sample_stats:
+                note(f"sample batch {sample_path.name} carries {key}; used as is (as ADM does)")
+            else:
+                sample_stats[kind] = compute_statistics(getattr(sample_acts, kind))
+
+        # 5. Metrics.
+        _log("computing metrics...")
+        probabilities = compute_softmax(model, sample_acts.pool)
+        metrics_time = time.time()
+        is_value = inception_score(probabilities)
+        fid = frechet_distance(sample_stats["pool"], ref_stats["pool"], notes=notes)
+        sfid = frechet_distance(sample_stats["spatial"], ref_stats["spatial"], notes=notes)
+        with full_fp32():
+            precision, recall = precision_recall(
+                torch.from_numpy(ref_acts.pool).to(dev), torch.from_numpy(sample_acts.pool).to(dev)
+            )
+        metrics_time = time.time() - metrics_time
+        values = {
+            "inception_score": is_value,
+            "fid": fid,
+            "sfid": sfid,
+            "precision": precision,
+            "recall": recall,
+        }
+        for key in [k for k, v in values.items() if not np.isfinite(v)]:
+            # ADM prints such values as they come (a class probability that underflows to 0 in
+            # float32 makes the IS NaN); we report them too, and say so.
+            note(f"{key} is {values[key]} (ADM would print the same); metrics.json stores null")
+        sample_digest = sample_sha.result()
+    finally:
+        hasher.shutdown(wait=True, cancel_futures=True)
+
+    from selfflow import __version__
+
+    result = {
+        **values,
+        "num_samples": len(samples),
+        "num_reference": len(references),
+        "sample": {
+            "path": str(sample_path),
+            "sha256": sample_digest,
+            "num_images": len(samples),
+            "image_shape": list(samples.shape[1:]),
+            "statistics": sample_source,
+        },
+        "reference": {
+            "path": str(ref_path),
+            "sha256": ref_sha,
+            "num_images": len(references),
+            "image_shape": list(references.shape[1:]),
+            "statistics": ref_source,
+            "features_cached": cached,
+        },
+        "inception": {"path": str(inception), "sha256": model.sha256},
+        "device": str(dev),
+        "batch_size": batch_size,
+        "seconds": {"total": round(time.time() - started, 3), "metrics": round(metrics_time, 3)},
+        "notes": notes,
+        "selfflow_version": __version__,
+    }
+    if out_path is not None:
+        _write_json_atomic(out_path / "metrics.json", _json_safe(result))
+    return result
+
+
+def _json_safe(value):
+    """Strict JSON: non-finite floats become null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
