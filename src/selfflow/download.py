@@ -1,9 +1,239 @@
-"""Placeholder: the subcommand is registered here once it is built."""
+"""Downloads that resume, land atomically, and can be checked: ``selfflow download TARGET``.
+
+Large files (the 2 GB ADM reference batch) are fetched into ``NAME.part`` with HTTP Range
+requests, so an interrupted download continues where it stopped, and are renamed to their final
+name only when complete (and, when a digest is known, verified). A file at the final name is
+therefore always whole. Only the standard library is used (urllib), plus tqdm for progress.
+
+Cache: ``$SELFFLOW_CACHE`` if set, else ``~/.cache/selfflow``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import http.client
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from selfflow.errors import DownloadError
+
+INCEPTION_URL = (
+    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
+    "classify_image_graph_def.pb"
+)
+REFERENCE_URL = (
+    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+    "VIRTUAL_imagenet256_labeled.npz"
+)
+CHUNK = 1 << 20
+_USER_AGENT = "selfflow-download/1"
+
+
+def cache_dir() -> Path:
+    """Where downloads and cached reference features live."""
+    override = os.environ.get("SELFFLOW_CACHE")
+    return Path(override).expanduser() if override else Path.home() / ".cache" / "selfflow"
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Restart(Exception):
+    """The partial file cannot be continued; start again from byte 0."""
+
+
+def _content_range_total(header: str | None) -> int | None:
+    match = re.match(r"bytes\s+(\d+|\*)-?(\d*)/(\d+|\*)", header or "")
+    if not match or match.group(3) == "*":
+        return None
+    return int(match.group(3))
+
+
+def _fetch_once(url: str, part: Path, timeout: float, progress: bool, desc: str) -> int | None:
+    """Append the rest of ``url`` to ``part``; return the expected total size when known."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": _USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset:
+            total = _content_range_total(error.headers.get("Content-Range"))
+            if total == offset:
+                return total  # the partial file is already complete
+            raise _Restart from error
+        raise
+    with response:
+        status = response.status
+        length = response.headers.get("Content-Length")
+        if status == 206:
+            start = re.match(r"bytes\s+(\d+)-", response.headers.get("Content-Range", ""))
+            if not start or int(start.group(1)) != offset:
+                raise _Restart
+            total = _content_range_total(response.headers.get("Content-Range"))
+            mode = "ab"
+        else:  # 200: the server ignored the Range header and sends the whole file
+            offset = 0
+            total = int(length) if length is not None else None
+            mode = "wb"
+        from tqdm.auto import tqdm
+
+        with (
+            open(part, mode) as handle,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=desc,
+                disable=not progress,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            ) as bar,
+        ):
+            while chunk := response.read(CHUNK):
+                handle.write(chunk)
+                bar.update(len(chunk))
+    return total
+
+
+def download(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    sha256: str | None = None,
+    retries: int = 5,
+    timeout: float = 60.0,
+    backoff: float = 2.0,
+    progress: bool = True,
+) -> Path:
+    """Fetch ``url`` to ``dest`` (resuming ``dest.part``), verify, and rename into place.
+
+    An existing ``dest`` is returned as is (checked against ``sha256`` when given). Network
+    errors are retried ``retries`` times, each time continuing from the bytes already on disk.
+    """
+    dest = Path(dest)
+    if dest.is_file():
+        if sha256 and file_sha256(dest) != sha256.lower():
+            raise DownloadError(
+                f"{dest} exists but its sha256 is not {sha256}; delete it to download it again"
+            )
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    last_error: BaseException | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * attempt)
+        try:
+            total = _fetch_once(url, part, timeout, progress, dest.name)
+        except _Restart:
+            part.unlink(missing_ok=True)
+            last_error = None
+            continue
+        except urllib.error.HTTPError as error:
+            if 400 <= error.code < 500 and error.code not in (408, 429):
+                raise DownloadError(
+                    f"could not download {url}: HTTP {error.code} {error.reason}. "
+                    f"Fetch it by hand and place it at {dest}"
+                ) from error
+            last_error = error
+            continue
+        except (
+            urllib.error.URLError,
+            http.client.HTTPException,
+            ConnectionError,
+            TimeoutError,
+        ) as error:
+            last_error = error
+            continue
+        size = part.stat().st_size if part.exists() else 0
+        if total is not None and size != total:
+            last_error = DownloadError(f"connection closed after {size} of {total} bytes")
+            continue
+        break
+    else:
+        kept = (
+            f"; {part} keeps the {part.stat().st_size} bytes received and the next run resumes"
+            if part.exists()
+            else ""
+        )
+        raise DownloadError(
+            f"could not download {url} after {retries + 1} attempts "
+            f"({type(last_error).__name__}: {last_error}){kept}. "
+            f"Or fetch it by hand and place it at {dest}"
+        ) from last_error
+    if sha256:
+        actual = file_sha256(part)
+        if actual != sha256.lower():
+            part.unlink(missing_ok=True)
+            raise DownloadError(
+                f"{url} downloaded with sha256 {actual}, expected {sha256}; the file was removed"
+            )
+    os.replace(part, dest)
+    return dest
+
+
+def _cached(url: str, name: str, fetch: bool) -> Path:
+    path = cache_dir() / name
+    if path.is_file() or not fetch:
+        if not path.is_file():
+            raise DownloadError(f"{path} is missing; run `selfflow download` or fetch {url}")
+        return path
+    print(f"downloading {url} to {path}", file=sys.stderr)
+    return download(url, path)
+
+
+def inception_path(download: bool = True, url: str | None = None) -> Path:
+    """ADM's Inception GraphDef in the cache, downloaded on first use."""
+    return _cached(url or INCEPTION_URL, "classify_image_graph_def.pb", download)
+
+
+def reference_path(download: bool = True, url: str | None = None) -> Path:
+    """ADM's ImageNet 256 reference batch in the cache, downloaded on first use."""
+    return _cached(url or REFERENCE_URL, "VIRTUAL_imagenet256_labeled.npz", download)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register nothing yet."""
+    parser = subparsers.add_parser(
+        "download",
+        help="fetch the checkpoint, ADM's Inception graph or the ImageNet 256 reference batch",
+        description=(
+            "Download into the cache ($SELFFLOW_CACHE, else ~/.cache/selfflow; the checkpoint "
+            "goes to huggingface_hub's cache) and print the file's path. Interrupted downloads "
+            "resume."
+        ),
+    )
+    parser.add_argument("target", choices=("checkpoint", "inception", "reference"))
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.target == "checkpoint":
+        from selfflow.checkpoint import download_checkpoint
+
+        path = download_checkpoint()
+    elif args.target == "inception":
+        path = inception_path()
+    else:
+        path = reference_path()
+    print(path)
+    return 0

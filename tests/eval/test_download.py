@@ -1,0 +1,221 @@
+"""Downloads against a local HTTP server with Range support: resume, atomic rename, checks."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import re
+import threading
+from pathlib import Path
+
+import pytest
+
+from selfflow import download as dl
+from selfflow.cli import main
+from selfflow.errors import DownloadError
+
+PAYLOAD = bytes(range(256)) * 1200 + b"tail"  # 307 204 bytes
+
+
+class FileServer:
+    """Serves byte strings; can ignore Range, drop connections, or fail with a status first."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.drop_after: dict[str, list[int]] = {}  # per request, in order: bytes before hanging up
+        self.fail_first: dict[str, list[int]] = {}  # statuses to answer before serving
+        self.ignore_range: set[str] = set()
+        self.log: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_GET(self):
+                path, range_header = self.path, self.headers.get("Range")
+                server.log.append((path, range_header))
+                if server.fail_first.get(path):
+                    self.send_error(server.fail_first[path].pop(0))
+                    return
+                if path not in server.files:
+                    self.send_error(404)
+                    return
+                data = server.files[path]
+                start = 0
+                match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
+                if match and path not in server.ignore_range:
+                    start = int(match.group(1))
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                drops = server.drop_after.get(path)
+                if drops:
+                    self.wfile.write(body[: drops.pop(0)])  # then hang up early
+                    self.wfile.flush()
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = FileServer()
+    s.files["/graph.pb"] = PAYLOAD
+    yield s
+    s.close()
+
+
+def fetch(server, dest: Path, **kwargs) -> Path:
+    kwargs.setdefault("backoff", 0.0)
+    return dl.download(server.url("/graph.pb"), dest, progress=False, **kwargs)
+
+
+def test_fresh_download_lands_whole(server, tmp_path):
+    dest = tmp_path / "sub" / "graph.pb"
+    assert fetch(server, dest) == dest
+    assert dest.read_bytes() == PAYLOAD
+    assert list(dest.parent.iterdir()) == [dest]  # no .part left behind
+    assert server.log == [("/graph.pb", None)]
+
+
+def test_existing_partial_file_is_resumed_with_a_range_request(server, tmp_path):
+    dest = tmp_path / "graph.pb"
+    (tmp_path / "graph.pb.part").write_bytes(PAYLOAD[:100_000])
+    fetch(server, dest)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.log == [("/graph.pb", "bytes=100000-")]
+
+
+def test_dropped_connection_resumes_where_it_stopped(server, tmp_path):
+    server.drop_after["/graph.pb"] = [50_000, 70_000]
+    dest = tmp_path / "graph.pb"
+    fetch(server, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    assert dest.read_bytes() == PAYLOAD
+    assert server.log == [
+        ("/graph.pb", None),
+        ("/graph.pb", "bytes=50000-"),
+        ("/graph.pb", "bytes=120000-"),
+    ]
+
+
+def test_failed_download_keeps_the_part_and_never_the_final_name(server, tmp_path):
+    server.drop_after["/graph.pb"] = [10_000, 10_000]
+    dest = tmp_path / "graph.pb"
+    with pytest.raises(DownloadError, match=r"after 2 attempts.*keeps the 20000 bytes"):
+        fetch(server, dest, retries=1)
+    assert not dest.exists()
+    assert (tmp_path / "graph.pb.part").read_bytes() == PAYLOAD[:20_000]
+    fetch(server, dest)  # a later run continues
+    assert dest.read_bytes() == PAYLOAD
+    assert server.log[-1] == ("/graph.pb", "bytes=20000-")
+
+
+def test_checksum_mismatch_removes_the_download(server, tmp_path):
+    dest = tmp_path / "graph.pb"
+    with pytest.raises(DownloadError, match="sha256"):
+        fetch(server, dest, sha256="0" * 64)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_file_is_checked_not_refetched(server, tmp_path):
+    dest = tmp_path / "graph.pb"
+    dest.write_bytes(b"something else")
+    with pytest.raises(DownloadError, match="delete it"):
+        fetch(server, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    assert fetch(server, dest) == dest and server.log == []
+
+
+def test_server_that_ignores_range_restarts_cleanly(server, tmp_path):
+    server.ignore_range.add("/graph.pb")
+    dest = tmp_path / "graph.pb"
+    (tmp_path / "graph.pb.part").write_bytes(PAYLOAD[:1000])
+    fetch(server, dest)
+    assert dest.read_bytes() == PAYLOAD  # not the first 1000 bytes twice
+
+
+def test_complete_part_file_answered_416_is_kept(server, tmp_path):
+    dest = tmp_path / "graph.pb"
+    (tmp_path / "graph.pb.part").write_bytes(PAYLOAD)
+    fetch(server, dest)
+    assert dest.read_bytes() == PAYLOAD and server.log == [("/graph.pb", f"bytes={len(PAYLOAD)}-")]
+
+
+def test_wrong_part_file_larger_than_the_remote_restarts(server, tmp_path):
+    dest = tmp_path / "graph.pb"
+    (tmp_path / "graph.pb.part").write_bytes(PAYLOAD + b"extra junk")
+    fetch(server, dest)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_server_errors_are_retried_but_missing_files_are_not(server, tmp_path):
+    server.fail_first["/graph.pb"] = [503]
+    fetch(server, tmp_path / "graph.pb")
+    assert (tmp_path / "graph.pb").read_bytes() == PAYLOAD
+    with pytest.raises(DownloadError, match="HTTP 404.*place it at"):
+        dl.download(server.url("/missing"), tmp_path / "missing", progress=False, backoff=0)
+    assert server.log.count(("/missing", None)) == 1
+    assert not (tmp_path / "missing").exists()
+
+
+def test_cache_helpers_download_once(server, tmp_path, monkeypatch):
+    cache = tmp_path / "my-cache"
+    monkeypatch.setenv("SELFFLOW_CACHE", str(cache))
+    assert dl.cache_dir() == cache
+    path = dl.inception_path(url=server.url("/graph.pb"))
+    assert path == cache / "classify_image_graph_def.pb" and path.read_bytes() == PAYLOAD
+    assert dl.inception_path(url=server.url("/graph.pb")) == path and len(server.log) == 1
+    with pytest.raises(DownloadError, match="missing"):
+        dl.reference_path(download=False)
+    monkeypatch.delenv("SELFFLOW_CACHE")
+    assert dl.cache_dir() == Path.home() / ".cache" / "selfflow"
+
+
+def test_download_command(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path))
+    server.files["/ref.npz"] = b"reference bytes"
+    monkeypatch.setattr(dl, "INCEPTION_URL", server.url("/graph.pb"))
+    monkeypatch.setattr(dl, "REFERENCE_URL", server.url("/ref.npz"))
+    assert main(["download", "inception"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "classify_image_graph_def.pb")
+    assert main(["download", "reference"]) == 0
+    printed = Path(capsys.readouterr().out.strip())
+    assert printed.read_bytes() == b"reference bytes"
+
+    import selfflow.checkpoint
+
+    monkeypatch.setattr(selfflow.checkpoint, "download_checkpoint", lambda: tmp_path / "ckpt.pt")
+    assert main(["download", "checkpoint"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "ckpt.pt")
+
+
+def test_download_command_reports_failure_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path))
+    monkeypatch.setattr(dl, "INCEPTION_URL", "http://127.0.0.1:9/nothing-listens-here")
+    monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+    assert main(["download", "inception"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("selfflow download: error: could not download") and "by hand" in err
+    assert not (tmp_path / "classify_image_graph_def.pb").exists()
