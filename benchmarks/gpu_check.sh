@@ -42,12 +42,12 @@ bench() { # bench NAME SECONDS ARGS...: one time-boxed run, its log also on the 
 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" |
 	tee -a "$OUT/nvidia-smi.txt"
 
-bench throughput 330 --batches 64 256 --sample-batches 64
+bench throughput 360 --batches 64 256 --sample-batches 64
 status=$?
 
 limit=$(($(left) - 15))
 if [ "$limit" -ge 60 ]; then
-	[ "$limit" -gt 200 ] && limit=200
+	[ "$limit" -gt 150 ] && limit=150
 	bench variants "$limit" --batches 64 --error-steps 0 \
 		--paths official fast fast+cudnn fast+gelu fast+cudnn+gelu fast+compile+cudnn+gelu
 fi

@@ -379,7 +379,15 @@ def main(argv: list[str] | None = None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2))
 
+    def check_errors() -> None:
+        if args.error_steps >= 0 and not report["errors"]:
+            log(f"error checks at batch {args.error_batch} ({args.error_steps} SDE steps)")
+            report["errors"] = error_checks(nets, model, config, args, device, failures)
+            save()
+
     for batch in args.batches:
+        if batch != args.batches[0] and args.error_batch == args.batches[0]:
+            check_errors()  # before the next batch's compilation, while the graph is warm
         base = None
         for name, fn in list(nets.items()):
             try:
@@ -404,8 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"(first call {row['first_call_s']:.1f} s), MFU {row['mfu']:.3f}"
             )
 
-    if args.error_steps >= 0:
-        report["errors"] = error_checks(nets, model, config, args, device, failures)
+    check_errors()
     save()
     print(format_report(report))
     if args.json is not None:
