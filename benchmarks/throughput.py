@@ -15,7 +15,8 @@ One process, one run, random weights with the released shapes (no checkpoint nee
   Brownian increments.
 
 Paths: ``official`` (fp32 weights, bf16 autocast, per-token adaLN, eager: what the release
-runs), ``fast-eager`` and ``fast-compiled`` (:class:`selfflow.fast.FastSelfFlow`).
+runs) and ``fast`` (:class:`selfflow.fast.FastSelfFlow`) with options joined by ``+``:
+``fast+compile``, ``fast+cudnn+gelu``, ... (see ``--paths``).
 
     python benchmarks/throughput.py                      # XL/2 on the GPU, batches 64 and 256
     python benchmarks/throughput.py --tiny --device cpu  # seconds, for CI
@@ -57,11 +58,16 @@ def log(message: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--tiny", action="store_true", help="tiny model (CI) instead of SiT-XL/2")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batches", type=int, nargs="+", default=[64, 256], help="batch sizes to time")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda, cuda:N or cpu (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batches", type=int, nargs="+", default=[64, 256], help="batch sizes (default: 64 256)"
+    )
     p.add_argument(
         "--paths",
         nargs="+",
@@ -72,15 +78,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "'fast-compiled' are aliases of 'fast' and 'fast+compile' "
         "(default: official fast fast+compile on CUDA, official fast on the CPU)",
     )
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="fast-path dtype")
-    p.add_argument("--steps", type=int, default=250, help="SDE steps per image for images/s")
-    p.add_argument("--warmup", type=int, default=3, help="untimed evaluations before timing")
-    p.add_argument("--repeats", type=int, default=10, help="timed evaluations (median)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="bf16",
+        help="fast-path dtype (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=250,
+        help="SDE steps per image for images/s (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed evaluations before timing (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=10,
+        help="timed evaluations, median taken (default: %(default)s)",
+    )
     p.add_argument(
         "--error-steps",
         type=int,
         default=20,
-        help="SDE steps of the shared-noise error check (0: forward error only, <0: no errors)",
+        help="SDE steps of the shared-noise error check (0: forward error only, <0: no errors; "
+        "default: %(default)s)",
     )
     p.add_argument(
         "--error-batch",
@@ -93,9 +120,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         nargs="*",
         default=[],
-        help="also time a real --steps-step SDE run at these batches (must be in --batches)",
+        help="also time a real --steps-step SDE run of the last path at these batches "
+        "(must be in --batches)",
     )
-    p.add_argument("--peak-size", type=int, default=None, help="square matmul size for the peak")
+    p.add_argument(
+        "--peak-size",
+        type=int,
+        default=None,
+        help="square matmul size for the peak (default: 8192 on CUDA, 1024 on the CPU)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -103,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU threads (default: 1 for --tiny on the CPU, whose ops are too small to split "
         "and stall on a busy machine; else PyTorch's default)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="weights and inputs (default: 0)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
     args = p.parse_args(argv)
     if args.paths is None:
