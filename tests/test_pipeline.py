@@ -178,3 +178,16 @@ def test_generate_command_writes_a_grid(tiny_checkpoint, tiny_vae_dir, tmp_path)
     # The first cell is sample 0 with label 207, drawn exactly as the pipeline draws it.
     pipe = SelfFlowPipeline.from_pretrained(tiny_checkpoint, tiny_vae_dir, device="cpu")
     np.testing.assert_array_equal(grid[:16, :16], pipe([207], seed=0, num_steps=4)[0])
+
+
+def test_bf16_fast_path_draws_the_same_images_within_bf16_tolerance(tiny_checkpoint, tiny_vae_dir):
+    reference = SelfFlowPipeline.from_pretrained(tiny_checkpoint, tiny_vae_dir, device="cpu")
+    fast = SelfFlowPipeline.from_pretrained(
+        tiny_checkpoint, tiny_vae_dir, device="cpu", dtype=torch.bfloat16, compile=False
+    )
+    assert fast.model_fn is not fast.model
+    settings = SamplerSettings(num_steps=12)
+    labels, indices = torch.tensor([5, 600, 1000]), [0, 1, 2]
+    want = reference.sample_latents(labels, indices, 3, settings)
+    got = fast.sample_latents(labels, indices, 3, settings)
+    assert 1e-5 < float((got - want).norm() / want.norm()) < 1e-2

@@ -94,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
     from selfflow.images import save_grid
     from selfflow.pipeline import SelfFlowPipeline
 
-    pipe = SelfFlowPipeline.from_pretrained(args.ckpt, args.vae, device=args.device)
+    pipe = SelfFlowPipeline.from_pretrained(
+        args.ckpt, args.vae, device=args.device, dtype=args.dtype
+    )
     labels = [args.classes[i % len(args.classes)] for i in range(args.num)]
     start = time.perf_counter()
     images = pipe(

@@ -55,6 +55,27 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The network precision: as given, else bfloat16 (fast path) on CUDA and float32 elsewhere."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ConfigurationError(f"dtype must be float32, bfloat16 or float16; got {dtype}")
+    return dtype
+
+
+def network_for(model: SelfFlowDiT, dtype: torch.dtype, compile: bool | None = None) -> ModelFn:
+    """The callable that runs ``model`` in ``dtype``: the model itself in float32, otherwise
+    the fast path (:class:`selfflow.fast.FastSelfFlow`, its reference twin tested against it)."""
+    if dtype == torch.float32:
+        return model
+    from selfflow.fast import FastSelfFlow
+
+    return FastSelfFlow.from_model(model, dtype=dtype, compile=compile)
+
+
 def check_labels(
     class_labels: Sequence[int] | np.ndarray | torch.Tensor, num_classes: int = 1000
 ) -> torch.Tensor:
@@ -108,17 +129,24 @@ class SelfFlowPipeline:
         vae: str | os.PathLike | None = None,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         vae_dtype: torch.dtype = torch.bfloat16,
+        compile: bool | None = None,
     ) -> SelfFlowPipeline:
-        """Load the model (``checkpoint=None``: the released file) and the SD-VAE."""
+        """Load the model (``checkpoint=None``: the released file) and the SD-VAE.
+
+        ``dtype`` picks the network: ``float32`` runs the plain reference model; ``bfloat16``
+        (the default on CUDA) runs the fast path of :mod:`selfflow.fast` (bf16 matmuls, float32
+        residual stream, compiled on CUDA unless ``compile=False``).
+        """
         from selfflow.checkpoint import load_model
         from selfflow.vae import SD_VAE_ID, load_vae
 
         device = torch.device(device) if device is not None else default_device()
-        model = load_model(checkpoint, device=device, dtype=dtype)
+        dtype = resolve_dtype(dtype, device)
+        model = load_model(checkpoint, device=device, dtype=torch.float32)
         autoencoder = load_vae(vae or SD_VAE_ID, device=device, dtype=vae_dtype)
-        return cls(model, autoencoder, device=device)
+        return cls(model, autoencoder, device=device, model_fn=network_for(model, dtype, compile))
 
     # -- the three stages ---------------------------------------------------------------------
 
