@@ -79,6 +79,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
     )
     parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="network precision: float32 = plain reference network, bfloat16 = fast path "
+        "(default: bfloat16 on CUDA, float32 on CPU)",
+    )
+    parser.add_argument(
         "--columns", type=int, default=None, help="grid columns (default: square-ish)"
     )
     parser.set_defaults(func=run)
