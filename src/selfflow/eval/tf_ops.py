@@ -31,6 +31,7 @@ class OpContext:
     node: object  # NodeDef
     graph: TFGraph
     device: torch.device
+    inplace: bool = False  # input 0 is dead after this node and owns its memory: reuse it
 
     @property
     def name(self) -> str:
@@ -253,10 +254,19 @@ register("ConcatV2")(_concat_builder(lambda n: n - 1))
 
 def _binary(
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    in_place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> Callable[[OpContext], OpFn]:
     def build(ctx: OpContext) -> OpFn:
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
             a, b = _align(inputs[0], inputs[1])
+            if (
+                ctx.inplace
+                and in_place is not None
+                and a.dtype == b.dtype
+                and a.device == b.device
+                and torch.broadcast_shapes(a.shape, b.shape) == a.shape
+            ):
+                return [in_place(a, b)]
             return [fn(a, b)]
 
         return run
@@ -264,10 +274,10 @@ def _binary(
     return build
 
 
-register("Add", "AddV2")(_binary(torch.add))
-register("Sub")(_binary(torch.sub))
-register("Mul")(_binary(torch.mul))
-register("RealDiv")(_binary(torch.div))
+register("Add", "AddV2")(_binary(torch.add, torch.Tensor.add_))
+register("Sub")(_binary(torch.sub, torch.Tensor.sub_))
+register("Mul")(_binary(torch.mul, torch.Tensor.mul_))
+register("RealDiv")(_binary(torch.div, torch.Tensor.div_))
 register("Maximum")(_binary(torch.maximum))
 register("Minimum")(_binary(torch.minimum))
 
@@ -282,8 +292,19 @@ def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[OpContext], 
     return lambda ctx: lambda inputs: [fn(inputs[0])]
 
 
-register("Relu")(_unary(torch.relu))
-register("Relu6")(_unary(lambda x: torch.clamp(x, 0.0, 6.0)))
+@register("Relu")
+def _relu(ctx: OpContext) -> OpFn:
+    fn = torch.relu_ if ctx.inplace else torch.relu
+    return lambda inputs: [fn(inputs[0])]
+
+
+@register("Relu6")
+def _relu6(ctx: OpContext) -> OpFn:
+    if ctx.inplace:
+        return lambda inputs: [inputs[0].clamp_(0.0, 6.0)]
+    return lambda inputs: [torch.clamp(inputs[0], 0.0, 6.0)]
+
+
 register("Rsqrt")(_unary(torch.rsqrt))
 register("Sqrt")(_unary(torch.sqrt))
 register("Square")(_unary(torch.square))
@@ -307,8 +328,13 @@ def _matmul(ctx: OpContext) -> OpFn:
 # Normalisation
 
 
-def _batchnorm(x: torch.Tensor, mean, scale, offset) -> torch.Tensor:
-    """TF's inference batch norm: ``(x - mean) * (rsqrt(var + eps) * gamma) + beta``."""
+def _batchnorm(x: torch.Tensor, mean, scale, offset, inplace: bool) -> torch.Tensor:
+    """TF's inference batch norm: ``(x - mean) * (rsqrt(var + eps) * gamma) + beta``.
+
+    In place (same operations, same rounding) when the executor says x is not needed after.
+    """
+    if inplace:
+        return x.sub_(mean).mul_(scale).add_(offset)
     return (x - mean) * scale + offset
 
 
@@ -322,7 +348,7 @@ def _batchnorm_global(ctx: OpContext) -> OpFn:
         scale = torch.rsqrt(variance + eps)
         if scale_after:
             scale = scale * gamma
-        return [_batchnorm(x, mean, scale, beta)]
+        return [_batchnorm(x, mean, scale, beta, ctx.inplace)]
 
     return run
 
@@ -337,7 +363,7 @@ def _fused_batchnorm(ctx: OpContext) -> OpFn:
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         x, gamma, beta, mean, variance = inputs[:5]
-        y = _batchnorm(x, mean, torch.rsqrt(variance + eps) * gamma, beta)
+        y = _batchnorm(x, mean, torch.rsqrt(variance + eps) * gamma, beta, ctx.inplace)
         return [y, mean, variance, mean, variance, mean][:outputs]
 
     return run
@@ -473,18 +499,44 @@ def _resize_bilinear(ctx: OpContext) -> OpFn:
 
         def horizontal(rows: torch.Tensor) -> torch.Tensor:
             left, right = rows.index_select(2, x_lo), rows.index_select(2, x_hi)
-            return left + (right - left) * x_lerp
+            return right.sub_(left).mul_(x_lerp).add_(left)  # left + (right - left) * lerp
 
-        # Same order of operations as TF's compute_lerp: horizontal first, then vertical.
+        # Same operations, in the same order, as TF's compute_lerp: horizontal, then vertical.
         top = horizontal(x.index_select(1, y_lo))
         bottom = horizontal(x.index_select(1, y_hi))
-        return [top + (bottom - top) * y_lerp[:, None, None]]
+        return [bottom.sub_(top).mul_(y_lerp[:, None, None]).add_(top)]
 
     return run
 
 
 # ----------------------------------------------------------------------------------------------
 # Executor
+
+
+# Ops whose output 0 owns its memory (no view of a tensor that may still be alive).
+_FRESH_OUTPUT = frozenset(
+    {
+        "Conv2D",
+        "BatchNormWithGlobalNormalization",
+        "FusedBatchNorm",
+        "FusedBatchNormV2",
+        "FusedBatchNormV3",
+        "Relu",
+        "Relu6",
+        "MaxPool",
+        "AvgPool",
+        "ResizeBilinear",
+        "Concat",
+        "ConcatV2",
+        "MatMul",
+        "Add",
+        "AddV2",
+        "Sub",
+        "Mul",
+        "RealDiv",
+        "BiasAdd",
+    }
+)
 
 
 class GraphExecutor:
@@ -526,11 +578,30 @@ class GraphExecutor:
                 f"{graph.source}: node {node.name!r} has op type {node.op!r}, which the PyTorch "
                 f"executor does not implement{more}"
             )
-        self.ops: dict[str, OpFn] = {}
-        for name in self.order:
-            node = graph.nodes[name]
-            self.ops[name] = _BUILDERS[node.op](OpContext(node, graph, self.device))
         self._last_use = self._last_uses()
+        self.ops: dict[str, OpFn] = {}
+        for step, name in enumerate(self.order):
+            node = graph.nodes[name]
+            context = OpContext(node, graph, self.device, self._can_donate(step, name))
+            self.ops[name] = _BUILDERS[node.op](context)
+
+    def _can_donate(self, step: int, name: str) -> bool:
+        """May node ``name`` overwrite its input 0? Only if nothing reads it later and no other
+        live tensor shares its memory (it comes fresh from an op that allocates its output)."""
+        inputs = self._data_inputs(name)
+        if not inputs:
+            return False
+        source, index = inputs[0]
+        key = f"{source}:{index}"
+        producer = self.graph.nodes.get(source)
+        return (
+            producer is not None
+            and producer.op in _FRESH_OUTPUT
+            and key not in self.feeds
+            and key not in self.fetches
+            and inputs.count(inputs[0]) == 1
+            and self._last_use.get(key) == step
+        )
 
     def _data_inputs(self, name: str) -> list[tuple[str, int]]:
         node = self.graph.nodes[name]
