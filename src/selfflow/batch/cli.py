@@ -1,9 +1,234 @@
-"""Placeholder: the subcommand is registered here once it is built."""
+"""``selfflow sample`` (and the root ``sample.py``): the 50 000-image FID batch.
+
+Accepts the official ``sample.py`` command lines unchanged, on one process or under
+``torchrun --nnodes=... --nproc_per_node=...``; the options after ``--save-images`` are ours.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from selfflow.errors import SelfFlowError
+
+DESCRIPTION = (
+    "Sample the FID batch (samples_N.npz, arr_0 uint8 (N, H, W, 3) in index order, labels in "
+    "arr_1) from the released Self-Flow model, on one process or under torchrun. Sample i is a "
+    "function of (seed, i) alone, so any number of GPUs and any batch size give the same images. "
+    "Work is written in atomic shards with a manifest.json of the settings: re-running the same "
+    "command continues an interrupted run; a run with other settings in the same folder is "
+    "refused (or starts over with --overwrite)."
+)
+EXAMPLE = (
+    "example: torchrun --nnodes=1 --nproc_per_node=8 sample.py --output-dir ./samples "
+    "--num-fid-samples 50000 --num-steps 250 --mode SDE --cfg-scale 1.0"
+)
+
+
+def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options of the command to ``parser`` (shared by the subcommand and sample.py)."""
+    official = parser.add_argument_group("official sample.py options")
+    official.add_argument(
+        "--ckpt",
+        default=None,
+        metavar="PATH",
+        help="checkpoint file (default: download Hila/Self-Flow selfflow_imagenet256.pt)",
+    )
+    official.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("./samples"),
+        metavar="DIR",
+        help="folder for shards, manifest.json, samples_N.npz and grid.png (default: ./samples)",
+    )
+    official.add_argument(
+        "--num-fid-samples",
+        type=int,
+        default=50_000,
+        metavar="N",
+        help="number of images (default: 50000)",
+    )
+    official.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        metavar="B",
+        help="images per forward pass, per process (default: 64)",
+    )
+    official.add_argument(
+        "--num-steps",
+        type=int,
+        default=250,
+        help="sampler steps (default: 250, the paper's SDE protocol)",
+    )
+    official.add_argument(
+        "--mode",
+        type=str.lower,
+        choices=("sde", "ode"),
+        default="sde",
+        metavar="{SDE,ODE}",
+        help="SDE (Euler-Maruyama, the paper's) or ODE (probability flow); any case (default: SDE)",
+    )
+    official.add_argument(
+        "--seed",
+        type=int,
+        default=31,
+        help="run seed; sample i draws from streams keyed by (seed, i) (default: 31)",
+    )
+    official.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale, 1.0 = none (default: 1.0, the paper's protocol)",
+    )
+    official.add_argument(
+        "--guidance-low",
+        type=float,
+        default=0.0,
+        help="guidance applies while tau >= this, tau = 1 being noise (default: 0.0)",
+    )
+    official.add_argument(
+        "--guidance-high",
+        type=float,
+        default=0.7,
+        help="guidance applies while tau <= this (default: 0.7)",
+    )
+    official.add_argument(
+        "--save-images",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also write every image as DIR/images/000123.png, named by its global index "
+        "(default: no)",
+    )
+    ours = parser.add_argument_group("selfflow options")
+    ours.add_argument(
+        "--solver",
+        type=str.lower,
+        choices=("euler", "heun"),
+        default="heun",
+        help="ODE solver (ignored by the SDE) (default: heun)",
+    )
+    ours.add_argument(
+        "--vae",
+        default=None,
+        metavar="ID_OR_DIR",
+        help="VAE: hub id or local diffusers folder (default: stabilityai/sd-vae-ft-ema)",
+    )
+    ours.add_argument(
+        "--class-balanced",
+        action="store_true",
+        help="exactly N/1000 images per class in a seeded shuffled order (N must be divisible "
+        "by 1000); default: labels uniform at random, as in the paper",
+    )
+    ours.add_argument(
+        "--device",
+        default=None,
+        help="torch device; 'cuda' means cuda:LOCAL_RANK under torchrun "
+        "(default: cuda when available, else cpu)",
+    )
+    ours.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="network precision: float32 = the plain reference network; bfloat16 = the fast "
+        "path (selfflow.fast) (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+    ours.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete what a previous run left in DIR (manifest, shards, npz, grid, PNGs) and "
+        "start over",
+    )
+    ours.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        metavar="S",
+        help="images per shard file, fixed for the folder on its first run "
+        "(default: min(125, ceil(N/64)); never depends on the GPU count or batch size)",
+    )
+    ours.add_argument(
+        "--keep-shards",
+        action="store_true",
+        help="keep DIR/shards/ after samples_N.npz is written (default: delete them)",
+    )
+    ours.add_argument(
+        "--eval-ref",
+        default=None,
+        metavar="REF.npz",
+        help="after sampling, evaluate against this ADM reference batch and print ADM's five lines",
+    )
+    ours.add_argument(
+        "--inception",
+        default=None,
+        metavar="PATH",
+        help="with --eval-ref: ADM's classify_image_graph_def.pb (default: the cached download)",
+    )
+    parser.set_defaults(func=run)
+    return parser
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register nothing yet."""
+    parser = subparsers.add_parser(
+        "sample",
+        help="sample the FID batch (samples_N.npz) on one process or under torchrun; resumable",
+        description=DESCRIPTION,
+        epilog=EXAMPLE,
+    )
+    configure(parser)
+
+
+def config_from_args(args: argparse.Namespace):
+    from selfflow.batch.runner import BatchConfig
+
+    return BatchConfig(
+        checkpoint=args.ckpt,
+        output_dir=args.output_dir,
+        num_samples=args.num_fid_samples,
+        batch_size=args.batch_size,
+        num_steps=args.num_steps,
+        mode=args.mode,
+        seed=args.seed,
+        cfg_scale=args.cfg_scale,
+        guidance_low=args.guidance_low,
+        guidance_high=args.guidance_high,
+        save_images=args.save_images,
+        solver=args.solver,
+        vae=args.vae,
+        class_balanced=args.class_balanced,
+        device=args.device,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        shard_size=args.shard_size,
+        keep_shards=args.keep_shards,
+        eval_ref=args.eval_ref,
+        inception=args.inception,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from selfflow.batch.runner import ReportedOnRankZero, generate_fid_batch
+
+    try:
+        result = generate_fid_batch(config_from_args(args))
+    except ReportedOnRankZero:
+        return 1  # rank 0 prints the reason; one message, not one per process
+    if result is not None:
+        print(f"selfflow sample: {result.summary()}", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "sample.py") -> int:
+    """Stand-alone entry point (the root ``sample.py``): errors become one line, exit status 1."""
+    parser = configure(argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EXAMPLE))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SelfFlowError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1

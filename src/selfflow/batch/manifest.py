@@ -1,0 +1,149 @@
+"""``manifest.json``: what an output folder holds and every setting that changes its images.
+
+A re-run in the same folder continues only when its ``settings`` equal the manifest's; if any
+differs it is refused with the names of the differing settings, so shards made under one
+configuration are never mixed with another's. Settings that cannot change an image are
+normalised away (the ODE solver under the SDE, the guidance interval at ``cfg_scale = 1``), so
+they never block a resume. ``info`` is for people (paths, times, versions, machines) and is
+never compared; ``plan`` fixes the shard size; ``complete`` is set once the npz is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selfflow.batch.store import temporary_name
+from selfflow.errors import ConfigurationError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "selfflow-fid-batch"
+FORMAT_VERSION = 1
+
+
+def image_settings(
+    *,
+    checkpoint_sha256: str,
+    vae: str,
+    num_samples: int,
+    num_steps: int,
+    mode: str,
+    solver: str,
+    seed: int,
+    cfg_scale: float,
+    guidance_low: float,
+    guidance_high: float,
+    class_balanced: bool,
+    dtype: str,
+    network: str,
+    vae_dtype: str,
+    version: str,
+) -> dict[str, Any]:
+    """The settings that decide the images, in a canonical form that compares exactly."""
+    mode = mode.lower()
+    guided = float(cfg_scale) != 1.0
+    return {
+        "checkpoint_sha256": checkpoint_sha256,
+        "vae": vae,
+        "num_samples": int(num_samples),
+        "num_steps": int(num_steps),
+        "mode": mode,
+        "solver": solver.lower() if mode == "ode" else None,  # the SDE is always Euler–Maruyama
+        "seed": int(seed),
+        "cfg_scale": float(cfg_scale),
+        "guidance_low": float(guidance_low) if guided else None,
+        "guidance_high": float(guidance_high) if guided else None,
+        "class_balanced": bool(class_balanced),
+        "dtype": dtype,
+        "network": network,
+        "vae_dtype": vae_dtype,
+        "selfflow_version": version,
+    }
+
+
+@dataclass
+class Manifest:
+    settings: dict[str, Any]
+    shard_size: int
+    image_shape: tuple[int, int, int]
+    info: dict[str, Any] = field(default_factory=dict)
+    complete: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "settings": self.settings,
+            "plan": {
+                "num_samples": self.settings["num_samples"],
+                "shard_size": self.shard_size,
+                "image_shape": list(self.image_shape),
+            },
+            "complete": self.complete,
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, path: Path) -> Manifest:
+        try:
+            if data.get("format") != FORMAT:
+                raise ConfigurationError(
+                    f"{path} is not a selfflow sample manifest (format {data.get('format')!r})"
+                )
+            if data.get("format_version") != FORMAT_VERSION:
+                raise ConfigurationError(
+                    f"{path} has manifest format version {data.get('format_version')}; this "
+                    f"selfflow reads version {FORMAT_VERSION}. Use --overwrite to start over"
+                )
+            plan = data["plan"]
+            return cls(
+                settings=dict(data["settings"]),
+                shard_size=int(plan["shard_size"]),
+                image_shape=tuple(int(n) for n in plan["image_shape"]),  # type: ignore[arg-type]
+                info=dict(data.get("info") or {}),
+                complete=data.get("complete"),
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            if isinstance(error, ConfigurationError):
+                raise
+            raise ConfigurationError(
+                f"{path} is damaged ({type(error).__name__}: {error}); use --overwrite to start over"
+            ) from error
+
+
+def read_manifest(output_dir: Path) -> Manifest | None:
+    path = Path(output_dir) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigurationError(
+            f"{path} is unreadable ({type(error).__name__}: {error}); use --overwrite to start over"
+        ) from error
+    return Manifest.from_json(data, path)
+
+
+def write_manifest(output_dir: Path, manifest: Manifest) -> Path:
+    """Atomically replace ``manifest.json``."""
+    path = Path(output_dir) / MANIFEST_NAME
+    tmp = temporary_name(path)
+    try:
+        tmp.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def differing_settings(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``name: stored → current`` for every setting that differs (missing counts as differing)."""
+    names = list(stored) + [name for name in current if name not in stored]
+    return [
+        f"{name}: {stored.get(name)!r} in the folder, {current.get(name)!r} now"
+        for name in names
+        if stored.get(name) != current.get(name)
+    ]

@@ -1,0 +1,765 @@
+"""The FID batch: plan, sample, write, resume, assemble — on one process or under torchrun.
+
+:func:`generate_fid_batch` is what ``selfflow sample`` and the root ``sample.py`` run. Its
+steps, and who does each:
+
+1. **Set-up (rank 0).** Check the settings and the output folder, load the checkpoint (its
+   sha256 identifies it) and the VAE, compare with ``manifest.json`` (refusing a folder made
+   with other settings, or clearing it under ``--overwrite``), delete temporaries of killed runs
+   and list the shard files already there. Every other rank waits for the outcome, so a bad
+   option fails once, with one message, before any GPU work.
+2. **Verify (all ranks).** Existing shards are read back and checked (CRC, shapes, indices,
+   labels); the check is split over the ranks. A shard that fails is deleted and redone.
+3. **Sample (all ranks).** Pending shard ``j`` (in plan order) goes to rank ``j % world``. Each
+   rank samples its shards' indices in batches of ``--batch-size`` (a batch may span two shards)
+   while a background thread decodes and writes (see :mod:`selfflow.batch.writer`).
+   Rank 0 shows one progress bar for the whole batch: its own images as they are decoded, the
+   other ranks' as their shard files appear.
+4. **Assemble (rank 0)** after a barrier: ``samples_{N}.npz`` streamed shard by shard, then
+   ``grid.png`` and the manifest's ``complete`` record; the shards are deleted unless
+   ``keep_shards``. With ``eval_ref``, ADM's metrics follow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selfflow import distributed
+from selfflow.batch import store
+from selfflow.batch.assemble import GRID_SAMPLES, assemble, npz_name
+from selfflow.batch.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    differing_settings,
+    image_settings,
+    read_manifest,
+    write_manifest,
+)
+from selfflow.batch.npz import iter_npz_rows, npz_array_info
+from selfflow.batch.writer import FiniteWatch, NonFiniteSamplesError, ShardWriter, write_pngs
+from selfflow.errors import ConfigurationError, SelfFlowError
+
+DTYPES = ("float32", "bfloat16")
+VAE_DTYPE = "bfloat16"  # the official sampler decodes in bf16 (FACTS §2)
+EVALUATOR_MODULE = "selfflow.eval.evaluator"
+
+
+class ReportedOnRankZero(SelfFlowError):
+    """Set-up failed; rank 0 prints the reason, the other ranks only stop."""
+
+
+@dataclass
+class BatchConfig:
+    """Every option of ``selfflow sample`` (the official ones first)."""
+
+    checkpoint: str | os.PathLike | None = None
+    output_dir: str | os.PathLike = "samples"
+    num_samples: int = 50_000
+    batch_size: int = 64
+    num_steps: int = 250
+    mode: str = "sde"
+    seed: int = 31
+    cfg_scale: float = 1.0
+    guidance_low: float = 0.0
+    guidance_high: float = 0.7
+    save_images: bool = False
+    solver: str = "heun"
+    vae: str | None = None
+    class_balanced: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    overwrite: bool = False
+    shard_size: int | None = None
+    keep_shards: bool = False
+    eval_ref: str | os.PathLike | None = None
+    inception: str | os.PathLike | None = None
+
+    def validate(self) -> None:
+        """Option checks that need no file: fail before anything is loaded."""
+
+        def whole(name: str, value: Any, minimum: int, what: str) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigurationError(f"{name} must be {what}; got {value!r}")
+
+        whole("--num-fid-samples", self.num_samples, 1, "a positive number of images")
+        whole("--batch-size", self.batch_size, 1, "a positive number of images per process")
+        whole("--num-steps", self.num_steps, 2, "at least 2")
+        if self.shard_size is not None:
+            whole("--shard-size", self.shard_size, 1, "a positive number of images")
+        if not isinstance(self.mode, str) or self.mode.lower() not in ("sde", "ode"):
+            raise ConfigurationError(f"--mode must be SDE or ODE (any case); got {self.mode!r}")
+        if not isinstance(self.solver, str) or self.solver.lower() not in ("euler", "heun"):
+            raise ConfigurationError(f"--solver must be euler or heun; got {self.solver!r}")
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
+            raise ConfigurationError(
+                f"--cfg-scale must be a finite number >= 0 (1.0 = no guidance); got {self.cfg_scale}"
+            )
+        for name, value in (
+            ("--guidance-low", self.guidance_low),
+            ("--guidance-high", self.guidance_high),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigurationError(f"{name} must lie in [0, 1] (a time tau); got {value}")
+        if self.guidance_low > self.guidance_high:
+            raise ConfigurationError(
+                f"--guidance-low ({self.guidance_low}) must not exceed --guidance-high "
+                f"({self.guidance_high}): guidance applies while low <= tau <= high"
+            )
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigurationError(f"--dtype must be one of {DTYPES}; got {self.dtype!r}")
+        if self.class_balanced:
+            from selfflow.seeds import balanced_labels
+
+            balanced_labels(self.seed, self.num_samples)  # raises with the reason
+        for name, value in (("--eval-ref", self.eval_ref), ("--inception", self.inception)):
+            if value is not None and not Path(value).is_file():
+                raise ConfigurationError(f"{name} {value}: no such file")
+        if self.inception is not None and self.eval_ref is None:
+            raise ConfigurationError("--inception is only used with --eval-ref")
+        if self.eval_ref is not None:
+            import importlib.util
+
+            if importlib.util.find_spec(EVALUATOR_MODULE) is None:
+                raise ConfigurationError(
+                    f"--eval-ref needs the evaluator ({EVALUATOR_MODULE}), which this "
+                    f"installation lacks; sample without --eval-ref and run `selfflow evaluate` later"
+                )
+
+
+@dataclass
+class BatchResult:
+    npz_path: Path
+    num_samples: int
+    new_samples: int
+    seconds: float
+    world_size: int
+    metrics: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.new_samples / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        if self.new_samples == 0:
+            return f"{self.num_samples} images already complete in {self.npz_path}"
+        return (
+            f"{self.num_samples} images ({self.new_samples} sampled now) in {self.seconds:.1f} s, "
+            f"{self.images_per_second:.2f} images/s on {self.world_size} "
+            f"process{'es' if self.world_size > 1 else ''}; wrote {self.npz_path}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def generate_fid_batch(
+    config: BatchConfig,
+    *,
+    context: distributed.DistributedContext | None = None,
+    prepare_pipeline: Callable[[Any], None] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> BatchResult | None:
+    """Sample, write and assemble the batch; returns the result on rank 0, None elsewhere.
+
+    ``prepare_pipeline(pipe)`` may wrap or instrument the loaded pipeline (tests use it); it
+    must not change what the images are.
+    """
+    own = context is None
+    context = context or distributed.setup(config.device)
+    job = _Job(config, context, prepare_pipeline, progress, log or _print)
+    try:
+        return job.run()
+    finally:
+        if own:
+            distributed.teardown(context)
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclass
+class _SetupOutcome:
+    """What rank 0 decides and every rank needs (picklable, broadcast)."""
+
+    checkpoint: str
+    manifest_json: dict
+    candidates: list[int]  # shard files present before verification
+    complete: bool
+
+
+class _Job:
+    def __init__(self, config, context, prepare_pipeline, progress, log) -> None:
+        self.config = config
+        self.context = context
+        self.prepare_pipeline = prepare_pipeline
+        self.progress = progress and context.is_main
+        self.log = log if context.is_main else (lambda message: None)
+        self.output_dir = Path(config.output_dir).expanduser()
+        self.dtype_name = config.dtype or (
+            "bfloat16" if context.device.type == "cuda" else "float32"
+        )
+        self.pipe = None
+        self.network = ""
+        self.manifest: Manifest | None = None
+        self.plan: store.ShardPlan | None = None
+        self._balanced: np.ndarray | None = None
+
+    # -- orchestration ------------------------------------------------------------------------
+
+    def run(self) -> BatchResult | None:
+        started = time.perf_counter()
+        outcome = self._agreed_setup()
+        self.manifest = Manifest.from_json(outcome.manifest_json, self.output_dir / MANIFEST_NAME)
+        self.plan = store.ShardPlan(self.config.num_samples, self.manifest.shard_size)
+        if outcome.complete:
+            return self._already_complete(started) if self.context.is_main else None
+        if self.pipe is None:
+            self.pipe = self._load_pipeline(outcome.checkpoint)[0]
+        pending = self._verify(outcome.candidates)
+        mine = distributed.assign(pending, self.context.rank, self.context.world_size)
+        done_before = self.config.num_samples - sum(self.plan.shard(k).size for k in pending)
+        self.log(
+            f"selfflow sample: {self.config.num_samples} images in {self.plan.num_shards} shards "
+            f"of {self.plan.shard_size}; {done_before} done, {len(pending)} shards to sample on "
+            f"{self.context.world_size} process(es) ({self.context.device}, {self.network}, "
+            f"batch {self.config.batch_size} per process)"
+        )
+        sampling_started = time.perf_counter()
+        self._sample(pending, mine, done_before)
+        distributed.barrier(self.context)
+        seconds = time.perf_counter() - sampling_started
+        if not self.context.is_main:
+            return None
+        new = self.config.num_samples - done_before
+        npz_path = self._assemble()
+        result = BatchResult(
+            npz_path, self.config.num_samples, new, seconds, self.context.world_size
+        )
+        self._evaluate(result)
+        return result
+
+    def _agreed_setup(self) -> _SetupOutcome:
+        """Rank 0 decides; the others learn the decision or that it failed."""
+        if not self.context.is_main:
+            outcome = distributed.broadcast_object(self.context, None)
+            if isinstance(outcome, str):
+                raise ReportedOnRankZero(outcome)
+            return outcome
+        try:
+            outcome = self._setup()
+        except BaseException as error:
+            distributed.broadcast_object(self.context, f"rank 0 stopped: {error}")
+            raise
+        return distributed.broadcast_object(self.context, outcome)
+
+    # -- step 1: set-up on rank 0 -------------------------------------------------------------
+
+    def _setup(self) -> _SetupOutcome:
+        config = self.config
+        config.validate()
+        _prepare_output_dir(self.output_dir)
+        existing = None if config.overwrite else read_manifest(self.output_dir)
+        if config.overwrite:
+            removed = clear_output_dir(self.output_dir)
+            if removed:
+                self.log(
+                    f"--overwrite: removed {removed} files of the previous run in {self.output_dir}"
+                )
+        elif existing is None and _any_shard_files(self.output_dir):
+            raise ConfigurationError(
+                f"{self.output_dir} holds shard files but no {MANIFEST_NAME}, so their settings "
+                f"are unknown; use --overwrite to start over or choose another --output-dir"
+            )
+        checkpoint = str(config.checkpoint) if config.checkpoint is not None else None
+        self.pipe, checkpoint = self._load_pipeline(checkpoint)
+        import selfflow
+        from selfflow.checkpoint import file_sha256
+
+        settings = image_settings(
+            checkpoint_sha256=file_sha256(checkpoint),
+            vae=vae_identity(config.vae),
+            num_samples=config.num_samples,
+            num_steps=config.num_steps,
+            mode=config.mode,
+            solver=config.solver,
+            seed=config.seed,
+            cfg_scale=config.cfg_scale,
+            guidance_low=config.guidance_low,
+            guidance_high=config.guidance_high,
+            class_balanced=config.class_balanced,
+            dtype=self.dtype_name,
+            network=self.network,
+            vae_dtype=VAE_DTYPE,
+            version=selfflow.__version__,
+        )
+        image_shape = self._image_shape()
+        run_info = {
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "world_size": self.context.world_size,
+            "device": str(self.context.device),
+            "batch_size": config.batch_size,
+            "command": " ".join(sys.argv),
+        }
+        complete = False
+        if existing is not None:
+            differences = differing_settings(existing.settings, settings)
+            if differences:
+                raise ConfigurationError(
+                    f"{self.output_dir} was sampled with other settings ("
+                    + "; ".join(differences)
+                    + "); use the same settings to resume, --overwrite to start over, or another --output-dir"
+                )
+            if config.shard_size is not None and config.shard_size != existing.shard_size:
+                raise ConfigurationError(
+                    f"{self.output_dir} is planned in shards of {existing.shard_size} images; "
+                    f"--shard-size {config.shard_size} differs (leave it out to resume)"
+                )
+            manifest = existing
+            manifest.info.setdefault("runs", []).append(run_info)
+            complete = self._check_complete(manifest)
+            if not complete and manifest.complete is not None:
+                self.log(
+                    f"the npz recorded in {MANIFEST_NAME} is missing or damaged; rebuilding it"
+                )
+                manifest.complete = None
+        else:
+            manifest = Manifest(
+                settings=settings,
+                shard_size=config.shard_size or store.default_shard_size(config.num_samples),
+                image_shape=image_shape,
+                info={
+                    "checkpoint": checkpoint,
+                    "vae": config.vae or _default_vae(),
+                    "torch": _torch_version(),
+                    "created": run_info["started"],
+                    "runs": [run_info],
+                },
+            )
+        if tuple(manifest.image_shape) != image_shape:
+            raise ConfigurationError(
+                f"{self.output_dir} holds {manifest.image_shape} images but this VAE makes {image_shape}"
+            )
+        removed = store.remove_temporaries(
+            [self.output_dir, self.output_dir / store.SHARD_DIR, self.output_dir / store.IMAGE_DIR]
+        )
+        if removed:
+            self.log(f"removed {removed} temporary files left by an interrupted run")
+        write_manifest(self.output_dir, manifest)
+        plan = store.ShardPlan(config.num_samples, manifest.shard_size)
+        candidates = [shard.id for shard in store.existing_shards(self.output_dir, plan)]
+        return _SetupOutcome(checkpoint, manifest.to_json(), candidates, complete)
+
+    def _load_pipeline(self, checkpoint: str | None):
+        """Model, VAE and the network path for ``--dtype``; returns ``(pipe, checkpoint path)``."""
+        import torch
+
+        from selfflow.checkpoint import download_checkpoint, load_model
+        from selfflow.pipeline import SelfFlowPipeline
+        from selfflow.vae import load_vae
+
+        device = self.context.device
+        # No --ckpt: rank 0 downloads the released file (or finds it in the cache) and passes its
+        # path on; a process on another node without that path fetches it into its own cache.
+        if checkpoint is None or (self.config.checkpoint is None and not Path(checkpoint).exists()):
+            checkpoint = str(download_checkpoint())
+        model_fn = None
+        if self.dtype_name == "float32":
+            model = load_model(checkpoint, device=device, dtype=torch.float32)
+            self.network = "SelfFlowDiT/float32"
+        else:
+            fast = _fast_path()
+            if fast is not None:
+                # The float32 model stays on the CPU: the pipeline only reads its config.
+                model = load_model(checkpoint, device="cpu", dtype=torch.float32)
+                model_fn = fast.from_model(model, dtype=torch.bfloat16, device=device)
+                self.network = "FastSelfFlow/bfloat16"
+            else:
+                model = load_model(checkpoint, device=device, dtype=torch.bfloat16)
+                self.network = "SelfFlowDiT/bfloat16"
+        autoencoder = load_vae(
+            self.config.vae or _default_vae(), device=device, dtype=torch.bfloat16
+        )
+        pipe = SelfFlowPipeline(model, autoencoder, device=device, model_fn=model_fn)
+        if self.prepare_pipeline is not None:
+            self.prepare_pipeline(pipe)
+        return pipe, checkpoint
+
+    def _image_shape(self) -> tuple[int, int, int]:
+        """Decode one zero latent: the VAE, not a constant, says how large the images are."""
+        import torch
+
+        zero = torch.zeros((1, *self.pipe.latent_shape), device=self.context.device)
+        return tuple(int(n) for n in self.pipe.decode(zero).shape[1:])  # type: ignore[return-value]
+
+    def _check_complete(self, manifest: Manifest) -> bool:
+        record = manifest.complete
+        if not record:
+            return False
+        path = self.output_dir / npz_name(self.config.num_samples)
+        try:
+            info = npz_array_info(path)
+            return (
+                path.stat().st_size == record.get("bytes")
+                and info.shape == (self.config.num_samples, *manifest.image_shape)
+                and info.dtype == np.uint8
+            )
+        except Exception:  # unreadable in any way: not complete
+            return False
+
+    # -- step 2: verify -----------------------------------------------------------------------
+
+    def _labels(self, indices: np.ndarray) -> np.ndarray:
+        from selfflow import seeds
+
+        if self.config.class_balanced:
+            if self._balanced is None:
+                self._balanced = seeds.balanced_labels(self.config.seed, self.config.num_samples)
+            return self._balanced[indices]
+        return seeds.uniform_labels(self.config.seed, indices.tolist()).numpy()
+
+    def _verify(self, candidates: list[int]) -> list[int]:
+        """Check the shard files present; returns the ids still to sample (in plan order)."""
+        plan = self.plan
+        bad: list[tuple[int, str]] = []
+        for shard_id in distributed.assign(candidates, self.context.rank, self.context.world_size):
+            shard = plan.shard(shard_id)
+            path = store.shard_path(self.output_dir, shard)
+            try:
+                images, _ = store.read_shard(
+                    path, shard, self.manifest.image_shape, self._labels(shard.indices)
+                )
+            except store.ShardError as error:
+                bad.append((shard_id, str(error)))
+                path.unlink(missing_ok=True)
+                continue
+            if self.config.save_images:
+                write_pngs(
+                    self.output_dir, images, shard.indices, plan.num_samples, only_missing=True
+                )
+        all_bad = [
+            item for part in distributed.all_gather_objects(self.context, bad) for item in part
+        ]
+        for shard_id, reason in sorted(all_bad):
+            shard = plan.shard(shard_id)
+            self.log(
+                f"shard {shard_id} (samples {shard.start}…{shard.stop - 1}) is redone: {reason}"
+            )
+        done = set(candidates) - {shard_id for shard_id, _ in all_bad}
+        return [shard.id for shard in plan.shards if shard.id not in done]
+
+    # -- step 3: sample -----------------------------------------------------------------------
+
+    def _sample(self, pending: list[int], mine: list[int], done_before: int) -> None:
+        import torch
+
+        from selfflow.pipeline import SamplerSettings
+
+        config, plan, pipe = self.config, self.plan, self.pipe
+        settings = SamplerSettings(
+            config.num_steps,
+            config.mode,
+            config.solver,
+            config.cfg_scale,
+            (config.guidance_low, config.guidance_high),
+        )
+        shards = [plan.shard(k) for k in mine]
+        if config.save_images:
+            (self.output_dir / store.IMAGE_DIR).mkdir(exist_ok=True)
+        bar = _Progress(self, pending, set(mine), done_before)
+        writer = ShardWriter(
+            pipe.decode,
+            self.output_dir,
+            shards,
+            tuple(self.manifest.image_shape),
+            plan.num_samples,
+            save_images=config.save_images,
+            on_images=bar.add_own,
+        ).start()
+        watch = FiniteWatch(pipe.model_fn)
+        pipe.model_fn = watch
+        try:
+            indices_all = (
+                np.concatenate([shard.indices for shard in shards])
+                if shards
+                else np.zeros(0, np.int64)
+            )
+            for start in range(0, len(indices_all), config.batch_size):
+                indices = indices_all[start : start + config.batch_size]
+                labels = self._labels(indices)
+                watch.reset(len(indices), pipe.device)
+                try:
+                    latents = pipe.sample_latents(
+                        torch.from_numpy(labels), indices.tolist(), config.seed, settings
+                    )
+                except SelfFlowError as error:
+                    rows = watch.bad_rows()
+                    if rows:
+                        raise NonFiniteSamplesError(indices[rows], "sampling") from error
+                    raise
+                writer.submit(indices, labels, latents)
+                del latents
+                bar.poll()
+            writer.finish()
+            bar.wait_for_others()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            pipe.model_fn = watch.model_fn
+            bar.close()
+
+    # -- step 4: assemble, evaluate -----------------------------------------------------------
+
+    def _assemble(self) -> Path:
+        from selfflow.images import save_grid
+
+        plan, manifest = self.plan, self.manifest
+        bar = _bar(self.progress, plan.num_samples, "assembling")
+        try:
+            npz_path, first = assemble(
+                self.output_dir,
+                plan,
+                tuple(manifest.image_shape),
+                expected_labels=self._labels,
+                on_shard=bar.update if bar else None,
+            )
+        except store.ShardError as error:
+            raise ConfigurationError(
+                f"cannot assemble {npz_name(plan.num_samples)}: {error}"
+            ) from error
+        finally:
+            if bar:
+                bar.close()
+        save_grid(first[:GRID_SAMPLES], self.output_dir / "grid.png", columns=8)
+        manifest.complete = {
+            "npz": npz_path.name,
+            "bytes": npz_path.stat().st_size,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_manifest(self.output_dir, manifest)
+        if not self.config.keep_shards:
+            shutil.rmtree(self.output_dir / store.SHARD_DIR, ignore_errors=True)
+        return npz_path
+
+    def _already_complete(self, started: float) -> BatchResult:
+        npz_path = self.output_dir / npz_name(self.config.num_samples)
+        self.log(f"{npz_path} is already complete for these settings; nothing to sample")
+        if self.config.save_images:
+            written, start = 0, 0
+            for block in iter_npz_rows(npz_path, "arr_0", rows_per_block=256):
+                indices = np.arange(start, start + len(block))
+                written += write_pngs(
+                    self.output_dir, block, indices, self.config.num_samples, only_missing=True
+                )
+                start += len(block)
+            if written:
+                self.log(f"wrote {written} missing PNGs from {npz_path.name}")
+        if not (self.output_dir / "grid.png").exists():
+            from selfflow.images import save_grid
+
+            first = next(iter_npz_rows(npz_path, "arr_0", rows_per_block=GRID_SAMPLES))
+            save_grid(first, self.output_dir / "grid.png", columns=8)
+        result = BatchResult(
+            npz_path,
+            self.config.num_samples,
+            0,
+            time.perf_counter() - started,
+            self.context.world_size,
+        )
+        self._evaluate(result)
+        return result
+
+    def _evaluate(self, result: BatchResult) -> None:
+        if self.config.eval_ref is None:
+            return
+        import importlib
+
+        if self.pipe is not None:  # free the sampler's memory for the Inception network
+            self.pipe = None
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        evaluator = importlib.import_module(EVALUATOR_MODULE)
+        self.log(f"evaluating {result.npz_path} against {self.config.eval_ref}")
+        result.metrics = evaluator.evaluate(
+            str(self.config.eval_ref),
+            str(result.npz_path),
+            out_dir=str(self.output_dir),
+            inception=str(self.config.inception) if self.config.inception else None,
+            device=self.context.device,
+        )
+        print(evaluator.format_report(result.metrics), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress over the whole batch (rank 0)
+
+
+class _Progress:
+    """One bar over all N images: this rank's as decoded, the others' as their shards land."""
+
+    def __init__(self, job: _Job, pending: list[int], mine: set[int], done_before: int) -> None:
+        self.job = job
+        self.enabled = job.context.is_main
+        self.others = {k for k in pending if k not in mine} if self.enabled else set()
+        self._own = 0
+        self._shown = 0
+        self._lock = threading.Lock()
+        self.bar = _bar(job.progress, job.plan.num_samples, "sampling", initial=done_before)
+
+    def add_own(self, count: int) -> None:
+        with self._lock:
+            self._own += count
+
+    def poll(self) -> None:
+        if not self.enabled:
+            return
+        if self.others:
+            landed = {s.id for s in store.existing_shards(self.job.output_dir, self.job.plan)}
+            arrived = self.others & landed
+            self.others -= arrived
+            with self._lock:
+                self._own += sum(self.job.plan.shard(k).size for k in arrived)
+        with self._lock:
+            delta, self._shown = self._own - self._shown, self._own
+        if self.bar is not None and delta:
+            self.bar.update(delta)
+
+    def wait_for_others(self, interval: float = 0.5) -> None:
+        """Rank 0 keeps the bar moving until every other rank's shards exist."""
+        self.poll()
+        while self.others:
+            time.sleep(interval)
+            self.poll()
+
+    def close(self) -> None:
+        self.poll()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _bar(enabled: bool, total: int, desc: str, initial: int = 0):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=initial, desc=desc, unit="img", smoothing=0.05, dynamic_ncols=True
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _prepare_output_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigurationError(
+            f"--output-dir {path} is a file; expected a folder (created if missing)"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot create --output-dir {path}: {error.strerror or error}"
+        ) from error
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+    except OSError as error:
+        raise ConfigurationError(
+            f"--output-dir {path} is not writable: {error.strerror or error}"
+        ) from error
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+
+
+def _any_shard_files(output_dir: Path) -> list[str]:
+    folder = output_dir / store.SHARD_DIR
+    if not folder.is_dir():
+        return []
+    return [
+        e.name
+        for e in os.scandir(folder)
+        if e.name.startswith("shard_") and e.name.endswith(".npz")
+    ]
+
+
+def clear_output_dir(output_dir: Path) -> int:
+    """Delete what a previous run wrote (and only that): manifest, shards, npz, grid, PNGs."""
+    removed = 0
+    candidates = [output_dir / MANIFEST_NAME, output_dir / "grid.png", output_dir / "metrics.json"]
+    candidates += list(output_dir.glob("samples_*.npz"))
+    for folder, pattern in ((store.SHARD_DIR, "*.npz"), (store.IMAGE_DIR, "*.png")):
+        if (output_dir / folder).is_dir():
+            candidates += [
+                p
+                for p in (output_dir / folder).glob(pattern)
+                if p.stem.removeprefix("shard_").isdigit()
+            ]
+    for path in candidates:
+        if path.is_file():
+            path.unlink()
+            removed += 1
+    removed += store.remove_temporaries([output_dir, output_dir / store.SHARD_DIR])
+    return removed
+
+
+def vae_identity(vae: str | None) -> str:
+    """A hub id as given; a local folder by the sha256 of its files (its path may move)."""
+    name = vae or _default_vae()
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        return name
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    return f"local folder sha256:{digest.hexdigest()}"
+
+
+def _default_vae() -> str:
+    from selfflow.vae import SD_VAE_ID
+
+    return SD_VAE_ID
+
+
+def _fast_path():
+    """``selfflow.fast.FastSelfFlow`` when this installation has it, else None."""
+    try:
+        from selfflow.fast import FastSelfFlow
+    except ImportError:
+        return None
+    return FastSelfFlow
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__

@@ -1,0 +1,606 @@
+"""`selfflow sample` end to end on the tiny model and tiny VAE (CPU).
+
+The reference run (one process, batch 5, shards of 4) is compared with a two-process torchrun
+run (batch 3), with a run killed by SIGKILL and re-run, with runs resumed from damaged or
+partial folders, and its files are checked against independent readers (np.load, PIL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from selfflow import cli, seeds
+from selfflow.batch.npz import iter_npz_rows
+from selfflow.batch.runner import BatchConfig, generate_fid_batch
+from selfflow.batch.writer import NonFiniteSamplesError
+
+REPO = Path(__file__).resolve().parents[2]
+N = 24
+
+
+def sample_args(checkpoint, vae, out, *extra, n=N, batch=5, steps=4, shard=4):
+    return [
+        "--ckpt", str(checkpoint), "--vae", str(vae), "--output-dir", str(out),
+        "--num-fid-samples", str(n), "--batch-size", str(batch), "--num-steps", str(steps),
+        "--shard-size", str(shard), *extra,
+    ]  # fmt: skip
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    code = cli.main(["sample", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def load(folder: Path, n: int = N) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(folder / f"samples_{n}.npz", allow_pickle=False) as npz:
+        return npz["arr_0"], npz["arr_1"]
+
+
+def assert_same_images(a: np.ndarray, b: np.ndarray) -> None:
+    """Equal up to float reordering: at most 1 level apart in at most 0.1 % of the values."""
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.max() <= 1, f"max difference {diff.max()}"
+    assert (diff > 0).mean() <= 1e-3, f"{(diff > 0).mean():.2%} of values differ"
+
+
+def expected_labels(seed: int, n: int) -> np.ndarray:
+    # one call per index: the label of sample i must not depend on what else is drawn
+    return np.array([int(seeds.uniform_labels(seed, [i])[0]) for i in range(n)])
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_checkpoint, tiny_vae_dir) -> Path:
+    """One process, batch 5: the run everything else is compared with."""
+    out = tmp_path_factory.mktemp("reference") / "samples"
+    code = cli.main(
+        [
+            "sample",
+            *sample_args(tiny_checkpoint, tiny_vae_dir, out, "--save-images", "--keep-shards"),
+        ]
+    )
+    assert code == 0
+    return out
+
+
+# -- the files of a finished run ----------------------------------------------------------------
+
+
+def test_output_folder_layout(reference):
+    assert sorted(p.name for p in reference.iterdir()) == [
+        "grid.png", "images", "manifest.json", "samples_24.npz", "shards",
+    ]  # fmt: skip
+    assert sorted(p.name for p in (reference / "shards").iterdir()) == [
+        f"shard_{k:05d}.npz" for k in range(6)
+    ]
+
+
+def test_npz_holds_images_in_index_order_and_the_labels(reference):
+    images, labels = load(reference)
+    assert images.dtype == np.uint8 and images.shape == (N, 16, 16, 3)
+    assert images.std() > 5  # real pictures, not a constant
+    np.testing.assert_array_equal(labels, expected_labels(31, N))
+    # the streaming reader that parses the .npy header inside the zip agrees with np.load
+    np.testing.assert_array_equal(
+        np.concatenate(list(iter_npz_rows(reference / "samples_24.npz", rows_per_block=7))), images
+    )
+    # the uninterrupted run's shards hold exactly those images
+    with np.load(reference / "shards" / "shard_00002.npz") as shard:
+        np.testing.assert_array_equal(shard["images"], images[8:12])
+        np.testing.assert_array_equal(shard["indices"], np.arange(8, 12))
+
+
+def test_pngs_are_named_by_global_index_and_hold_the_npz_images(reference):
+    names = sorted(p.name for p in (reference / "images").iterdir())
+    assert names == [f"{i:06d}.png" for i in range(N)]
+    images, _ = load(reference)
+    for i in (0, 13, 23):
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(reference / "images" / names[i])), images[i]
+        )
+
+
+def test_grid_shows_the_first_samples(reference):
+    grid = np.asarray(Image.open(reference / "grid.png").convert("RGB"))
+    images, _ = load(reference)
+    assert grid.shape == (3 * 16 + 2 * 2, 8 * 16 + 7 * 2, 3)  # 24 images, 8 columns, 2 px gaps
+    np.testing.assert_array_equal(grid[:16, :16], images[0])
+    np.testing.assert_array_equal(grid[18:34, 18:34], images[9])
+
+
+def test_manifest_records_every_image_setting(reference, tiny_checkpoint):
+    manifest = json.loads((reference / "manifest.json").read_text())
+    settings = manifest["settings"]
+    assert (
+        settings["checkpoint_sha256"]
+        == hashlib.sha256(Path(tiny_checkpoint).read_bytes()).hexdigest()
+    )
+    assert settings["vae"].startswith("local folder sha256:")
+    expected = {
+        "num_samples": N, "num_steps": 4, "mode": "sde", "solver": None, "seed": 31,
+        "cfg_scale": 1.0, "guidance_low": None, "guidance_high": None, "class_balanced": False,
+        "dtype": "float32", "network": "SelfFlowDiT/float32", "vae_dtype": "bfloat16",
+    }  # fmt: skip
+    assert {key: settings[key] for key in expected} == expected
+    import selfflow
+
+    assert settings["selfflow_version"] == selfflow.__version__
+    assert manifest["plan"] == {"num_samples": N, "shard_size": 4, "image_shape": [16, 16, 3]}
+    assert manifest["complete"]["npz"] == "samples_24.npz"
+    assert manifest["complete"]["bytes"] == (reference / "samples_24.npz").stat().st_size
+
+
+# -- any number of processes, any batch size -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory, tiny_checkpoint, tiny_vae_dir) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("torchrun") / "samples"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(REPO / "sample.py"),
+        *sample_args(tiny_checkpoint, tiny_vae_dir, out, "--keep-shards", batch=3),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=subprocess_env(), timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout
+
+
+def test_torchrun_two_processes_match_one_process(reference, torchrun_run):
+    out, stdout = torchrun_run
+    assert "on 2 processes" in stdout
+    images, labels = load(out)
+    ref_images, ref_labels = load(reference)
+    np.testing.assert_array_equal(labels, ref_labels)
+    assert_same_images(images, ref_images)
+
+
+def test_resume_with_another_process_count_and_batch_size(
+    reference, torchrun_run, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys
+):
+    """Shards 0, 1 and 3 made by two processes with batch 3; the rest by one with batch 7."""
+    source, _ = torchrun_run
+    out = tmp_path / "samples"
+    (out / "shards").mkdir(parents=True)
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["complete"] = None
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for k in (0, 1, 3):
+        shutil.copy(source / "shards" / f"shard_{k:05d}.npz", out / "shards")
+    code, stdout, _ = run_cli(sample_args(tiny_checkpoint, tiny_vae_dir, out, batch=7), capsys)
+    assert code == 0
+    assert "12 done, 3 shards to sample" in stdout
+    assert "(12 sampled now)" in stdout
+    assert_same_images(load(out)[0], load(reference)[0])
+    assert not (out / "shards").exists()  # removed once the npz is written
+
+
+# -- killed and resumed ---------------------------------------------------------------------------
+
+
+def test_sigkill_then_same_command_gives_a_byte_identical_arr_0(
+    tmp_path, tiny_checkpoint, tiny_vae_dir
+):
+    def command(out):
+        return [
+            sys.executable, str(REPO / "sample.py"),
+            *sample_args(tiny_checkpoint, tiny_vae_dir, out, n=480, batch=4, shard=8),
+        ]  # fmt: skip
+
+    env = subprocess_env()
+    logs = [open(tmp_path / name, "w") for name in ("ref.log", "victim.log")]  # noqa: SIM115
+    try:
+        uninterrupted = subprocess.Popen(
+            command(tmp_path / "ref"), stdout=logs[0], stderr=subprocess.STDOUT, env=env
+        )
+        victim = subprocess.Popen(
+            command(tmp_path / "victim"), stdout=logs[1], stderr=subprocess.STDOUT, env=env
+        )
+        shards = tmp_path / "victim" / "shards"
+        deadline = time.monotonic() + 240
+        while not (shards.is_dir() and any(p.name.startswith("shard_") for p in shards.iterdir())):
+            assert victim.poll() is None, (tmp_path / "victim.log").read_text()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait() == -signal.SIGKILL
+        assert uninterrupted.wait(timeout=240) == 0, (tmp_path / "ref.log").read_text()[-2000:]
+    finally:
+        for log in logs:
+            log.close()
+    finished = [p for p in shards.iterdir() if p.name.startswith("shard_")]
+    assert 0 < len(finished) < 60, "the run was not interrupted in the middle"
+    assert not (tmp_path / "victim" / "samples_480.npz").exists()
+
+    rerun = subprocess.run(
+        command(tmp_path / "victim"), capture_output=True, text=True, env=env, timeout=240
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    done_before = int(rerun.stdout.split("shards of 8; ")[1].split(" done")[0])
+    assert done_before >= 8 * len(finished) - 8  # it continued, it did not start over
+    with (
+        zipfile.ZipFile(tmp_path / "ref" / "samples_480.npz") as a,
+        zipfile.ZipFile(tmp_path / "victim" / "samples_480.npz") as b,
+    ):
+        assert a.read("arr_0.npy") == b.read("arr_0.npy")
+        assert a.read("arr_1.npy") == b.read("arr_1.npy")
+    assert not [p for p in (tmp_path / "victim").rglob("*") if ".tmp-" in p.name]
+
+
+def test_damaged_shards_and_temporaries_are_redone(
+    reference, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys
+):
+    out = tmp_path / "samples"
+    shutil.copytree(reference, out)
+    (out / "samples_24.npz").unlink()
+    truncated = out / "shards" / "shard_00002.npz"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    flipped = out / "shards" / "shard_00004.npz"
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 3] ^= 0x10
+    flipped.write_bytes(bytes(raw))
+    (out / "shards" / ".shard_00005.npz.tmp-4242").write_bytes(b"half")
+    (out / "images" / "000013.png").unlink()
+    code, stdout, _ = run_cli(
+        sample_args(tiny_checkpoint, tiny_vae_dir, out, "--save-images", "--keep-shards"), capsys
+    )
+    assert code == 0
+    assert "removed 1 temporary files" in stdout
+    assert (
+        "shard 2 (samples 8…11) is redone" in stdout
+        and "shard 4 (samples 16…19) is redone" in stdout
+    )
+    assert "16 done, 2 shards to sample" in stdout
+    np.testing.assert_array_equal(load(out)[0], load(reference)[0])
+    assert (out / "images" / "000013.png").exists()
+
+
+def test_rerunning_a_finished_command_does_nothing(
+    reference, tiny_checkpoint, tiny_vae_dir, capsys
+):
+    before = (reference / "samples_24.npz").stat().st_mtime_ns
+    code, stdout, _ = run_cli(
+        sample_args(tiny_checkpoint, tiny_vae_dir, reference, "--save-images", "--keep-shards"),
+        capsys,
+    )
+    assert code == 0
+    assert "already complete" in stdout
+    assert (reference / "samples_24.npz").stat().st_mtime_ns == before
+
+
+# -- other settings: refused, or started over ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--seed", "32"], "seed: 31 in the folder, 32 now"),
+        (["--num-steps", "5"], "num_steps: 4 in the folder, 5 now"),
+    ],
+)
+def test_rerun_with_other_settings_is_refused(
+    reference, tiny_checkpoint, tiny_vae_dir, capsys, extra, named
+):
+    manifest = (reference / "manifest.json").read_text()
+    args = sample_args(tiny_checkpoint, tiny_vae_dir, reference)
+    if "--num-steps" in extra:
+        args = sample_args(tiny_checkpoint, tiny_vae_dir, reference, steps=5)
+    else:
+        args += extra
+    code, _, err = run_cli(args, capsys)
+    assert code == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("selfflow sample: error:") and named in line and "--overwrite" in line
+    assert (reference / "manifest.json").read_text() == manifest
+
+
+def test_overwrite_starts_over(reference, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys):
+    out = tmp_path / "samples"
+    shutil.copytree(reference, out)
+    (out / "notes.txt").write_text("mine")
+    code, stdout, _ = run_cli(
+        sample_args(tiny_checkpoint, tiny_vae_dir, out, "--seed", "32", "--overwrite"), capsys
+    )
+    assert code == 0
+    assert "--overwrite: removed" in stdout and "0 done" in stdout
+    assert json.loads((out / "manifest.json").read_text())["settings"]["seed"] == 32
+    images, labels = load(out)
+    np.testing.assert_array_equal(labels, expected_labels(32, N))
+    assert (images != load(reference)[0]).mean() > 0.5
+    assert not list((out / "images").glob("*.png"))  # the seed-31 PNGs are gone
+    assert (out / "notes.txt").read_text() == "mine"  # what is not ours stays
+
+
+# -- options ------------------------------------------------------------------------------------
+
+
+def test_official_mode_spelling_ode_and_the_bf16_path(
+    tmp_path, tiny_checkpoint, tiny_vae_dir, capsys
+):
+    args = sample_args(
+        tiny_checkpoint, tiny_vae_dir, tmp_path / "ode", "--mode", "ODE", "--solver", "euler",
+        "--dtype", "bfloat16", n=4, batch=4, steps=3,
+    )  # fmt: skip
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0, stdout
+    settings = json.loads((tmp_path / "ode" / "manifest.json").read_text())["settings"]
+    assert (settings["mode"], settings["solver"], settings["dtype"]) == ("ode", "euler", "bfloat16")
+    assert settings["network"] == "FastSelfFlow/bfloat16"
+    assert load(tmp_path / "ode", 4)[0].shape == (4, 16, 16, 3)
+
+
+def test_class_balanced_gives_each_class_once_per_thousand(
+    tmp_path, tiny_checkpoint, tiny_vae_dir, capsys
+):
+    out = tmp_path / "balanced"
+    code, _, _ = run_cli(
+        sample_args(
+            tiny_checkpoint,
+            tiny_vae_dir,
+            out,
+            "--class-balanced",
+            n=1000,
+            batch=250,
+            steps=2,
+            shard=250,
+        ),
+        capsys,
+    )
+    assert code == 0
+    _, labels = load(out, 1000)
+    assert np.array_equal(np.sort(labels), np.arange(1000))
+    np.testing.assert_array_equal(labels, seeds.balanced_labels(31, 1000))
+    assert json.loads((out / "manifest.json").read_text())["settings"]["class_balanced"] is True
+
+
+# -- bad input: one clear line ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"--num-fid-samples": "0"},
+            "--num-fid-samples must be a positive number of images; got 0",
+        ),
+        (
+            {"--num-fid-samples": "-5"},
+            "--num-fid-samples must be a positive number of images; got -5",
+        ),
+        (
+            {"--batch-size": "0"},
+            "--batch-size must be a positive number of images per process; got 0",
+        ),
+        ({"--num-steps": "1"}, "--num-steps must be at least 2; got 1"),
+        (
+            {"--guidance-low": "0.8", "--guidance-high": "0.5"},
+            "--guidance-low (0.8) must not exceed --guidance-high (0.5)",
+        ),
+        ({"--cfg-scale": "-1"}, "--cfg-scale must be a finite number >= 0"),
+        ({"--shard-size": "0"}, "--shard-size must be a positive number of images; got 0"),
+        ({"--class-balanced": None}, "divisible by 1000"),
+        ({"--device": "cuda:99"}, "cuda"),
+        ({"--inception": "{tmp}/graph.pb"}, "--inception {tmp}/graph.pb: no such file"),
+        ({"--eval-ref": "{tmp}/ref.npz"}, "--eval-ref {tmp}/ref.npz: no such file"),
+        ({"--output-dir": "{tmp}/a_file"}, "is a file; expected a folder"),
+        (
+            {"--output-dir": "/sys/selfflow-samples"},
+            "cannot create --output-dir /sys/selfflow-samples",
+        ),
+        ({"--output-dir": "/sys"}, "--output-dir /sys is not writable"),
+        ({"--ckpt": "{tmp}/missing.pt"}, "checkpoint not found: {tmp}/missing.pt"),
+        ({"--ckpt": "{tmp}/truncated.pt"}, "truncated.pt is not a readable PyTorch checkpoint"),
+        ({"--ckpt": "{tmp}/wrong.pt"}, "does not match the Self-Flow model"),
+    ],
+)
+def test_bad_input_gets_one_clear_line(
+    tmp_path, tiny_checkpoint, tiny_vae_dir, capsys, change, message
+):
+    import torch
+
+    (tmp_path / "a_file").write_text("not a folder, not a checkpoint")
+    torch.save({"pos_embed": torch.zeros(1, 16, 64)}, tmp_path / "wrong.pt")
+    (tmp_path / "truncated.pt").write_bytes(Path(tiny_checkpoint).read_bytes()[:5000])
+    options = dict(
+        zip(*[iter(sample_args(tiny_checkpoint, tiny_vae_dir, tmp_path / "out"))] * 2, strict=True)
+    )
+    for key, value in change.items():
+        options[key] = value.format(tmp=tmp_path) if value else None
+    args = [
+        item
+        for key, value in options.items()
+        for item in ((key,) if value is None else (key, value))
+    ]
+    code, _, err = run_cli(args, capsys)
+    assert code == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("selfflow sample: error: ")
+    assert message.format(tmp=tmp_path) in line
+    assert not (tmp_path / "out" / "samples_24.npz").exists()
+
+
+# -- the Python API: non-finite samples, the background writer, --eval-ref ----------------------
+
+
+def _config(checkpoint, vae, out, **changes) -> BatchConfig:
+    values = dict(
+        checkpoint=checkpoint, vae=vae, output_dir=out, num_samples=12, batch_size=4,
+        num_steps=3, shard_size=2, save_images=True,
+    )  # fmt: skip
+    values.update(changes)
+    return BatchConfig(**values)
+
+
+def test_non_finite_samples_stop_the_run_with_their_indices(
+    tmp_path, tiny_checkpoint, tiny_vae_dir
+):
+    labels = expected_labels(31, 12)
+    poison = int(labels[6])
+    bad = np.flatnonzero(labels == poison)
+    first_bad_batch = bad[0] // 4
+    expected = [int(i) for i in bad if i // 4 == first_bad_batch]
+
+    def hook(pipe):
+        inner = pipe.model_fn
+
+        def poisoned(x, tau, y):
+            out = inner(x, tau, y).clone()
+            out[y == poison] = float("nan")
+            return out
+
+        pipe.model_fn = poisoned
+
+    out = tmp_path / "samples"
+    with pytest.raises(NonFiniteSamplesError) as caught:
+        generate_fid_batch(
+            _config(tiny_checkpoint, tiny_vae_dir, out), prepare_pipeline=hook, progress=False
+        )
+    assert caught.value.indices == expected
+    assert f"sample indices [{', '.join(map(str, expected))}]" in str(caught.value)
+    assert not (out / "samples_12.npz").exists() and not (out / "grid.png").exists()
+    for path in (out / "shards").glob("shard_*.npz"):  # what was written holds no bad sample
+        with np.load(path) as shard:
+            assert not np.isin(shard["indices"], bad).any()
+    assert not [i for i in bad if (out / "images" / f"{i:06d}.png").exists()]
+
+
+def test_non_finite_decoded_images_name_their_indices(tmp_path, tiny_checkpoint, tiny_vae_dir):
+    import torch
+
+    from selfflow.checkpoint import load_model
+    from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
+
+    # Independently, the latents of each batch of 4 (the run's batches): the fake decoder fails
+    # on rows whose first latent value is positive.
+    plain = SelfFlowPipeline(load_model(tiny_checkpoint), None, device="cpu")
+    settings = SamplerSettings(3, "sde", "heun", 1.0, (0.0, 0.7))
+    expected = []
+    for start in range(0, 12, 4):
+        idx = list(range(start, start + 4))
+        latents = plain.sample_latents(
+            torch.from_numpy(expected_labels(31, 12)[idx]), idx, 31, settings
+        )
+        rows = np.flatnonzero(latents.flatten(1)[:, 0].numpy() > 0)
+        if len(rows):
+            expected = [start + int(r) for r in rows]
+            break
+    assert expected
+
+    def hook(pipe):
+        decode = pipe.decode
+
+        def failing(latents):
+            if bool((latents.flatten(1)[:, 0] > 0).any()):
+                raise FloatingPointError("decoded images contain NaN or inf")
+            return decode(latents)
+
+        pipe.decode = failing
+
+    out = tmp_path / "samples"
+    config = _config(tiny_checkpoint, tiny_vae_dir, out, shard_size=4)
+    with pytest.raises(NonFiniteSamplesError, match="decoding produced NaN") as caught:
+        generate_fid_batch(config, prepare_pipeline=hook, progress=False)
+    assert caught.value.indices == expected
+    assert not (out / "samples_12.npz").exists()
+
+
+def test_decoding_and_writing_overlap_the_next_batch_with_a_bounded_queue(
+    tmp_path, tiny_checkpoint, tiny_vae_dir
+):
+    steps, batch, n = 3, 2, 24
+    state = {"calls": 0, "decodes": 0, "ahead": 0}
+    next_batch_started = threading.Event()
+    overlapped = []
+
+    def hook(pipe):
+        inner, decode = pipe.model_fn, pipe.decode
+
+        def counting(x, tau, y):
+            state["calls"] += 1
+            started = -(-state["calls"] // steps)  # batches whose sampling has begun
+            state["ahead"] = max(state["ahead"], started - state["decodes"])
+            if state["calls"] > steps:
+                next_batch_started.set()
+            return inner(x, tau, y)
+
+        def slow(latents):
+            if threading.current_thread() is threading.main_thread():
+                return decode(latents)  # the set-up's one-latent probe of the image size
+            state["decodes"] += 1
+            if state["decodes"] == 1:
+                # Finishes only if the sampler goes on with batch 2 meanwhile.
+                overlapped.append(next_batch_started.wait(timeout=30))
+            time.sleep(0.05)
+            return decode(latents)
+
+        pipe.model_fn, pipe.decode = counting, slow
+
+    config = _config(tiny_checkpoint, tiny_vae_dir, tmp_path / "s", num_samples=n, batch_size=batch,
+                     num_steps=steps, shard_size=4, save_images=False)  # fmt: skip
+    result = generate_fid_batch(config, prepare_pipeline=hook, progress=False)
+    assert overlapped == [True]
+    # queue of 2: at most one batch decoding, two queued and one being sampled
+    assert 2 <= state["ahead"] <= 4, state
+    assert result.new_samples == n and load(tmp_path / "s", n)[0].shape == (n, 16, 16, 3)
+
+
+def test_eval_ref_evaluates_the_finished_batch(
+    tmp_path, tiny_checkpoint, tiny_vae_dir, capsys, monkeypatch
+):
+    calls = {}
+    fake = types.ModuleType("selfflow.eval.evaluator")
+    fake.__spec__ = importlib.machinery.ModuleSpec("selfflow.eval.evaluator", None)
+
+    def evaluate(ref_path, sample_path, out_dir=None, inception=None, device=None, batch_size=64):
+        calls.update(ref=ref_path, sample=sample_path, out_dir=out_dir, inception=inception,
+                     exists=Path(sample_path).is_file())  # fmt: skip
+        return {"fid": 1.25}
+
+    fake.evaluate = evaluate
+    fake.format_report = lambda metrics: f"FID: {metrics['fid']}"
+    monkeypatch.setitem(sys.modules, "selfflow.eval.evaluator", fake)
+    ref, graph = tmp_path / "ref.npz", tmp_path / "graph.pb"
+    ref.write_bytes(b"x")
+    graph.write_bytes(b"x")
+    out = tmp_path / "samples"
+    args = sample_args(
+        tiny_checkpoint,
+        tiny_vae_dir,
+        out,
+        "--eval-ref",
+        str(ref),
+        "--inception",
+        str(graph),
+        n=4,
+        batch=4,
+    )
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0
+    assert "FID: 1.25" in stdout
+    assert calls == {"ref": str(ref), "sample": str(out / "samples_4.npz"), "out_dir": str(out),
+                     "inception": str(graph), "exists": True}  # fmt: skip
