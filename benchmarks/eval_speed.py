@@ -76,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="reference features (default: 10000 on a GPU, 2000 on a CPU)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice); 1 avoids OpenMP "
+        "stalls on a CPU shared with other jobs",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return p.parse_args(argv)
 
@@ -159,6 +166,8 @@ def time_metrics(model: InceptionV3, dims: tuple[int, int], args, device) -> dic
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     on_gpu = device.type == "cuda"
     args.batches = args.batches or (20 if on_gpu else 3)
     args.samples = args.samples or (50_000 if on_gpu else 5000)

@@ -288,6 +288,20 @@ def test_truncated_image_data_is_reported(tmp_path):
         list(reader.batches(4))
 
 
+def test_damaged_image_data_is_reported(tmp_path):
+    images = rng.integers(0, 256, (100, 16, 16, 3), dtype=np.uint8)
+    path = tmp_path / "damaged.npz"
+    np.savez(path, arr_0=images)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the stored image data
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigurationError, match="damaged.*CRC"):
+        list(NpzImages(path).batches(4))  # found at the end of the member, after the header
+    path.write_bytes(bytes(data[:200]) + bytes(data[-22:]))  # a small one fails on opening
+    with pytest.raises(ConfigurationError, match="damaged|not a readable"):
+        NpzImages(path)
+
+
 def test_feature_extraction_sees_one_batch_at_a_time(tmp_path):
     images = rng.integers(0, 256, (23, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=images)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,8 +79,11 @@ class NpzImages:
                 f"(N, H, W, 3) under {key!r}; found {', '.join(map(repr, keys)) or 'no arrays'})"
             )
         where = f"{role} {self.path} [{key}]"
-        with zipfile.ZipFile(self.path) as archive, archive.open(self.member) as handle:
-            shape, fortran_order, dtype = _read_header(handle, where)
+        try:
+            with zipfile.ZipFile(self.path) as archive, archive.open(self.member) as handle:
+                shape, fortran_order, dtype = _read_header(handle, where)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+            raise ConfigurationError(f"{where} is damaged ({error})") from error
         if dtype != np.uint8:
             raise ConfigurationError(
                 f"{where} holds {dtype} images; expected uint8 values 0..255 "
@@ -109,6 +113,12 @@ class NpzImages:
         """Yield consecutive uint8 batches in file order; only one batch is held at a time."""
         if batch_size < 1:
             raise ConfigurationError(f"batch size must be at least 1, got {batch_size}")
+        try:
+            yield from self._batches(batch_size)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+            raise ConfigurationError(f"{self.path} [{self.key}] is damaged ({error})") from error
+
+    def _batches(self, batch_size: int) -> Iterator[np.ndarray]:
         with zipfile.ZipFile(self.path) as archive, archive.open(self.member) as handle:
             _read_header(handle, str(self.path))
             remaining = len(self)
