@@ -381,3 +381,12 @@ def test_root_evaluator_script_takes_adms_arguments(batches, inception_small, tm
     )
     assert proc.returncode == 0, proc.stderr
     assert REPORT.search(proc.stdout), proc.stdout
+
+
+def test_the_evaluator_never_imports_tensorflow():
+    code = (
+        "import sys, selfflow.cli, selfflow.download, selfflow.eval.evaluator, "
+        "selfflow.eval.synthetic; selfflow.cli.build_parser(); "
+        "assert not any(m.split('.')[0] == 'tensorflow' for m in sys.modules), 'tensorflow'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
