@@ -157,7 +157,7 @@ def test_manifest_records_every_image_setting(reference, tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def torchrun_run(tmp_path_factory, tiny_checkpoint, tiny_vae_dir) -> tuple[Path, str]:
+def torchrun_run(tmp_path_factory, tiny_checkpoint, tiny_vae_dir) -> tuple[Path, str, str]:
     out = tmp_path_factory.mktemp("torchrun") / "samples"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -168,12 +168,13 @@ def torchrun_run(tmp_path_factory, tiny_checkpoint, tiny_vae_dir) -> tuple[Path,
         command, capture_output=True, text=True, env=subprocess_env(), timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return out, done.stdout
+    return out, done.stdout, done.stderr
 
 
 def test_torchrun_two_processes_match_one_process(reference, torchrun_run):
-    out, stdout = torchrun_run
+    out, stdout, stderr = torchrun_run
     assert "on 2 processes" in stdout
+    assert "sampling: 100%" in stderr and "24/24" in stderr  # rank 0's bar counts both ranks
     images, labels = load(out)
     ref_images, ref_labels = load(reference)
     np.testing.assert_array_equal(labels, ref_labels)
@@ -184,7 +185,7 @@ def test_resume_with_another_process_count_and_batch_size(
     reference, torchrun_run, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys
 ):
     """Shards 0, 1 and 3 made by two processes with batch 3; the rest by one with batch 7."""
-    source, _ = torchrun_run
+    source, _, _ = torchrun_run
     out = tmp_path / "samples"
     (out / "shards").mkdir(parents=True)
     manifest = json.loads((source / "manifest.json").read_text())
@@ -323,6 +324,12 @@ def test_overwrite_starts_over(reference, tmp_path, tiny_checkpoint, tiny_vae_di
     out = tmp_path / "samples"
     shutil.copytree(reference, out)
     (out / "notes.txt").write_text("mine")
+    # --overwrite deletes nothing until the new checkpoint and VAE have loaded
+    code, _, err = run_cli(
+        sample_args(tmp_path / "missing.pt", tiny_vae_dir, out, "--overwrite"), capsys
+    )
+    assert code == 1 and "checkpoint not found" in err
+    assert (out / "samples_24.npz").exists() and len(list((out / "images").glob("*.png"))) == N
     code, stdout, _ = run_cli(
         sample_args(tiny_checkpoint, tiny_vae_dir, out, "--seed", "32", "--overwrite"), capsys
     )
@@ -604,3 +611,66 @@ def test_eval_ref_evaluates_the_finished_batch(
     assert "FID: 1.25" in stdout
     assert calls == {"ref": str(ref), "sample": str(out / "samples_4.npz"), "out_dir": str(out),
                      "inception": str(graph), "exists": True}  # fmt: skip
+
+
+def test_eval_ref_runs_the_real_evaluator(
+    reference, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys, monkeypatch
+):
+    """The finished batch against itself, through ADM's metrics on a small synthetic Inception graph:
+    every sample lies within its own neighbourhood radius, so precision and recall are 1."""
+    from selfflow.eval.synthetic import inception_like_graph
+
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
+    graph = tmp_path / "inception.pb"
+    graph.write_bytes(
+        inception_like_graph(width=0.03, seed=1, classes=40, image_size=75, logit_scale=20.0)
+    )
+    out = tmp_path / "samples"
+    shutil.copytree(reference, out)
+    ref = shutil.copy(reference / "samples_24.npz", tmp_path / "ref.npz")
+    args = sample_args(
+        tiny_checkpoint, tiny_vae_dir, out, "--eval-ref", str(ref), "--inception", str(graph)
+    )
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0
+    lines = [
+        line for line in stdout.splitlines() if ": " in line and not line.startswith("selfflow")
+    ]
+    names = [line.split(":")[0] for line in lines[-5:]]
+    assert names == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    values = {line.split(": ")[0]: float(line.split(": ")[1]) for line in lines[-5:]}
+    assert values["Precision"] == 1.0 and values["Recall"] == 1.0
+    assert abs(values["FID"]) < 1e-3
+    assert (out / "metrics.json").is_file()
+
+
+def test_missing_pngs_of_a_finished_batch_are_written_from_the_npz(
+    reference, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys
+):
+    out = tmp_path / "samples"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "shards")
+    for i in (3, 17):
+        (out / "images" / f"{i:06d}.png").unlink()
+    (out / "grid.png").unlink()
+    code, stdout, _ = run_cli(
+        sample_args(tiny_checkpoint, tiny_vae_dir, out, "--save-images"), capsys
+    )
+    assert code == 0 and "already complete" in stdout and "wrote 2 missing PNGs" in stdout
+    images, _ = load(out)
+    for i in (3, 17):
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(out / "images" / f"{i:06d}.png")), images[i]
+        )
+    assert (out / "grid.png").exists()
+
+
+def test_shard_files_without_a_manifest_are_refused(
+    tmp_path, tiny_checkpoint, tiny_vae_dir, capsys
+):
+    out = tmp_path / "samples"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "shard_00000.npz").write_bytes(b"?")
+    code, _, err = run_cli(sample_args(tiny_checkpoint, tiny_vae_dir, out), capsys)
+    assert code == 1 and "holds shard files but no manifest.json" in err
+    assert (out / "shards" / "shard_00000.npz").exists()

@@ -98,3 +98,17 @@ def test_finite_watch_folds_guided_batches_onto_their_samples():
     x = torch.zeros(6, 1)
     watch(x, torch.zeros(6), torch.tensor([5, 6, 7, 5, 1000, 7]))
     assert watch.bad_rows() == [1]
+
+
+def test_bench_smoke(capsys):
+    """The end-to-end vs sampler benchmark runs (its numbers matter on a GPU only)."""
+    from selfflow.batch.bench import main
+
+    assert (
+        main(
+            ["--tiny", "--device", "cpu", "--batch-size", "4", "--num-steps", "2", "--batches", "2"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| sampler alone (sample_latents) |" in out and "end-to-end / sampler = " in out

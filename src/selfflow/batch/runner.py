@@ -281,19 +281,20 @@ class _Job:
         config.validate()
         _prepare_output_dir(self.output_dir)
         existing = None if config.overwrite else read_manifest(self.output_dir)
-        if config.overwrite:
-            removed = clear_output_dir(self.output_dir)
-            if removed:
-                self.log(
-                    f"--overwrite: removed {removed} files of the previous run in {self.output_dir}"
-                )
-        elif existing is None and _any_shard_files(self.output_dir):
+        if not config.overwrite and existing is None and _any_shard_files(self.output_dir):
             raise ConfigurationError(
                 f"{self.output_dir} holds shard files but no {MANIFEST_NAME}, so their settings "
                 f"are unknown; use --overwrite to start over or choose another --output-dir"
             )
         checkpoint = str(config.checkpoint) if config.checkpoint is not None else None
         self.pipe, checkpoint = self._load_pipeline(checkpoint)
+        # Only now, with the checkpoint and the VAE known to load, may --overwrite delete a run.
+        if config.overwrite:
+            removed = clear_output_dir(self.output_dir)
+            if removed:
+                self.log(
+                    f"--overwrite: removed {removed} files of the previous run in {self.output_dir}"
+                )
         import selfflow
         from selfflow.checkpoint import file_sha256
 
@@ -350,7 +351,7 @@ class _Job:
                 shard_size=config.shard_size or store.default_shard_size(config.num_samples),
                 image_shape=image_shape,
                 info={
-                    "checkpoint": checkpoint,
+                    "checkpoint": str(Path(checkpoint).resolve()),
                     "vae": config.vae or _default_vae(),
                     "torch": _torch_version(),
                     "created": run_info["started"],
