@@ -164,6 +164,10 @@ def test_truncated_and_garbage_files_are_refused(tmp_path, tiny_model):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         load_model(truncated)
+    text = tmp_path / "notes.pt"
+    text.write_text("these are not weights\n")
+    with pytest.raises(CheckpointError, match="not a (readable )?PyTorch checkpoint"):
+        load_model(text)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 100)
     with pytest.raises(CheckpointError, match="not a readable safetensors"):

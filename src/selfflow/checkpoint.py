@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +93,11 @@ def _torch_load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():  # not a pickle at all (text, garbage)
+            raise CheckpointError(
+                f"{path} is not a PyTorch checkpoint (torch.load could not read it: "
+                f"{str(error).splitlines()[0]})"
+            ) from error
         raise CheckpointError(
             f"{path} stores pickled Python objects besides tensors, and selfflow only loads "
             f"checkpoints with torch.load(weights_only=True), which never runs code from a file. "
@@ -101,7 +105,7 @@ def _torch_load(path: Path) -> object:
             f"torch.save(torch.load(path, weights_only=False)['model'], 'clean.pt'). "
             f"(torch said: {str(error).splitlines()[0]})"
         ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+    except Exception as error:  # torch raises many types for damaged files (EOF, zip, index)
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated or not a torch.save file): "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
