@@ -66,14 +66,22 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return dtype
 
 
-def network_for(model: SelfFlowDiT, dtype: torch.dtype, compile: bool | None = None) -> ModelFn:
-    """The callable that runs ``model`` in ``dtype``: the model itself in float32, otherwise
-    the fast path (:class:`selfflow.fast.FastSelfFlow`, its reference twin tested against it)."""
+def network_for(
+    model: SelfFlowDiT,
+    dtype: torch.dtype,
+    compile: bool | None = None,
+    device: torch.device | None = None,
+) -> ModelFn:
+    """The callable that runs ``model`` in ``dtype`` on ``device`` (default: the model's).
+
+    float32 is the model itself (the plain reference path); bfloat16/float16 is the fast path
+    (:class:`selfflow.fast.FastSelfFlow`, tested against the reference).
+    """
     if dtype == torch.float32:
-        return model
+        return model if device is None else model.to(device)
     from selfflow.fast import FastSelfFlow
 
-    return FastSelfFlow.from_model(model, dtype=dtype, compile=compile)
+    return FastSelfFlow.from_model(model, dtype=dtype, compile=compile, device=device)
 
 
 def check_labels(
@@ -144,9 +152,13 @@ class SelfFlowPipeline:
 
         device = torch.device(device) if device is not None else default_device()
         dtype = resolve_dtype(dtype, device)
-        model = load_model(checkpoint, device=device, dtype=torch.float32)
+        # The fast path copies the weights to the device itself; the float32 model it reads
+        # from then stays on the CPU (2.7 GB less GPU memory for XL/2).
+        model_device = device if dtype == torch.float32 else torch.device("cpu")
+        model = load_model(checkpoint, device=model_device, dtype=torch.float32)
         autoencoder = load_vae(vae or SD_VAE_ID, device=device, dtype=vae_dtype)
-        return cls(model, autoencoder, device=device, model_fn=network_for(model, dtype, compile))
+        model_fn = network_for(model, dtype, compile, device=device)
+        return cls(model, autoencoder, device=device, model_fn=model_fn)
 
     # -- the three stages ---------------------------------------------------------------------
 

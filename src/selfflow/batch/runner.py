@@ -376,33 +376,21 @@ class _Job:
         """Model, VAE and the network path for ``--dtype``; returns ``(pipe, checkpoint path)``."""
         import torch
 
-        from selfflow.checkpoint import download_checkpoint, load_model
+        from selfflow.checkpoint import download_checkpoint
         from selfflow.pipeline import SelfFlowPipeline
-        from selfflow.vae import load_vae
 
         device = self.context.device
         # No --ckpt: rank 0 downloads the released file (or finds it in the cache) and passes its
         # path on; a process on another node without that path fetches it into its own cache.
         if checkpoint is None or (self.config.checkpoint is None and not Path(checkpoint).exists()):
             checkpoint = str(download_checkpoint())
-        model_fn = None
-        if self.dtype_name == "float32":
-            model = load_model(checkpoint, device=device, dtype=torch.float32)
-            self.network = "SelfFlowDiT/float32"
-        else:
-            fast = _fast_path()
-            if fast is not None:
-                # The float32 model stays on the CPU: the pipeline only reads its config.
-                model = load_model(checkpoint, device="cpu", dtype=torch.float32)
-                model_fn = fast.from_model(model, dtype=torch.bfloat16, device=device)
-                self.network = "FastSelfFlow/bfloat16"
-            else:
-                model = load_model(checkpoint, device=device, dtype=torch.bfloat16)
-                self.network = "SelfFlowDiT/bfloat16"
-        autoencoder = load_vae(
-            self.config.vae or _default_vae(), device=device, dtype=torch.bfloat16
+        pipe = SelfFlowPipeline.from_pretrained(
+            checkpoint,
+            self.config.vae or _default_vae(),
+            device=device,
+            dtype=getattr(torch, self.dtype_name),
         )
-        pipe = SelfFlowPipeline(model, autoencoder, device=device, model_fn=model_fn)
+        self.network = f"{type(pipe.model_fn).__name__}/{self.dtype_name}"
         if self.prepare_pipeline is not None:
             self.prepare_pipeline(pipe)
         return pipe, checkpoint
@@ -749,15 +737,6 @@ def _default_vae() -> str:
     from selfflow.vae import SD_VAE_ID
 
     return SD_VAE_ID
-
-
-def _fast_path():
-    """``selfflow.fast.FastSelfFlow`` when this installation has it, else None."""
-    try:
-        from selfflow.fast import FastSelfFlow
-    except ImportError:
-        return None
-    return FastSelfFlow
 
 
 def _torch_version() -> str:
