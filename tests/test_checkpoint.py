@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from selfflow.checkpoint import (
     HUB_REPO_ID,
     HUB_URL,
     download_checkpoint,
-    file_sha256,
     load_model,
     save_model,
 )
@@ -190,15 +188,6 @@ def test_config_mismatch_is_refused(tmp_path, tiny_model):
     path = save_model(tiny_model, tmp_path / "tiny.pt")
     with pytest.raises(CheckpointError, match="differs"):
         load_model(path, config=ModelConfig.xl_2())
-
-
-def test_file_sha256_matches_hashlib_on_multiple_chunks(tmp_path):
-    import hashlib
-
-    data = os.urandom(10_000)
-    path = tmp_path / "blob"
-    path.write_bytes(data)
-    assert file_sha256(path, chunk_size=777) == hashlib.sha256(data).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

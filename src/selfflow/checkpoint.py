@@ -16,7 +16,6 @@ Accepted layouts (FACTS §1):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from selfflow.errors import CheckpointError, DownloadError
+from selfflow.files import file_sha256 as file_sha256  # re-exported for callers of this module
 from selfflow.model import ModelConfig, SelfFlowDiT
 
 logger = logging.getLogger(__name__)
@@ -78,15 +78,6 @@ def download_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
 
 # ----------------------------------------------------------------------------------------------
 # Reading
-
-
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks (checkpoints are gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _torch_load(path: Path) -> object:

@@ -11,7 +11,6 @@ Cache: ``$SELFFLOW_CACHE`` if set, else ``~/.cache/selfflow``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import os
 import re
@@ -22,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from selfflow.errors import DownloadError
+from selfflow.files import file_sha256
 
 INCEPTION_URL = (
     "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
@@ -39,14 +39,6 @@ def cache_dir() -> Path:
     """Where downloads and cached reference features live."""
     override = os.environ.get("SELFFLOW_CACHE")
     return Path(override).expanduser() if override else Path.home() / ".cache" / "selfflow"
-
-
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Restart(Exception):

@@ -296,7 +296,7 @@ class _Job:
                     f"--overwrite: removed {removed} files of the previous run in {self.output_dir}"
                 )
         import selfflow
-        from selfflow.checkpoint import file_sha256
+        from selfflow.files import file_sha256
 
         settings = image_settings(
             checkpoint_sha256=file_sha256(checkpoint),

@@ -32,7 +32,8 @@ from selfflow.eval.metrics import (
     inception_score,
     precision_recall,
 )
-from selfflow.eval.npz import NpzImages, npz_keys, read_small_arrays, sha256_file
+from selfflow.eval.npz import NpzImages, npz_keys, read_small_arrays
+from selfflow.files import file_sha256
 
 REPORT_KEYS = (
     ("Inception Score", "inception_score"),
@@ -201,10 +202,10 @@ def evaluate(
         inception = inception_path()
     model = InceptionV3(inception, device=dev)
     hasher = ThreadPoolExecutor(max_workers=1)
-    sample_sha = hasher.submit(sha256_file, sample_path)
+    sample_sha = hasher.submit(file_sha256, sample_path)
     try:
         # 3. Reference features: cached by the reference file's sha256 (and the graph's).
-        ref_sha = sha256_file(ref_path)
+        ref_sha = file_sha256(ref_path)
         cache_path = _reference_cache_path(ref_sha, model.sha256)
         ref_acts = _load_cached(cache_path, len(references)) if use_cache else None
         cached = ref_acts is not None

@@ -9,7 +9,6 @@ not grow with the number of samples. Small arrays (statistics) go through ``np.l
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zipfile
 import zlib
@@ -22,14 +21,6 @@ from numpy.lib import format as npy_format
 from selfflow.errors import ConfigurationError
 
 MIN_IMAGES = 4  # precision/recall need a 3rd neighbour besides the point itself
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def npz_keys(path: Path) -> list[str]:
