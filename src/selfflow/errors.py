@@ -21,3 +21,7 @@ class DownloadError(SelfFlowError):
 
 class ConfigurationError(SelfFlowError, ValueError):
     """An option or argument has a value that cannot work."""
+
+
+class EvaluationError(SelfFlowError, ValueError):
+    """A metric cannot be computed from the given features or statistics."""

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from selfflow.errors import EvaluationError, SelfFlowError
 from selfflow.eval.metrics import (
-    EvaluationError,
     Statistics,
     compute_statistics,
     frechet_distance,
@@ -114,6 +114,14 @@ def test_fid_refuses_a_clearly_complex_root():
 def test_fid_refuses_statistics_of_different_sizes():
     with pytest.raises(EvaluationError, match="differ in size"):
         frechet_distance(Statistics(np.zeros(2), np.eye(2)), Statistics(np.zeros(3), np.eye(3)))
+
+
+def test_metric_errors_are_user_errors_and_value_errors():
+    # The CLI prints SelfFlowErrors as one line; callers that catch ValueError keep working.
+    with pytest.raises(SelfFlowError) as caught:
+        frechet_distance(Statistics(np.zeros(2), np.eye(2)), Statistics(np.zeros(3), np.eye(3)))
+    assert isinstance(caught.value, ValueError)
+    assert type(caught.value) is EvaluationError
 
 
 # --- Inception Score ----------------------------------------------------------------------------

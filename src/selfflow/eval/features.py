@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from selfflow.errors import EvaluationError
 from selfflow.eval.inception import InceptionV3
-from selfflow.eval.metrics import EvaluationError, full_fp32
+from selfflow.eval.metrics import full_fp32
 from selfflow.eval.npz import NpzImages
 
 BATCH_SIZE = 64  # ADM's batch size

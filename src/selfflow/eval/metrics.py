@@ -25,16 +25,12 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from selfflow.errors import SelfFlowError
+from selfflow.errors import EvaluationError
 
 BLOCK = 10_000
 NEIGHBOURS = 3
 IS_SPLIT = 5000
 FID_EPS = 1e-6
-
-
-class EvaluationError(SelfFlowError, ValueError):
-    """A metric cannot be computed from the given features or statistics."""
 
 
 @dataclass(frozen=True)
