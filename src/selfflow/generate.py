@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from selfflow.errors import ConfigurationError
+from selfflow.options import add_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,60 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("grid.png"), help="output PNG (default: grid.png)"
     )
-    parser.add_argument(
-        "--ckpt", type=Path, default=None, help="checkpoint (default: download the released one)"
-    )
-    parser.add_argument(
-        "--vae",
-        default=None,
-        help="VAE hub id or local diffusers folder (default: stabilityai/sd-vae-ft-ema)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="run seed; image i uses the stream (seed, i)"
-    )
-    parser.add_argument("--num-steps", type=int, default=250, help="sampler steps (default: 250)")
-    parser.add_argument(
-        "--mode",
-        type=str.lower,
-        choices=("sde", "ode"),
-        default="sde",
-        help="sampler (default: sde)",
-    )
-    parser.add_argument(
-        "--solver",
-        type=str.lower,
-        choices=("euler", "heun"),
-        default="heun",
-        help="ODE solver (default: heun)",
-    )
-    parser.add_argument(
-        "--cfg-scale",
-        type=float,
-        default=1.0,
-        help="classifier-free guidance scale (default: 1.0, none)",
-    )
-    parser.add_argument(
-        "--guidance-low",
-        type=float,
-        default=0.0,
-        help="guidance applies while tau >= this (default: 0.0)",
-    )
-    parser.add_argument(
-        "--guidance-high",
-        type=float,
-        default=0.7,
-        help="guidance applies while tau <= this (default: 0.7)",
-    )
-    parser.add_argument(
-        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default=None,
-        help="network precision: float32 = plain reference network, bfloat16 = fast path "
-        "(default: bfloat16 on CUDA, float32 on CPU)",
-    )
+    add_options(parser, "--ckpt", "--vae", "--seed", seed=0)
+    add_options(parser, "--num-steps", "--mode", "--solver", "--cfg-scale")
+    add_options(parser, "--guidance-low", "--guidance-high", "--device", "--dtype")
     parser.add_argument(
         "--columns", type=int, default=None, help="grid columns (default: square-ish)"
     )

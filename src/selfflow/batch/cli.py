@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from selfflow.errors import SelfFlowError
+from selfflow.options import add_options
 
 DESCRIPTION = (
     "Sample the FID batch (samples_N.npz, arr_0 uint8 (N, H, W, 3) in index order, labels in "
@@ -30,12 +31,7 @@ EXAMPLE = (
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of the command to ``parser`` (shared by the subcommand and sample.py)."""
     official = parser.add_argument_group("official sample.py options")
-    official.add_argument(
-        "--ckpt",
-        default=None,
-        metavar="PATH",
-        help="checkpoint file (default: download Hila/Self-Flow selfflow_imagenet256.pt)",
-    )
+    add_options(official, "--ckpt")
     official.add_argument(
         "--output-dir",
         type=Path,
@@ -57,43 +53,14 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="B",
         help="images per forward pass, per process (default: 64)",
     )
-    official.add_argument(
+    add_options(
+        official,
         "--num-steps",
-        type=int,
-        default=250,
-        help="sampler steps (default: 250, the paper's SDE protocol)",
-    )
-    official.add_argument(
         "--mode",
-        type=str.lower,
-        choices=("sde", "ode"),
-        default="sde",
-        metavar="{SDE,ODE}",
-        help="SDE (Euler-Maruyama, the paper's) or ODE (probability flow); any case (default: SDE)",
-    )
-    official.add_argument(
         "--seed",
-        type=int,
-        default=31,
-        help="run seed; sample i draws from streams keyed by (seed, i) (default: 31)",
-    )
-    official.add_argument(
         "--cfg-scale",
-        type=float,
-        default=1.0,
-        help="classifier-free guidance scale, 1.0 = none (default: 1.0, the paper's protocol)",
-    )
-    official.add_argument(
         "--guidance-low",
-        type=float,
-        default=0.0,
-        help="guidance applies while tau >= this, tau = 1 being noise (default: 0.0)",
-    )
-    official.add_argument(
         "--guidance-high",
-        type=float,
-        default=0.7,
-        help="guidance applies while tau <= this (default: 0.7)",
     )
     official.add_argument(
         "--save-images",
@@ -103,38 +70,14 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "(default: no)",
     )
     ours = parser.add_argument_group("selfflow options")
-    ours.add_argument(
-        "--solver",
-        type=str.lower,
-        choices=("euler", "heun"),
-        default="heun",
-        help="ODE solver (ignored by the SDE) (default: heun)",
-    )
-    ours.add_argument(
-        "--vae",
-        default=None,
-        metavar="ID_OR_DIR",
-        help="VAE: hub id or local diffusers folder (default: stabilityai/sd-vae-ft-ema)",
-    )
+    add_options(ours, "--solver", "--vae")
     ours.add_argument(
         "--class-balanced",
         action="store_true",
         help="exactly N/1000 images per class in a seeded shuffled order (N must be divisible "
         "by 1000); default: labels uniform at random, as in the paper",
     )
-    ours.add_argument(
-        "--device",
-        default=None,
-        help="torch device; 'cuda' means cuda:LOCAL_RANK under torchrun "
-        "(default: cuda when available, else cpu)",
-    )
-    ours.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default=None,
-        help="network precision: float32 = the plain reference network; bfloat16 = the fast "
-        "path (selfflow.fast) (default: bfloat16 on CUDA, float32 on CPU)",
-    )
+    add_options(ours, "--device", "--dtype")
     ours.add_argument(
         "--overwrite",
         action="store_true",

@@ -1,0 +1,84 @@
+"""Command-line options shared by `selfflow sample` and `selfflow generate`.
+
+One definition per option keeps the two commands' names, defaults and help in step; each
+command still places them in its own argument groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+OPTIONS: dict[str, dict[str, Any]] = {
+    "--ckpt": dict(
+        default=None,
+        metavar="PATH",
+        help="checkpoint file (default: download Hila/Self-Flow selfflow_imagenet256.pt)",
+    ),
+    "--num-steps": dict(
+        type=int,
+        default=250,
+        help="SDE: grid points = network evaluations; ODE: intervals (Heun evaluates twice per "
+        "interval, about 50 suffice) (default: 250, the paper's SDE protocol)",
+    ),
+    "--mode": dict(
+        type=str.lower,
+        choices=("sde", "ode"),
+        default="sde",
+        metavar="{SDE,ODE}",
+        help="SDE (Euler-Maruyama, the paper's) or ODE (probability flow); any case (default: SDE)",
+    ),
+    "--seed": dict(
+        type=int,
+        default=31,
+        help="run seed; sample i draws from streams keyed by (seed, i) (default: %(default)s)",
+    ),
+    "--cfg-scale": dict(
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale, 1.0 = none (default: 1.0, the paper's protocol)",
+    ),
+    "--guidance-low": dict(
+        type=float,
+        default=0.0,
+        help="guidance applies while tau >= this, tau = 1 being noise (default: 0.0)",
+    ),
+    "--guidance-high": dict(
+        type=float, default=0.7, help="guidance applies while tau <= this (default: 0.7)"
+    ),
+    "--solver": dict(
+        type=str.lower,
+        choices=("euler", "heun"),
+        default="heun",
+        help="ODE solver (ignored by the SDE) (default: heun)",
+    ),
+    "--vae": dict(
+        default=None,
+        metavar="ID_OR_DIR",
+        help="VAE: hub id or local diffusers folder (default: stabilityai/sd-vae-ft-ema)",
+    ),
+    "--device": dict(
+        default=None,
+        help="torch device; 'cuda' means cuda:LOCAL_RANK under torchrun "
+        "(default: cuda when available, else cpu)",
+    ),
+    "--dtype": dict(
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="network precision: float32 = the plain reference network; bfloat16 = the fast "
+        "path (selfflow.fast) (default: bfloat16 on CUDA, float32 on CPU)",
+    ),
+}
+
+
+def add_options(
+    container: argparse.ArgumentParser | argparse._ArgumentGroup, *names: str, **defaults: Any
+) -> None:
+    """Add the shared options ``names`` to a parser or group; ``defaults`` overrides by dest
+    (``seed=0``)."""
+    for name in names:
+        spec = dict(OPTIONS[name])
+        dest = name.lstrip("-").replace("-", "_")
+        if dest in defaults:
+            spec["default"] = defaults[dest]
+        container.add_argument(name, **spec)
