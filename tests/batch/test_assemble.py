@@ -11,7 +11,7 @@ import pytest
 
 from selfflow.batch import store
 from selfflow.batch.assemble import assemble
-from selfflow.batch.npz import iter_npz_rows
+from selfflow.npz import iter_npz_rows
 
 SHAPE = (64, 64, 3)  # 12 KiB per image
 

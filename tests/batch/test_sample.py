@@ -26,9 +26,9 @@ import pytest
 from PIL import Image
 
 from selfflow import cli, seeds
-from selfflow.batch.npz import iter_npz_rows
 from selfflow.batch.runner import BatchConfig, generate_fid_batch
 from selfflow.batch.writer import NonFiniteSamplesError
+from selfflow.npz import iter_npz_rows
 
 REPO = Path(__file__).resolve().parents[2]
 N = 24

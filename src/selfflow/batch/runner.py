@@ -49,9 +49,9 @@ from selfflow.batch.manifest import (
     read_manifest,
     write_manifest,
 )
-from selfflow.batch.npz import iter_npz_rows, npz_array_info
 from selfflow.batch.writer import FiniteWatch, NonFiniteSamplesError, ShardWriter, write_pngs
 from selfflow.errors import ConfigurationError, SelfFlowError
+from selfflow.npz import iter_npz_rows, npz_array_info
 
 DTYPES = ("float32", "bfloat16")
 VAE_DTYPE = "bfloat16"  # the official sampler decodes in bf16 (FACTS §2)

@@ -32,8 +32,9 @@ from selfflow.eval.metrics import (
     inception_score,
     precision_recall,
 )
-from selfflow.eval.npz import NpzImages, npz_keys, read_small_arrays
+from selfflow.eval.npz import NpzImages, read_small_arrays
 from selfflow.files import file_sha256
+from selfflow.npz import npz_keys
 
 REPORT_KEYS = (
     ("Inception Score", "inception_score"),
