@@ -40,21 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_reporting_errors(args: argparse.Namespace, prog: str) -> int:
+    """Run ``args.func``; a user error becomes one line on stderr and exit status 1."""
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SelfFlowError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    try:
-        result = args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except SelfFlowError as error:
-        print(f"selfflow {args.command}: error: {error}", file=sys.stderr)
-        return 1
-    return int(result or 0)
+    return run_reporting_errors(args, f"selfflow {args.command}")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,9 @@ Accepts the official ``sample.py`` command lines unchanged, on one process or un
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from selfflow.errors import SelfFlowError
 from selfflow.options import add_options
 
 DESCRIPTION = (
@@ -165,13 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None, prog: str = "sample.py") -> int:
     """Stand-alone entry point (the root ``sample.py``): errors become one line, exit status 1."""
+    from selfflow.cli import run_reporting_errors
+
     parser = configure(argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EXAMPLE))
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except SelfFlowError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 1
+    return run_reporting_errors(parser.parse_args(argv), prog)
