@@ -195,17 +195,30 @@ def test_config_mismatch_is_refused(tmp_path, tiny_model):
 
 
 @pytest.fixture
-def offline_hub(monkeypatch):
+def offline_hub(monkeypatch, tmp_path):
     import huggingface_hub.constants as constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "selfflow-cache"))
 
 
 def test_download_offline_says_how_to_get_the_file(tmp_path, offline_hub):
     with pytest.raises(DownloadError) as info:
         download_checkpoint(cache_dir=tmp_path)
-    assert HUB_URL in str(info.value) and "--ckpt" in str(info.value)
+    message = str(info.value)
+    assert HUB_URL in message and "--ckpt" in message
+    assert str(tmp_path / "selfflow-cache" / HUB_FILENAME) in message
+
+
+def test_a_checkpoint_put_where_the_error_says_is_found(tmp_path, offline_hub, tiny_model):
+    with pytest.raises(DownloadError) as info:
+        download_checkpoint(cache_dir=tmp_path / "hub")
+    place = Path(str(info.value).split("put it at ")[1].split(" (found there")[0])
+    place.parent.mkdir(parents=True)
+    save_model(tiny_model, place)
+    assert download_checkpoint(cache_dir=tmp_path / "hub") == place
+    assert load_model(None).config == tiny_model.config
 
 
 def test_download_finds_a_file_already_in_the_hub_cache(tmp_path, offline_hub, tiny_model):

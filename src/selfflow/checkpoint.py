@@ -57,11 +57,23 @@ class CheckpointInfo:
 # Download
 
 
-def download_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Fetch the released checkpoint through huggingface_hub's cache and return its path.
+def manual_checkpoint_path() -> Path:
+    """Where a checkpoint copied by hand is found: ``$SELFFLOW_CACHE/selfflow_imagenet256.pt``."""
+    from selfflow.download import cache_dir
 
-    Offline (or when the hub cannot be reached) the error says how to get the file by hand.
+    return cache_dir() / HUB_FILENAME
+
+
+def download_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The released checkpoint: a copy placed by hand at :func:`manual_checkpoint_path`, else
+    huggingface_hub's cached download (fetched on first use).
+
+    Offline (or when the hub cannot be reached) the error says how to get the file and where
+    to put it.
     """
+    manual = manual_checkpoint_path()
+    if manual.is_file():
+        return manual
     from huggingface_hub import hf_hub_download
 
     try:
@@ -70,9 +82,8 @@ def download_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
         raise DownloadError(
             f"could not get {HUB_FILENAME} from the Hugging Face repo {HUB_REPO_ID} "
             f"({type(error).__name__}: {error}). Download it by hand from {HUB_URL} "
-            f"and pass its path (--ckpt PATH, or load_model(PATH)), or run "
-            f"`selfflow download checkpoint` on a machine with internet access and copy "
-            f"huggingface_hub's cache (HF_HOME) across."
+            f"and either put it at {manual} (found there automatically) or pass its path "
+            f"(--ckpt PATH, or load_model(PATH))."
         ) from error
 
 
