@@ -211,3 +211,18 @@ def test_float32_fallback_when_float16_overflows():
     assert precision_recall(t(ref), t(sample)) == pytest.approx(
         knn_precision_recall(ref, sample), abs=0.02
     )
+
+
+def test_full_fp32_turns_tf32_off_and_restores_the_caller_setting():
+    from selfflow.eval.metrics import full_fp32
+
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        with full_fp32():
+            assert matmul.fp32_precision == "ieee"
+            assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = saved

@@ -106,15 +106,28 @@ def inception_score(probabilities: np.ndarray, split_size: int = IS_SPLIT) -> fl
 
 @contextmanager
 def full_fp32():
-    """Turn TF32 off for matmuls and convolutions, so numbers match across GPU generations."""
+    """Turn TF32 off for matmuls and convolutions, so numbers match across GPU generations.
+
+    torch >= 2.9 spells the switch ``fp32_precision``; older releases ``allow_tf32``.
+    """
     backends = torch.backends
-    saved = (backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision)
-    backends.cuda.matmul.fp32_precision = "ieee"
-    backends.cudnn.conv.fp32_precision = "ieee"
+    if hasattr(backends.cuda.matmul, "fp32_precision"):
+        switches = [
+            (backends.cuda.matmul, "fp32_precision"),
+            (backends.cudnn.conv, "fp32_precision"),
+        ]
+        full = "ieee"
+    else:
+        switches = [(backends.cuda.matmul, "allow_tf32"), (backends.cudnn, "allow_tf32")]
+        full = False
+    saved = [getattr(owner, name) for owner, name in switches]
+    for owner, name in switches:
+        setattr(owner, name, full)
     try:
         yield
     finally:
-        backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision = saved
+        for (owner, name), value in zip(switches, saved, strict=True):
+            setattr(owner, name, value)
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:
