@@ -54,6 +54,18 @@ def test_float32_fast_path_is_the_same_function(tiny_model, batch):
     assert rel_l2(out, reference64) < 1e-5
 
 
+def test_compiled_fast_path_is_the_same_function(tiny_model, batch):
+    """The CUDA default is the compiled graph; torch.compile traces the same code on the CPU."""
+    x, tau, y = batch
+    eager = FastSelfFlow.from_model(tiny_model, dtype=torch.float32, compile=False)
+    compiled = FastSelfFlow.from_model(tiny_model, dtype=torch.float32, compile=True)
+    assert compiled.compiled and not eager.compiled
+    with torch.no_grad():
+        reference64 = tiny_model.double()(x.double(), tau.double(), y)
+    assert rel_l2(compiled(x, tau, y), reference64) < 1e-5
+    assert rel_l2(compiled(x, tau, y), eager(x, tau, y)) < 1e-6
+
+
 def test_bf16_forward_within_bf16_tolerance(tiny_model, batch):
     x, tau, y = batch
     with torch.no_grad():
