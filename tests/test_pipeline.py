@@ -188,14 +188,17 @@ def test_generate_command_writes_a_grid(tiny_checkpoint, tiny_vae_dir, tmp_path)
 
     out = tmp_path / "grid.png"
     argv = ["generate", "--ckpt", tiny_checkpoint, "--vae", tiny_vae_dir, "--class", "207", "1"]
-    assert (
-        main([*argv, "--num", "5", "--num-steps", "4", "--out", str(out), "--device", "cpu"]) == 0
-    )
+    options = ["--num", "5", "--num-steps", "4", "--batch-size", "2", "--device", "cpu"]
+    assert main([*argv, *options, "--out", str(out)]) == 0
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 16 + 2, 3 * 16 + 4, 3)
-    # The first cell is sample 0 with label 207, drawn exactly as the pipeline draws it.
+    # Cells are samples 0..4 with labels cycling 207, 1, drawn as the pipeline draws them alone,
+    # though the command ran them in batches of 2.
     pipe = SelfFlowPipeline.from_pretrained(tiny_checkpoint, tiny_vae_dir, device="cpu")
-    np.testing.assert_array_equal(grid[:16, :16], pipe([207], seed=0, num_steps=4)[0])
+    for index, (row, col) in ((0, (0, 0)), (4, (1, 1))):
+        cell = grid[row * 18 : row * 18 + 16, col * 18 : col * 18 + 16]
+        alone = pipe([207], seed=0, num_steps=4, indices=[index])[0]
+        assert_same_up_to_reordering(cell, alone)
 
 
 def test_bf16_fast_path_draws_the_same_images_within_bf16_tolerance(tiny_checkpoint, tiny_vae_dir):
