@@ -109,3 +109,19 @@ def test_nchw_convolution_is_refused_not_misread():
     b.node("y", "Conv2D", [x, w], T=FLOAT, padding="SAME", strides=[1, 1, 1, 1], data_format="NCHW")
     with pytest.raises(ConfigurationError, match="data_format NCHW"):
         GraphExecutor(TFGraph.from_bytes(b.to_bytes()), ["x:0"], ["y:0"])
+
+
+def test_feeds_and_constants_are_never_overwritten():
+    b = GraphBuilder()
+    x = b.node("x", "Placeholder", dtype=FLOAT)
+    c = b.const("c", np.array([-1.0, 2.0, -3.0], np.float32))
+    view = b.node("view", "Identity", [c], T=FLOAT)
+    b.node("y", "Add", [b.node("rx", "Relu", [x], T=FLOAT), b.node("rc", "Relu", [view])], T=FLOAT)
+    executor = GraphExecutor(TFGraph.from_bytes(b.to_bytes()), ["x:0"], ["y:0"])
+    assert executor.in_place == {"y"}  # the Relus are the last readers, of memory not theirs
+    feed = torch.tensor([[1.0, -2.0, 3.0]])
+    first = executor({"x:0": feed})[0].clone()
+    second = executor({"x:0": feed})[0]
+    np.testing.assert_array_equal(feed.numpy(), [[1.0, -2.0, 3.0]])
+    np.testing.assert_array_equal(first.numpy(), [[1.0, 2.0, 3.0]])
+    np.testing.assert_array_equal(second.numpy(), first.numpy())

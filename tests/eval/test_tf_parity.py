@@ -166,6 +166,47 @@ def plumbing_case():
     return tfgraphs.tf_built(build), {"x:0": _images(3, 4, 4, 2)}, ["y:0", "z:0"]
 
 
+def aliases_case():
+    """Views of a tensor are read after another op's last direct read of it, which must not
+    overwrite it in place (Identity, Reshape, ExpandDims/Squeeze), next to reuse that is safe."""
+    filters = [_weights(3, 3, 3, 4) for _ in range(4)]
+    offset = _weights(4)
+
+    def build(t):
+        x = t.compat.v1.placeholder(t.float32, [None, 5, 5, 3], name="x")
+
+        def conv(i):
+            return t.raw_ops.Conv2D(
+                input=x, filter=filters[i], strides=[1, 1, 1, 1], padding="SAME", name=f"c{i}"
+            )
+
+        c = conv(0)  # Sub reads Identity(c) first, then Relu(c): Relu is c's last direct reader
+        t.raw_ops.Sub(
+            x=t.raw_ops.Relu(features=c, name="r0"), y=t.raw_ops.Identity(input=c), name="y0"
+        )
+        c = conv(1)
+        view = t.raw_ops.Reshape(tensor=c, shape=[-1, 4])
+        relu = t.raw_ops.Relu(features=c, name="r1")
+        t.raw_ops.Sub(x=t.raw_ops.Reshape(tensor=relu, shape=[-1, 4]), y=view, name="y1")
+        c = conv(2)
+        view = t.raw_ops.Squeeze(input=t.raw_ops.ExpandDims(input=c, axis=0), axis=[0])
+        bias = t.raw_ops.BiasAdd(value=c, bias=offset, name="b2")
+        t.raw_ops.AddV2(x=t.raw_ops.Mul(x=bias, y=bias, name="m2"), y=view, name="y2")
+        # Safe reuse: nothing reads c3 or its view after the Relu.
+        t.raw_ops.Relu(features=t.raw_ops.Identity(input=conv(3)), name="y3")
+
+    return (
+        tfgraphs.tf_built(build),
+        {"x:0": _images(2, 5, 5, 3) / 255},
+        [
+            "y0:0",
+            "y1:0",
+            "y2:0",
+            "y3:0",
+        ],
+    )
+
+
 OP_CASES = {
     # SAME on an even input with stride 2: TF pads 0 before and 1 after.
     "conv_same_stride2_even": lambda: conv_case((8, 8), (3, 3), 2, "SAME"),
@@ -194,6 +235,7 @@ OP_CASES = {
     "fused_batchnorm_v3": fused_batchnorm_case,
     "concat_2015": concat_2015_case,
     "plumbing": plumbing_case,
+    "aliases": aliases_case,
 }
 
 
@@ -204,6 +246,18 @@ def test_single_ops_match_tensorflow(name):
     ours = run_selfflow(data, feeds, fetches)
     for o, t in zip(ours, theirs, strict=True):
         assert relative_error(o, t) <= OP_TOLERANCE
+
+
+def test_in_place_reuse_waits_for_every_view():
+    data, feeds, fetches = aliases_case()
+    executor = GraphExecutor(TFGraph.from_bytes(data), list(feeds), fetches)
+    # The cases above need these reads in this order to catch in-place reuse of a live tensor.
+    order = executor.order
+    assert order.index("Identity") < order.index("r0")
+    assert order.index("Reshape") < order.index("r1") and order.index("Squeeze") < order.index("b2")
+    assert {"r0", "r1", "b2"}.isdisjoint(executor.in_place)
+    # Dead tensors are still reused, through a view too; never one that an op reads twice.
+    assert {"y0", "y1", "y2", "y3"} <= executor.in_place and "m2" not in executor.in_place
 
 
 def test_resize_samples_from_the_corner_not_the_centre():

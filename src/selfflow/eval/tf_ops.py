@@ -516,7 +516,7 @@ def _resize_bilinear(ctx: OpContext) -> OpFn:
 # Executor
 
 
-# Ops whose output 0 owns its memory (no view of a tensor that may still be alive).
+# Ops whose output 0 owns its memory: it is a new tensor, never a view of an input or a constant.
 _FRESH_OUTPUT = frozenset(
     {
         "Conv2D",
@@ -537,9 +537,62 @@ _FRESH_OUTPUT = frozenset(
         "Sub",
         "Mul",
         "RealDiv",
+        "Maximum",
+        "Minimum",
         "BiasAdd",
+        "Rsqrt",
+        "Sqrt",
+        "Square",
+        "Neg",
+        "Softmax",
     }
 )
+
+_VIEW = {0: 0}
+_FUSED_BN_ALIASES = {1: 3, 2: 4, 3: 3, 4: 4, 5: 3}  # the statistics come back as they went in
+
+# Outputs that may share memory with an input: {output index: input index}. An in-place op on a
+# tensor overwrites every alias of it too, so the executor treats aliases as one buffer.
+_ALIASES: dict[str, dict[int, int]] = {
+    "Identity": _VIEW,
+    "Snapshot": _VIEW,
+    "StopGradient": _VIEW,
+    "PreventGradient": _VIEW,
+    "PlaceholderWithDefault": _VIEW,
+    "Cast": _VIEW,  # returns its input when the dtype does not change
+    "Reshape": _VIEW,
+    "Squeeze": _VIEW,
+    "ExpandDims": _VIEW,
+    "FusedBatchNorm": _FUSED_BN_ALIASES,
+    "FusedBatchNormV2": _FUSED_BN_ALIASES,
+    "FusedBatchNormV3": _FUSED_BN_ALIASES,
+}
+
+
+# Ops whose builders can write their result into input 0 (when ``OpContext.inplace``).
+_CAN_REUSE_INPUT = frozenset(
+    {
+        "BatchNormWithGlobalNormalization",
+        "FusedBatchNorm",
+        "FusedBatchNormV2",
+        "FusedBatchNormV3",
+        "Relu",
+        "Relu6",
+        "Add",
+        "AddV2",
+        "Sub",
+        "Mul",
+        "RealDiv",
+    }
+)
+
+
+@dataclass(eq=False)
+class _Buffer:
+    """Tensors that may share one piece of memory, and the last step that reads any of them."""
+
+    writable: bool
+    last_use: int = -1
 
 
 class GraphExecutor:
@@ -582,28 +635,65 @@ class GraphExecutor:
                 f"executor does not implement{more}"
             )
         self._last_use = self._last_uses()
+        self._buffers = self._alias_groups()
         self.ops: dict[str, OpFn] = {}
+        in_place = []
         for step, name in enumerate(self.order):
             node = graph.nodes[name]
-            context = OpContext(node, graph, self.device, self._can_donate(step, name))
-            self.ops[name] = _BUILDERS[node.op](context)
+            donate = self._can_donate(step, name)
+            if donate:
+                in_place.append(name)
+            self.ops[name] = _BUILDERS[node.op](OpContext(node, graph, self.device, donate))
+        self.in_place = frozenset(in_place)  # nodes allowed to write into their input 0
+
+    def _alias_groups(self) -> dict[str, _Buffer]:
+        """Map every tensor to its buffer: the tensors that may share its memory (views,
+        Identity, ...) are one buffer, read last at the last step that reads any of them.
+
+        A buffer is writable when an op of ``_FRESH_OUTPUT`` allocated it: never a feed, a
+        constant, or the input or output of an op that is in neither table.
+        """
+        used: dict[str, set[int]] = {}
+        for key in self._last_use:
+            node, index = parse_input(key)  # type: ignore[misc]
+            used.setdefault(node, set()).add(index)
+        buffers: dict[str, _Buffer] = {}
+        for name in self.order:
+            op = self.graph.nodes[name].op
+            inputs = [f"{s}:{i}" for s, i in self._data_inputs(name)]
+            aliases = _ALIASES.get(op, {})
+            if op not in _FRESH_OUTPUT and op not in _ALIASES:
+                for key in inputs:  # its outputs may be views of any input: never overwrite one
+                    if key in buffers:
+                        buffers[key].writable = False
+            for index in sorted(used.get(name, set()) | {0}):
+                key = f"{name}:{index}"
+                source = aliases.get(index)
+                if source is not None and source < len(inputs):
+                    if inputs[source] not in buffers:  # a feed
+                        buffers[inputs[source]] = _Buffer(writable=False)
+                    buffers[key] = buffers[inputs[source]]
+                else:
+                    buffers[key] = _Buffer(writable=index == 0 and op in _FRESH_OUTPUT)
+        for key, buffer in buffers.items():
+            if key in self.feeds:
+                buffer.writable = False
+            buffer.last_use = max(buffer.last_use, self._last_use.get(key, -1))
+        return buffers
 
     def _can_donate(self, step: int, name: str) -> bool:
-        """May node ``name`` overwrite its input 0? Only if nothing reads it later and no other
-        live tensor shares its memory (it comes fresh from an op that allocates its output)."""
-        inputs = self._data_inputs(name)
-        if not inputs:
+        """May node ``name`` overwrite its input 0? Only if its memory was allocated by an op
+        (no feed, no constant) and neither it nor any view of it is read after this step."""
+        inputs = [f"{s}:{i}" for s, i in self._data_inputs(name)]
+        if self.graph.nodes[name].op not in _CAN_REUSE_INPUT or not inputs:
             return False
-        source, index = inputs[0]
-        key = f"{source}:{index}"
-        producer = self.graph.nodes.get(source)
+        buffer = self._buffers.get(inputs[0])  # None: a feed
+        others = [self._buffers.get(k) for k in inputs[1:]]
         return (
-            producer is not None
-            and producer.op in _FRESH_OUTPUT
-            and key not in self.feeds
-            and key not in self.fetches
-            and inputs.count(inputs[0]) == 1
-            and self._last_use.get(key) == step
+            buffer is not None
+            and buffer.writable
+            and buffer.last_use == step
+            and all(o is not buffer for o in others)
         )
 
     def _data_inputs(self, name: str) -> list[tuple[str, int]]:
