@@ -496,6 +496,61 @@ def test_non_finite_samples_stop_the_run_with_their_indices(
     assert not [i for i in bad if (out / "images" / f"{i:06d}.png").exists()]
 
 
+def test_a_short_last_batch_is_padded_to_the_batch_size_and_the_padding_dropped(
+    reference, tmp_path, tiny_checkpoint, tiny_vae_dir
+):
+    """7 images in batches of 5: the network only ever sees batches of 5 (one compiled shape),
+    and the 3 padding rows of the second batch reach neither the shards nor the npz."""
+    calls = []
+
+    def hook(pipe):
+        inner = pipe.model_fn
+
+        def recording(x, tau, y):
+            calls.append(y.tolist())
+            return inner(x, tau, y)
+
+        pipe.model_fn = recording
+
+    out = tmp_path / "samples"
+    config = _config(tiny_checkpoint, tiny_vae_dir, out, num_samples=7, batch_size=5,
+                     num_steps=4, shard_size=4, save_images=False, keep_shards=True)  # fmt: skip
+    generate_fid_batch(config, prepare_pipeline=hook, progress=False)
+    assert calls and {len(y) for y in calls} == {5}
+    labels = expected_labels(31, 7)
+    assert calls[-1] == [*labels[5:7], labels[6], labels[6], labels[6]]  # repeats of the last
+    images, got_labels = load(out, 7)
+    np.testing.assert_array_equal(got_labels, labels)
+    # the same images as the reference run of 24 (in batches of 5)
+    assert_same_images(images, load(reference)[0][:7])
+    with np.load(out / "shards" / "shard_00001.npz") as shard:
+        np.testing.assert_array_equal(shard["indices"], [4, 5, 6])
+
+
+def test_non_finite_padding_rows_are_not_reported(tmp_path, tiny_checkpoint, tiny_vae_dir):
+    """The last sample goes bad, so do its padding copies; the error names each sample once."""
+    labels = expected_labels(31, 7)
+    poison = int(labels[6])
+    bad = np.flatnonzero(labels == poison)
+    expected = [int(i) for i in bad if i // 5 == bad[0] // 5]
+
+    def hook(pipe):
+        inner = pipe.model_fn
+
+        def poisoned(x, tau, y):
+            out = inner(x, tau, y).clone()
+            out[y == poison] = float("nan")
+            return out
+
+        pipe.model_fn = poisoned
+
+    config = _config(tiny_checkpoint, tiny_vae_dir, tmp_path / "s", num_samples=7, batch_size=5,
+                     num_steps=3, shard_size=4, save_images=False)  # fmt: skip
+    with pytest.raises(NonFiniteSamplesError) as caught:
+        generate_fid_batch(config, prepare_pipeline=hook, progress=False)
+    assert caught.value.indices == expected
+
+
 def test_non_finite_decoded_images_name_their_indices(tmp_path, tiny_checkpoint, tiny_vae_dir):
     import torch
 

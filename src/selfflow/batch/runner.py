@@ -11,8 +11,9 @@ steps, and who does each:
 2. **Verify (all ranks).** Existing shards are read back and checked (CRC, shapes, indices,
    labels); the check is split over the ranks. A shard that fails is deleted and redone.
 3. **Sample (all ranks).** Pending shard ``j`` (in plan order) goes to rank ``j % world``. Each
-   rank samples its shards' indices in batches of ``--batch-size`` (a batch may span two shards)
-   while a background thread decodes and writes (see :mod:`selfflow.batch.writer`).
+   rank samples its shards' indices in batches of ``--batch-size`` (a batch may span two shards;
+   a short last batch is padded with copies of its last sample, so that a compiled network sees
+   one shape) while a background thread decodes and writes (see :mod:`selfflow.batch.writer`).
    Rank 0 shows one progress bar for the whole batch: its own images as they are decoded, the
    other ranks' as their shard files appear.
 4. **Assemble (rank 0)** after a barrier: ``samples_{N}.npz`` streamed shard by shard, then
@@ -494,20 +495,24 @@ class _Job:
                 if shards
                 else np.zeros(0, np.int64)
             )
+            batch = batch_shape(len(indices_all), config.batch_size)
             for start in range(0, len(indices_all), config.batch_size):
                 indices = indices_all[start : start + config.batch_size]
-                labels = self._labels(indices)
-                watch.reset(len(indices), pipe.device)
+                real = len(indices)
+                padded = pad_batch(indices, batch)
+                labels = self._labels(padded)
+                watch.reset(len(padded), pipe.device)
                 try:
                     latents = pipe.sample_latents(
-                        torch.from_numpy(labels), indices.tolist(), config.seed, settings
+                        torch.from_numpy(labels), padded.tolist(), config.seed, settings
                     )
                 except SelfFlowError as error:
-                    rows = watch.bad_rows()
+                    rows = [row for row in watch.bad_rows() if row < real]
                     if rows:
                         raise NonFiniteSamplesError(indices[rows], "sampling") from error
                     raise
-                writer.submit(indices, labels, latents)
+                # the padding rows (copies of the last sample) never reach the writer
+                writer.submit(indices, labels[:real], latents[:real])
                 del latents
                 bar.poll()
             writer.finish()
@@ -662,6 +667,27 @@ def _bar(enabled: bool, total: int, desc: str, initial: int = 0):
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
+
+
+def batch_shape(count: int, batch_size: int) -> int:
+    """The one batch size a process samples with: ``--batch-size``, or all of its images if fewer.
+
+    The compiled fast path (``torch.compile(dynamic=False)``) compiles again for every new batch
+    shape, about a minute for XL/2, so a short final batch is padded up to this size rather
+    than sampled as a new shape.
+    """
+    return max(1, min(batch_size, count))
+
+
+def pad_batch(indices: np.ndarray, size: int) -> np.ndarray:
+    """``indices`` followed by copies of its last index, ``size`` in all.
+
+    The noise of a sample is keyed by its index alone, so the padding rows are copies of the
+    last sample and the real rows are what they would be in a batch of their own.
+    """
+    if len(indices) >= size:
+        return indices
+    return np.concatenate([indices, np.full(size - len(indices), indices[-1], indices.dtype)])
 
 
 def _prepare_output_dir(path: Path) -> None:
