@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow.errors import ConfigurationError
+from selfflow.errors import ConfigurationError, EvaluationError
 from selfflow.eval.graphdef import TFGraph, tensor_to_numpy
 from selfflow.eval.inception import InceptionV3
 from selfflow.eval.synthetic import FLOAT, GraphBuilder, inception_like_graph
@@ -125,3 +125,62 @@ def test_feeds_and_constants_are_never_overwritten():
     np.testing.assert_array_equal(feed.numpy(), [[1.0, -2.0, 3.0]])
     np.testing.assert_array_equal(first.numpy(), [[1.0, 2.0, 3.0]])
     np.testing.assert_array_equal(second.numpy(), first.numpy())
+
+
+def test_layers_are_guarded_by_control_dependencies_that_are_never_run():
+    # The 2015 graph: X/batchnorm -> X/CheckNumerics; X/control_dependency = Identity(X/batchnorm,
+    # ^X/CheckNumerics) -> X (Relu); pools likewise, on their input.
+    graph = TFGraph.from_bytes(inception_like_graph(width=0.03, image_size=75))
+    nodes = graph.nodes
+    for layer, checked in (("conv", "conv/batchnorm"), ("mixed_6/conv", "mixed_6/conv/batchnorm")):
+        assert nodes[f"{layer}/CheckNumerics"].op == "CheckNumerics"
+        assert list(nodes[f"{layer}/CheckNumerics"].input) == [checked]
+        dependency = nodes[f"{layer}/control_dependency"]
+        assert dependency.op == "Identity"
+        assert list(dependency.input) == [checked, f"^{layer}/CheckNumerics"]
+        assert list(nodes[layer].input) == [f"{layer}/control_dependency"]
+    assert list(nodes["pool/control_dependency"].input) == ["conv_2", "^pool/CheckNumerics"]
+    assert (
+        list(nodes["pool"].input) == ["pool/control_dependency"] and nodes["pool"].op == "MaxPool"
+    )
+    model = InceptionV3(graph)
+    order = {graph.nodes[n].op for n in model.executor.order}
+    assert "CheckNumerics" not in order and "Identity" in order
+    # The Identity in front of every ReLU does not stop the ReLU (or the batch norm) from
+    # reusing dead memory.
+    relus = {n for n in model.executor.order if graph.nodes[n].op == "Relu"}
+    norms = {n for n in model.executor.order if n.endswith("/batchnorm")}
+    assert len(relus) == len(norms) == 94
+    assert relus | norms <= model.executor.in_place
+
+
+def test_control_inputs_are_not_followed():
+    b = GraphBuilder()
+    x = b.node("x", "Placeholder", dtype=FLOAT)
+    b.node("unfed", "Placeholder", dtype=FLOAT)
+    b.node("unknown", "Erf", ["unfed"], T=FLOAT)
+    b.node("y", "Relu", [x, "^unknown", "^unfed"], T=FLOAT)
+    executor = GraphExecutor(TFGraph.from_bytes(b.to_bytes()), ["x:0"], ["y:0"])
+    assert executor.order == ["y"]
+    (y,) = executor({"x:0": torch.tensor([-1.0, 2.0])})
+    np.testing.assert_array_equal(y.numpy(), [0.0, 2.0])
+
+
+def test_check_numerics_passes_finite_tensors_and_names_itself_on_nan_or_inf():
+    b = GraphBuilder()
+    x = b.node("x", "Placeholder", dtype=FLOAT)
+    b.node("layer/CheckNumerics", "CheckNumerics", [x], T=FLOAT, message="layer input")
+    data = b.to_bytes()
+    executor = GraphExecutor(TFGraph.from_bytes(data), ["x:0"], ["layer/CheckNumerics:0"])
+    finite = np.array([1.5, -2.0, 0.0], np.float32)
+    (ours,) = executor({"x:0": torch.from_numpy(finite)})
+    np.testing.assert_array_equal(
+        ours.numpy(), tfgraphs.run_graph(data, {"x:0": finite}, ["layer/CheckNumerics:0"])[0]
+    )
+    tf = tfgraphs.tf()
+    for bad, kind in ((np.nan, "NaN"), (np.inf, "Inf")):
+        value = np.array([1.0, bad], np.float32)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="layer input"):
+            tfgraphs.run_graph(data, {"x:0": value}, ["layer/CheckNumerics:0"])
+        with pytest.raises(EvaluationError, match=f"'layer/CheckNumerics'.*layer input.*{kind}"):
+            executor({"x:0": torch.from_numpy(value)})

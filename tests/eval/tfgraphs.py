@@ -12,7 +12,9 @@ built two ways:
 ``adm_features`` runs a graph the way ADM's evaluator does: ``import_graph_def`` with
 ``input_map={"ExpandDims:0": batch}``, ``pool_3:0`` and ``mixed_6/conv:0`` returned, the
 spatial map cut to 7 channels, and the softmax computed as ``tf.nn.softmax(tf.matmul(pool, W))``
-with ``W`` = input 1 of ``softmax/logits/MatMul``.
+with ``W`` = input 1 of ``softmax/logits/MatMul``. TensorFlow honours the synthetic graphs'
+control inputs (it runs every ``X/CheckNumerics`` before ``X``); selfflow skips them, so the
+parity tests cover graphs with control edges as in the real file.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Tests and the evaluator benchmark need a graph with the *structure* of ADM's
 ``classify_image_graph_def.pb`` (2015 Inception-v3) without downloading it: the same node names
 (``ExpandDims``, ``conv``, ``mixed_6/conv``, ``pool_3``, ``softmax/logits/MatMul`` ...), the same
 op types and 2015-style attributes (``BatchNormWithGlobalNormalization``, the old ``Concat``
-with the axis first, ``ResizeBilinear`` without ``half_pixel_centers``), the same spatial sizes
+with the axis first, ``ResizeBilinear`` without ``half_pixel_centers``; in front of every ReLU
+or pool ``X``, ``X/CheckNumerics`` and ``X/control_dependency``, an Identity with the control
+input ``^X/CheckNumerics``), the same spatial sizes
 (299 -> 149 -> ... -> 17 -> 8 -> 1), and random weights. ``width`` scales every channel count:
 1.0 gives the real 2048-dimensional pool_3 and the real cost per image.
 
@@ -139,7 +141,8 @@ class _InceptionWriter:
         stride: int = 1,
         padding: str = "SAME",
     ) -> tuple[str, int]:
-        """conv2d_params -> Conv2D -> batchnorm (2015 op) -> Relu named ``name``."""
+        """conv2d_params -> Conv2D -> batchnorm (2015 op) -> CheckNumerics and
+        control_dependency -> Relu named ``name``, as in the 2015 graph."""
         b, rng = self.b, self.rng
         kh, kw = kernel
         cout = self.ch(cout)
@@ -168,13 +171,24 @@ class _InceptionWriter:
             variance_epsilon=0.001,
             scale_after_normalization=True,
         )
-        return b.node(name, "Relu", [norm], T=FLOAT), cout
+        return b.node(name, "Relu", [self.checked(name, norm)], T=FLOAT), cout
+
+    def checked(self, name: str, x: str) -> str:
+        """``name/CheckNumerics`` on x, and ``name/control_dependency``: x, after the check.
+
+        The 2015 graph guards every layer's input this way; the check is reached only through
+        the Identity's control input (``^name/CheckNumerics``), never through a data edge.
+        """
+        check = self.b.node(
+            f"{name}/CheckNumerics", "CheckNumerics", [x], T=FLOAT, message=f"{name}: NaN or Inf"
+        )
+        return self.b.node(f"{name}/control_dependency", "Identity", [x, f"^{check}"], T=FLOAT)
 
     def pool(self, name: str, x: str, op: str, kernel: int, stride: int, padding: str) -> str:
         return self.b.node(
             name,
             op,
-            [x],
+            [self.checked(name, x)],
             T=FLOAT,
             ksize=[1, kernel, kernel, 1],
             strides=[1, stride, stride, 1],

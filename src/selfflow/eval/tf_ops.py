@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from selfflow.errors import ConfigurationError
+from selfflow.errors import ConfigurationError, EvaluationError
 from selfflow.eval.graphdef import TFGraph, get_attr, numpy_dtype, parse_input, tensor_name
 
 OpFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
@@ -171,6 +171,24 @@ def _const(ctx: OpContext) -> OpFn:
 @register("Identity", "Snapshot", "StopGradient", "PreventGradient")
 def _identity(ctx: OpContext) -> OpFn:
     return lambda inputs: [inputs[0]]
+
+
+@register("CheckNumerics", "CheckNumericsV2")
+def _check_numerics(ctx: OpContext) -> OpFn:
+    """TF's NaN/inf guard. In the Inception graph it hangs off control inputs, which the
+    executor does not follow, so it runs only when a fetch reads its output."""
+    message = ctx.attr("message", "")
+
+    def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        x = inputs[0]
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            kind = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+            raise EvaluationError(
+                f"node {ctx.name!r} (CheckNumerics): {message}: tensor has {kind}"
+            )
+        return [x]
+
+    return run
 
 
 @register("PlaceholderWithDefault")
@@ -559,6 +577,8 @@ _ALIASES: dict[str, dict[int, int]] = {
     "StopGradient": _VIEW,
     "PreventGradient": _VIEW,
     "PlaceholderWithDefault": _VIEW,
+    "CheckNumerics": _VIEW,
+    "CheckNumericsV2": _VIEW,
     "Cast": _VIEW,  # returns its input when the dtype does not change
     "Reshape": _VIEW,
     "Squeeze": _VIEW,
@@ -600,8 +620,10 @@ class GraphExecutor:
 
     Only the nodes that the fetches depend on are built, walking back from the fetches and
     stopping at fed tensors, so the JPEG decoder at the top of the Inception graph is never
-    touched when images are fed at ``ExpandDims:0``. Intermediate tensors are dropped as soon as
-    their last consumer has run.
+    touched when images are fed at ``ExpandDims:0``. Control inputs (``^name``) only order
+    nodes in TensorFlow and are not followed: the graph's ``CheckNumerics`` guards never run
+    (the evaluator checks its features for NaN/inf itself). Intermediate tensors are dropped as
+    soon as their last consumer has run.
     """
 
     def __init__(
