@@ -147,7 +147,10 @@ def test_manifest_records_every_image_setting(reference, tiny_checkpoint):
     assert {key: settings[key] for key in expected} == expected
     import selfflow
 
-    assert settings["selfflow_version"] == selfflow.__version__
+    # the code is identified by its sampling revision; the package version is only recorded
+    assert settings["sampling_revision"] == 1 and "selfflow_version" not in settings
+    assert manifest["info"]["selfflow_version"] == selfflow.__version__
+    assert manifest["info"]["runs"][0]["selfflow_version"] == selfflow.__version__
     assert manifest["plan"] == {"num_samples": N, "shard_size": 4, "image_shape": [16, 16, 3]}
     assert manifest["complete"]["npz"] == "samples_24.npz"
     assert manifest["complete"]["bytes"] == (reference / "samples_24.npz").stat().st_size
@@ -318,6 +321,52 @@ def test_rerun_with_other_settings_is_refused(
     line = err.strip().splitlines()[-1]
     assert line.startswith("selfflow sample: error:") and named in line and "--overwrite" in line
     assert (reference / "manifest.json").read_text() == manifest
+
+
+def _half_finished_copy(reference: Path, out: Path) -> dict:
+    """The reference folder with its npz and its last two shards gone; returns its manifest."""
+    shutil.copytree(reference, out)
+    (out / "samples_24.npz").unlink()
+    for k in (4, 5):
+        (out / "shards" / f"shard_{k:05d}.npz").unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["complete"] = None
+    return manifest
+
+
+def test_a_folder_begun_by_another_package_version_resumes(
+    reference, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys, monkeypatch
+):
+    import selfflow
+
+    out = tmp_path / "samples"
+    manifest = _half_finished_copy(reference, out)
+    manifest["info"]["selfflow_version"] = "0.0.1"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(selfflow, "__version__", "99.0")
+    code, stdout, err = run_cli(sample_args(tiny_checkpoint, tiny_vae_dir, out), capsys)
+    assert code == 0, err
+    assert "16 done, 2 shards to sample" in stdout
+    np.testing.assert_array_equal(load(out)[0], load(reference)[0])
+    info = json.loads((out / "manifest.json").read_text())["info"]
+    assert info["selfflow_version"] == "0.0.1" and info["runs"][-1]["selfflow_version"] == "99.0"
+
+
+def test_a_folder_of_another_sampling_revision_is_refused(
+    reference, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys
+):
+    out = tmp_path / "samples"
+    manifest = _half_finished_copy(reference, out)
+    manifest["settings"]["sampling_revision"] = 0
+    manifest["info"]["selfflow_version"] = "0.0.1"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = sorted(p.name for p in (out / "shards").iterdir())
+    code, _, err = run_cli(sample_args(tiny_checkpoint, tiny_vae_dir, out), capsys)
+    assert code == 1
+    line = err.strip().splitlines()[-1]
+    assert "sampling_revision: 0 in the folder, 1 now" in line
+    assert "selfflow 0.0.1" in line and "--overwrite" in line
+    assert sorted(p.name for p in (out / "shards").iterdir()) == before
 
 
 def test_overwrite_starts_over(reference, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys):

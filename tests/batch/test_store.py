@@ -140,7 +140,6 @@ def _settings(**changes):
         dtype="bfloat16",
         network="FastSelfFlow/bfloat16",
         vae_dtype="bfloat16",
-        version="0.1.0",
     )
     values.update(changes)
     return image_settings(**values)

@@ -44,6 +44,7 @@ from selfflow.batch import store
 from selfflow.batch.assemble import GRID_SAMPLES, assemble, npz_name
 from selfflow.batch.manifest import (
     MANIFEST_NAME,
+    SAMPLING_REVISION,
     Manifest,
     differing_settings,
     image_settings,
@@ -314,13 +315,13 @@ class _Job:
             dtype=self.dtype_name,
             network=self.network,
             vae_dtype=VAE_DTYPE,
-            version=selfflow.__version__,
         )
         image_shape = self._image_shape()
         run_info = {
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "world_size": self.context.world_size,
             "device": str(self.context.device),
+            "selfflow_version": selfflow.__version__,
             "batch_size": config.batch_size,
             "command": " ".join(sys.argv),
         }
@@ -328,10 +329,17 @@ class _Job:
         if existing is not None:
             differences = differing_settings(existing.settings, settings)
             if differences:
+                hint = "use the same settings to resume"
+                if existing.settings.get("sampling_revision") != SAMPLING_REVISION:
+                    made_by = existing.info.get("selfflow_version", "an older version")
+                    hint = (
+                        f"this selfflow computes images differently from the one that began the "
+                        f"folder (selfflow {made_by}); finish it with that version"
+                    )
                 raise ConfigurationError(
                     f"{self.output_dir} was sampled with other settings ("
                     + "; ".join(differences)
-                    + "); use the same settings to resume, --overwrite to start over, or another --output-dir"
+                    + f"); {hint}, --overwrite to start over, or another --output-dir"
                 )
             if config.shard_size is not None and config.shard_size != existing.shard_size:
                 raise ConfigurationError(
@@ -354,6 +362,7 @@ class _Job:
                 info={
                     "checkpoint": str(Path(checkpoint).resolve()),
                     "vae": config.vae or _default_vae(),
+                    "selfflow_version": selfflow.__version__,
                     "torch": _torch_version(),
                     "created": run_info["started"],
                     "runs": [run_info],
