@@ -390,3 +390,14 @@ def test_the_evaluator_never_imports_tensorflow():
         "assert not any(m.split('.')[0] == 'tensorflow' for m in sys.modules), 'tensorflow'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_help_states_the_tolerance_and_claims_no_identity(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "precision and recall to about 1e-3" in text and "features to about 1e-5" in text
+    assert not re.search(r"exactly|identical", text, re.IGNORECASE)
+    from selfflow.eval import metrics
+
+    assert "1e-3" in metrics.__doc__ and "as TF does" not in metrics.__doc__

@@ -162,7 +162,7 @@ def evaluate(
     progress: bool = True,
     use_cache: bool = True,
 ) -> dict:
-    """Evaluate ``sample_path`` against ``ref_path`` exactly as ADM's evaluator does.
+    """Evaluate ``sample_path`` against ``ref_path`` as ADM's evaluator does.
 
     Returns a dict with ``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall``,
     counts, the inputs' sha256 and any notes. With ``out_dir`` it also writes
