@@ -369,6 +369,44 @@ def test_a_folder_of_another_sampling_revision_is_refused(
     assert sorted(p.name for p in (out / "shards").iterdir()) == before
 
 
+def test_a_second_run_in_the_same_folder_is_refused_until_the_first_ends(
+    reference, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys
+):
+    import fcntl
+
+    out = tmp_path / "samples"
+    manifest = _half_finished_copy(reference, out)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    in_flight = out / "shards" / ".shard_00004.npz.tmp-4242"  # the other run's shard in flight
+    in_flight.write_bytes(b"half")
+    args = sample_args(tiny_checkpoint, tiny_vae_dir, out, "--overwrite")
+    with open(out / ".lock", "w") as other_run:  # what a running `selfflow sample` holds
+        fcntl.flock(other_run, fcntl.LOCK_EX)
+        other_run.write("4242 on elsewhere\n")
+        other_run.flush()
+        code, _, err = run_cli(args, capsys)
+    assert code == 1
+    line = err.strip().splitlines()[-1]
+    assert f"another selfflow sample run (pid 4242 on elsewhere) is using {out}" in line
+    assert in_flight.exists() and len(list((out / "shards").glob("shard_*.npz"))) == 4
+    # the lock ended with its process; the file it leaves behind does not block the next run
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "--overwrite: removed" in stdout and not in_flight.exists()
+    assert not (out / ".lock").exists()
+
+
+def test_the_lock_is_released_when_a_run_fails(tmp_path, tiny_checkpoint, tiny_vae_dir, capsys):
+    out = tmp_path / "samples"
+    code, _, err = run_cli(sample_args(tmp_path / "missing.pt", tiny_vae_dir, out), capsys)
+    assert code == 1 and "checkpoint not found" in err
+    from selfflow.batch.lock import FolderLock
+
+    with FolderLock(out) as lock:  # free again, in this same process
+        assert lock.held and (out / ".lock").read_text().startswith(f"{os.getpid()} on ")
+    assert not (out / ".lock").exists()
+
+
 def test_overwrite_starts_over(reference, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys):
     out = tmp_path / "samples"
     shutil.copytree(reference, out)

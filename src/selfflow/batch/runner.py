@@ -3,7 +3,8 @@
 :func:`generate_fid_batch` is what ``selfflow sample`` and the root ``sample.py`` run. Its
 steps, and who does each:
 
-1. **Set-up (rank 0).** Check the settings and the output folder, load the checkpoint (its
+1. **Set-up (rank 0).** Check the settings and the output folder, lock the folder for this run
+   (:mod:`selfflow.batch.lock`; a second run there is refused), load the checkpoint (its
    sha256 identifies it) and the VAE, compare with ``manifest.json`` (refusing a folder made
    with other settings, or clearing it under ``--overwrite``), delete temporaries of killed runs
    and list the shard files already there. Every other rank waits for the outcome, so a bad
@@ -42,6 +43,7 @@ import numpy as np
 from selfflow import distributed
 from selfflow.batch import store
 from selfflow.batch.assemble import GRID_SAMPLES, assemble, npz_name
+from selfflow.batch.lock import FolderLock
 from selfflow.batch.manifest import (
     MANIFEST_NAME,
     SAMPLING_REVISION,
@@ -227,10 +229,17 @@ class _Job:
         self.manifest: Manifest | None = None
         self.plan: store.ShardPlan | None = None
         self._balanced: np.ndarray | None = None
+        self.lock = FolderLock(self.output_dir)  # taken by rank 0 in the set-up
 
     # -- orchestration ------------------------------------------------------------------------
 
     def run(self) -> BatchResult | None:
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> BatchResult | None:
         started = time.perf_counter()
         outcome = self._agreed_setup()
         self.manifest = Manifest.from_json(outcome.manifest_json, self.output_dir / MANIFEST_NAME)
@@ -282,6 +291,7 @@ class _Job:
         config = self.config
         config.validate()
         _prepare_output_dir(self.output_dir)
+        self.lock.acquire()  # before anything in the folder is read or deleted
         existing = None if config.overwrite else read_manifest(self.output_dir)
         if not config.overwrite and existing is None and _any_shard_files(self.output_dir):
             raise ConfigurationError(

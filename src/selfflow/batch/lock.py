@@ -1,0 +1,97 @@
+"""One run per output folder: rank 0 holds an exclusive ``flock`` on ``DIR/.lock``.
+
+Two runs in one folder would break each other: each one's set-up deletes the temporaries of
+the other's shards in flight, and both would write the same shards and npz. So rank 0 takes
+the lock before it touches anything in the folder and keeps it until the run ends; a second
+run is refused at once with the first one's pid. The lock belongs to the open file, so the
+kernel frees it when the process dies, even by SIGKILL: a killed run never blocks a restart.
+(On NFS, Linux maps ``flock`` to a POSIX lock that all clients see.)
+
+The file is deleted when the run ends. A run that opened it just before that could lock the
+deleted file, so after locking, the holder checks that the path still names the file it locked,
+and starts again if not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from pathlib import Path
+
+from selfflow.errors import ConfigurationError
+
+try:
+    import fcntl
+except ImportError:  # no flock on this platform (Windows): runs are not guarded
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".lock"
+
+
+class FolderBusyError(ConfigurationError):
+    """Another run holds the folder's lock."""
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on ``folder/.lock`` (use as a context manager)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> FolderLock:
+        if fcntl is None or self._fd is not None:
+            return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise FolderBusyError(
+                    f"another selfflow sample run (pid {holder}) is using {self.folder}; wait "
+                    f"for it to finish or choose another --output-dir"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # locked a file that the previous holder deleted meanwhile: again
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still locked: nobody else can hold this file
+        os.close(fd)
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text or "unknown"
