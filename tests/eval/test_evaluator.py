@@ -112,7 +112,7 @@ def test_evaluation_matches_tensorflow_features_and_float64_metrics(
     assert [p.name for p in out.iterdir()] == ["metrics.json"]  # no temporary left behind
     # No statistics in the reference: computed from its images, and said so.
     assert saved["reference"]["statistics"] == {"pool": "computed", "spatial": "computed"}
-    assert any("has no mu/sigma" in n for n in saved["notes"])
+    assert any("mu/sigma/mu_s/sigma_s computed from its 120 images" in n for n in saved["notes"])
 
 
 def test_statistics_in_the_npz_are_used_as_is(batches, tf_features, inception_small, tmp_path):
@@ -132,6 +132,45 @@ def test_statistics_in_the_npz_are_used_as_is(batches, tf_features, inception_sm
     )
     assert result["reference"]["statistics"] == {"pool": "file", "spatial": "file"}
     assert not any("has no" in n for n in result["notes"])
+
+
+def test_sample_statistics_follow_adms_rule(batches, tf_features, inception_small, tmp_path):
+    """ADM takes a sample npz's mu, sigma, mu_s, sigma_s only when 'mu' is there."""
+    ref, sample, _, sample_images = batches
+    (ref_pool, ref_spatial, _), (pool, spatial, _) = tf_features
+    plain = run(ref, sample, inception_small)
+    # All four: FID and sFID follow the file, not arr_0; IS and P/R still come from the images.
+    mu, sigma = stats64(pool[::2] * 0.9 + 0.1)
+    mu_s, sigma_s = stats64(spatial[1::2])
+    with_stats = _save(
+        tmp_path / "all_four.npz",
+        arr_0=sample_images,
+        mu=mu,
+        sigma=sigma,
+        mu_s=mu_s,
+        sigma_s=sigma_s,
+    )
+    result = run(ref, with_stats, inception_small)
+    assert result["fid"] == pytest.approx(
+        fid_by_eigendecomposition(mu, sigma, *stats64(ref_pool)), rel=1e-4
+    )
+    assert result["sfid"] == pytest.approx(
+        fid_by_eigendecomposition(mu_s, sigma_s, *stats64(ref_spatial)), rel=1e-4
+    )
+    assert abs(result["fid"] - plain["fid"]) > 0.01 * plain["fid"]
+    for key in ("inception_score", "precision", "recall"):
+        assert result[key] == plain[key]
+    assert result["sample"]["statistics"] == {"pool": "file", "spatial": "file"}
+    # Spatial statistics without 'mu' are ignored: both pairs come from the images.
+    spatial_only = _save(tmp_path / "spatial.npz", arr_0=sample_images, mu_s=mu_s, sigma_s=sigma_s)
+    result = run(ref, spatial_only, inception_small)
+    assert (result["fid"], result["sfid"]) == (plain["fid"], plain["sfid"])
+    assert result["sample"]["statistics"] == {"pool": "computed", "spatial": "computed"}
+    assert any("has mu_s/sigma_s but no mu; ADM then ignores them" in n for n in result["notes"])
+    # 'mu' without the other three: refused before any features are computed.
+    partial = _save(tmp_path / "partial.npz", arr_0=sample_images, mu=mu, sigma=sigma)
+    with pytest.raises(ConfigurationError, match="has 'mu' but no 'mu_s', 'sigma_s'"):
+        evaluate(ref, partial, inception=tmp_path / "no-graph-needed.pb", device="cpu")
 
 
 def test_reference_features_are_cached_by_sha256(batches, inception_small, tmp_path):
@@ -209,18 +248,23 @@ def test_bad_sample_batches_are_refused(case, batches, inception_small, tmp_path
 def test_bad_references_are_refused_and_nothing_is_written(batches, inception_small, tmp_path):
     ref, sample, ref_images, _ = batches
     out = tmp_path / "out"
-    d = 66
+    d, ds = 66, 63
+    spatial = {"mu_s": np.zeros(ds), "sigma_s": np.eye(ds)}
     cases = {
         "stats only": ({"mu": np.zeros(d), "sigma": np.eye(d)}, r"no array 'arr_0'.*'mu'"),
         "NaN statistics": (
-            {"arr_0": ref_images, "mu": np.full(d, np.nan), "sigma": np.eye(d)},
+            {"arr_0": ref_images, "mu": np.full(d, np.nan), "sigma": np.eye(d), **spatial},
             "NaN",
         ),
         "wrong size": (
-            {"arr_0": ref_images, "mu": np.zeros(2048), "sigma": np.eye(2048)},
+            {"arr_0": ref_images, "mu": np.zeros(2048), "sigma": np.eye(2048), **spatial},
             "do not fit this Inception graph's 66 features",
         ),
-        "half a pair": ({"arr_0": ref_images, "mu_s": np.zeros(63)}, "without its partner"),
+        # ADM takes all four statistics when 'mu' is there.
+        "mu without the rest": (
+            {"arr_0": ref_images, "mu": np.zeros(d), "sigma": np.eye(d), "mu_s": np.zeros(ds)},
+            "has 'mu' but no 'sigma_s'",
+        ),
     }
     for name, (arrays, message) in cases.items():
         bad = _save(tmp_path / f"{name.replace(' ', '_')}.npz", **arrays)

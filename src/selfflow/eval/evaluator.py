@@ -44,7 +44,8 @@ REPORT_KEYS = (
     ("Recall", "recall"),
 )
 _CACHE_FORMAT = 1
-_KINDS = {"pool": "mu/sigma", "spatial": "mu_s/sigma_s"}
+_KINDS = ("pool", "spatial")
+_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
 def format_report(metrics: dict) -> str:
@@ -68,19 +69,25 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _statistics_from_npz(path: Path, role: str, dims: tuple[int, int]) -> dict[str, Statistics]:
-    """The (mu, sigma) pairs an npz carries ("pool" and/or "spatial"), validated."""
-    arrays = read_small_arrays(path, ["mu", "sigma", "mu_s", "sigma_s"], role)
+def _statistics_from_npz(
+    path: Path, role: str, dims: tuple[int, int]
+) -> tuple[dict[str, Statistics], list[str]]:
+    """The statistics an npz carries, validated, and the statistic keys that are ignored.
+
+    ADM reads an npz's statistics only when it holds ``mu``, and then takes all four of
+    ``mu, sigma, mu_s, sigma_s``; without ``mu`` it computes both pairs from the images and
+    ignores any other statistic in the file. We do the same, but say so, and a file with ``mu``
+    and not all the others is refused (ADM would stop with a KeyError).
+    """
+    arrays = read_small_arrays(path, list(_STAT_KEYS), role)
+    if "mu" not in arrays:
+        return {}, sorted(arrays, key=_STAT_KEYS.index)
+    _check_statistic_keys(path, role, list(arrays))
     found: dict[str, Statistics] = {}
     for kind, (mu_key, sigma_key), dim in (
         ("pool", ("mu", "sigma"), dims[0]),
         ("spatial", ("mu_s", "sigma_s"), dims[1]),
     ):
-        if mu_key not in arrays and sigma_key not in arrays:
-            continue
-        if mu_key not in arrays or sigma_key not in arrays:
-            have = mu_key if mu_key in arrays else sigma_key
-            raise ConfigurationError(f"{role} {path} has {have!r} without its partner")
         mu, sigma = arrays[mu_key], arrays[sigma_key]
         if mu.shape != (dim,) or sigma.shape != (dim, dim):
             raise ConfigurationError(
@@ -92,7 +99,39 @@ def _statistics_from_npz(path: Path, role: str, dims: tuple[int, int]) -> dict[s
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise ConfigurationError(f"{role} {path}: {mu_key}/{sigma_key} contain NaN or inf")
         found[kind] = Statistics(mu, sigma)
-    return found
+    return found, []
+
+
+def _check_statistic_keys(path: Path, role: str, keys: list[str]) -> None:
+    """Refuse ``mu`` without all of ``sigma, mu_s, sigma_s``: cheap, before any features."""
+    missing = [key for key in _STAT_KEYS if key not in keys]
+    if "mu" in keys and missing:
+        raise ConfigurationError(
+            f"{role} {path} has 'mu' but no {', '.join(map(repr, missing))}: ADM's evaluator "
+            f"then takes all four of mu, sigma, mu_s, sigma_s (add them, or remove 'mu' to have "
+            f"the statistics computed from the images)"
+        )
+
+
+def _npz_or_computed(
+    path: Path, role: str, acts: Activations, note
+) -> tuple[dict[str, Statistics], bool]:
+    """ADM's statistics for one batch: the file's four arrays when it has ``mu``, else computed
+    from its features. Returns them and whether they came from the file."""
+    dims = (acts.pool.shape[1], acts.spatial.shape[1])
+    stats, ignored = _statistics_from_npz(path, role, dims)
+    if stats:
+        note(f"{role} {path.name} carries mu/sigma/mu_s/sigma_s; used as is (as ADM does)")
+        return stats, True
+    if ignored:
+        note(
+            f"{role} {path.name} has {'/'.join(ignored)} but no mu; ADM then ignores them, and "
+            f"so do we"
+        )
+    if role == "reference batch" or ignored:
+        note(f"{role} {path.name}: mu/sigma/mu_s/sigma_s computed from its {len(acts)} images")
+    stats = {kind: compute_statistics(getattr(acts, kind)) for kind in _KINDS}
+    return stats, False
 
 
 def _reference_cache_path(ref_sha: str, graph_sha: str | None) -> Path:
@@ -194,6 +233,8 @@ def evaluate(
         )
     references = NpzImages(ref_path, role="reference batch")
     samples = NpzImages(sample_path, role="sample batch")
+    _check_statistic_keys(ref_path, "reference batch", ref_keys)
+    _check_statistic_keys(sample_path, "sample batch", npz_keys(sample_path))
     dev = resolve_device(device)
 
     # 2. The network.
@@ -216,26 +257,13 @@ def evaluate(
             ref_acts = compute_activations(model, references, batch_size, "reference", progress)
             if use_cache:
                 _save_cached(cache_path, ref_acts)
-        dims = (ref_acts.pool.shape[1], ref_acts.spatial.shape[1])
-        ref_stats = _statistics_from_npz(ref_path, "reference batch", dims)
-        ref_source = {kind: "file" if kind in ref_stats else "computed" for kind in _KINDS}
-        for kind, key in _KINDS.items():
-            if kind not in ref_stats:
-                note(
-                    f"reference batch {ref_path.name} has no {key}; computed them from its "
-                    f"{len(references)} images"
-                )
-                ref_stats[kind] = compute_statistics(getattr(ref_acts, kind))
+        ref_stats, from_file = _npz_or_computed(ref_path, "reference batch", ref_acts, note)
+        ref_source = {kind: "file" if from_file else "computed" for kind in _KINDS}
 
         # 4. Sample features, streamed.
         sample_acts = compute_activations(model, samples, batch_size, "samples", progress)
-        sample_stats = _statistics_from_npz(sample_path, "sample batch", dims)
-        sample_source = {kind: "file" if kind in sample_stats else "computed" for kind in _KINDS}
-        for kind, key in _KINDS.items():
-            if kind in sample_stats:
-                note(f"sample batch {sample_path.name} carries {key}; used as is (as ADM does)")
-            else:
-                sample_stats[kind] = compute_statistics(getattr(sample_acts, kind))
+        sample_stats, from_file = _npz_or_computed(sample_path, "sample batch", sample_acts, note)
+        sample_source = {kind: "file" if from_file else "computed" for kind in _KINDS}
 
         # 5. Metrics.
         _log("computing metrics...")
