@@ -99,6 +99,38 @@ def test_fid_retries_with_offset_when_square_root_is_not_finite():
     assert value == pytest.approx(expected, rel=1e-9)
 
 
+def test_fid_prints_nothing_whatever_the_scipy_release(monkeypatch, capsys):
+    """stdout is ADM's five lines: SciPy <= 1.15 prints on failure unless disp=False."""
+    from scipy import linalg
+
+    real_sqrtm = linalg.sqrtm
+    calls = []
+
+    def sqrtm_1_15(a, disp=True, blocksize=64):  # SciPy 1.10-1.15 behaviour
+        calls.append(disp)
+        root = real_sqrtm(a)
+        if disp:
+            if not np.isfinite(root).all():
+                print("Failed to find a square root.")
+            return root
+        return root, 0.0
+
+    def sqrtm_1_18(a):  # disp removed
+        calls.append(None)
+        return real_sqrtm(a)
+
+    s1 = Statistics(np.zeros(2), np.array([[1.0, 1e-4], [1e-4, 0.0]]))  # no finite root
+    s2 = Statistics(np.array([0.5, 0.0]), np.array([[0.0, 0.0], [0.0, 1.0]]))
+    values = []
+    for fake in (sqrtm_1_15, sqrtm_1_18):
+        monkeypatch.setattr(linalg, "sqrtm", fake)
+        with pytest.warns(RuntimeWarning, match="diagonal"):
+            values.append(frechet_distance(s1, s2))
+    assert calls == [False, False, None, None]  # the failed root, then the retry with an offset
+    assert capsys.readouterr().out == ""
+    assert values[0] == values[1] and np.isfinite(values[0])
+
+
 def test_fid_keeps_real_part_of_slightly_complex_root():
     s1 = Statistics(np.zeros(2), np.diag([1.0, -1e-8]))  # sqrt(-1e-8) = 1e-4 i < 1e-3
     s2 = Statistics(np.ones(2), np.eye(2))

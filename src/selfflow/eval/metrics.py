@@ -25,6 +25,7 @@ of a radius; expect precision and recall to agree with ADM's to about 1e-3.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,10 +57,25 @@ def compute_statistics(activations: np.ndarray) -> Statistics:
     return Statistics(np.mean(activations, axis=0), np.cov(activations, rowvar=False))
 
 
+def _takes_disp(function) -> bool:
+    try:
+        return "disp" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _sqrtm(matrix: np.ndarray) -> np.ndarray:
+    """scipy's sqrtm, silent on stdout (stdout carries only ADM's five lines).
+
+    SciPy up to 1.15 prints "Failed to find a square root." unless ``disp=False`` (which ADM
+    passes too); 1.16 and 1.17 deprecate ``disp`` and print nothing; later releases drop it.
+    """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy warns on singular input; we check the result
-        result = linalg.sqrtm(matrix)
+        warnings.simplefilter("ignore")  # singular input, deprecated disp: we check the result
+        if _takes_disp(linalg.sqrtm):
+            result = linalg.sqrtm(matrix, disp=False)
+        else:
+            result = linalg.sqrtm(matrix)
     return result[0] if isinstance(result, tuple) else result
 
 
