@@ -74,11 +74,13 @@ def torchrun_environment(environ: dict[str, str] | None = None) -> tuple[int, in
     return rank, world, local
 
 
-def resolve_device(spec: str | None, local_rank: int = 0) -> torch.device:
+def resolve_device(spec: str | None, local_rank: int = 0, world_size: int = 1) -> torch.device:
     """The device this process samples on.
 
     ``None`` picks ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU; ``"cuda"`` without
-    an index also means ``cuda:LOCAL_RANK``, so one command line serves every process.
+    an index also means ``cuda:LOCAL_RANK``, so one command line serves every process. With
+    several processes an explicit index other than ``LOCAL_RANK`` is refused: torchrun passes
+    the same command line to every process, so ``--device cuda:1`` would put them all on GPU 1.
     """
     if spec is None:
         spec = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,6 +90,12 @@ def resolve_device(spec: str | None, local_rank: int = 0) -> torch.device:
         raise ConfigurationError(
             f"--device must be a torch device such as cpu, cuda or cuda:1; got {spec!r}"
         ) from error
+    if device.type == "cuda" and world_size > 1 and device.index not in (None, local_rank):
+        raise ConfigurationError(
+            f"--device {spec} under torchrun with WORLD_SIZE={world_size} would put every "
+            f"process on GPU {device.index} (this one has LOCAL_RANK={local_rank}); pass "
+            f"--device cuda and each process takes cuda:LOCAL_RANK"
+        )
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigurationError(
@@ -112,7 +120,7 @@ def setup(
     if place is None:
         return DistributedContext(device=resolve_device(device, 0))
     rank, world, local = place
-    resolved = resolve_device(device, local)
+    resolved = resolve_device(device, local, world)
     if world == 1:
         return DistributedContext(rank=rank, world_size=1, local_rank=local, device=resolved)
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]

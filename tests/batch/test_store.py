@@ -204,3 +204,23 @@ def test_device_resolution():
             distributed.resolve_device("cuda", local_rank=1)
     with pytest.raises(ConfigurationError, match="torch device"):
         distributed.resolve_device("gpu-please")
+
+
+def test_an_explicit_gpu_index_under_torchrun_must_be_the_local_rank(monkeypatch):
+    """No GPU needed: the index is checked before CUDA is looked for."""
+    with pytest.raises(ConfigurationError) as caught:
+        distributed.resolve_device("cuda:1", local_rank=0, world_size=2)
+    message = str(caught.value)
+    assert "WORLD_SIZE=2" in message and "GPU 1" in message and "pass --device cuda " in message
+    # the same through torchrun's variables, before any process group is joined
+    for name, value in {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ConfigurationError, match=r"LOCAL_RANK=0\); pass --device cuda "):
+        distributed.setup("cuda:3")
+    # one process, or the index every process would pick anyway: not this error
+    for spec, local, world in (("cuda:1", 0, 1), ("cuda:1", 1, 2), ("cuda", 1, 2)):
+        try:
+            distributed.resolve_device(spec, local_rank=local, world_size=world)
+        except ConfigurationError as error:
+            assert "LOCAL_RANK" not in str(error)
