@@ -190,6 +190,68 @@ def test_reference_features_are_cached_by_sha256(batches, inception_small, tmp_p
     assert run(other, sample, inception_small)["reference"]["features_cached"] is False
 
 
+def test_cache_files_are_checked_on_load(tmp_path):
+    from selfflow.eval.evaluator import _load_cached, _save_cached
+    from selfflow.eval.features import FEATURES_REVISION, Activations
+
+    pool = rng.normal(size=(10, 6)).astype(np.float32)
+    spatial = rng.normal(size=(10, 4)).astype(np.float32)
+    path = tmp_path / "features.npz"
+    assert _load_cached(path, 10, 6) == (None, None)  # no file: nothing to say
+    _save_cached(path, Activations(pool, spatial))
+    loaded, why = _load_cached(path, 10, 6)
+    assert why is None and np.array_equal(loaded.pool, pool)
+    assert np.array_equal(loaded.spatial, spatial)
+    good = path.read_bytes()
+    for damaged in (good[: len(good) // 2], good[:-30], b"", b"not a zip file" * 50):
+        path.write_bytes(damaged)
+        assert _load_cached(path, 10, 6)[1].startswith("damaged"), len(damaged)
+    stale = {
+        "revision 0": dict(revision=0, pool=pool, spatial=spatial),
+        "float64": dict(revision=FEATURES_REVISION, pool=pool.astype(np.float64), spatial=spatial),
+        "NaN": dict(revision=FEATURES_REVISION, pool=pool, spatial=np.full_like(spatial, np.nan)),
+        "pool features": dict(revision=FEATURES_REVISION, pool=pool[:, :5], spatial=spatial),
+        "damaged: KeyError": dict(pool=pool, spatial=spatial),
+    }
+    for reason, arrays in stale.items():
+        np.savez(path, **arrays)
+        loaded, why = _load_cached(path, 10, 6)
+        assert loaded is None and reason in why, (reason, why)
+    np.savez(path, revision=FEATURES_REVISION, pool=pool, spatial=spatial)
+    assert "expected float32 (11, D)" in _load_cached(path, 11, 6)[1]
+
+
+def test_a_damaged_cache_is_replaced_and_no_cache_skips_it(batches, inception_small, tmp_path):
+    ref, sample = batches[:2]
+    first = run(ref, sample, inception_small)
+    (cache,) = (tmp_path / "cache" / "reference-features").glob("*.npz")
+    good = cache.read_bytes()
+    cache.write_bytes(good[: len(good) // 3])  # an interrupted copy, a full disk ...
+    second = run(ref, sample, inception_small)
+    assert second["reference"]["features_cached"] is False
+    assert any("is unusable (damaged: BadZipFile" in n for n in second["notes"])
+    assert [second[k] for k in METRICS] == [first[k] for k in METRICS]
+    assert cache.read_bytes() == good  # written again, whole
+    # A cache that loads but holds other features is used as is ...
+    from selfflow.eval.evaluator import _load_cached, _save_cached
+
+    acts, _ = _load_cached(cache, 120, 66)
+    acts.pool[:] = acts.pool[::-1] * 1.5
+    _save_cached(cache, acts)
+    poisoned = cache.read_bytes()
+    assert run(ref, sample, inception_small)["fid"] != first["fid"]
+    # ... and --no-cache neither reads it nor writes it.
+    code = main(
+        ["evaluate", str(ref), str(sample), "--inception", str(inception_small)]
+        + ["--device", "cpu", "--no-cache"]
+    )
+    assert code == 0 and cache.read_bytes() == poisoned
+    assert run(ref, sample, inception_small, use_cache=False)["fid"] == first["fid"]
+
+
+METRICS = ("inception_score", "fid", "sfid", "precision", "recall")
+
+
 def test_report_has_adms_five_lines_in_order():
     metrics = {
         "inception_score": 151.40123,

@@ -13,7 +13,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Evaluate a sample batch against a reference batch the way ADM's evaluator does "
             "(guided-diffusion/evaluations/evaluator.py), running its TensorFlow Inception "
             "graph in PyTorch. Prints ADM's five lines; writes OUT_DIR/metrics.json when "
-            "OUT_DIR is given. Reference features are cached by the reference file's sha256. "
+            "OUT_DIR is given. Reference features are cached by the reference file's sha256 "
+            "under reference-features/ in $SELFFLOW_CACHE (default ~/.cache/selfflow); "
+            "--no-cache skips the cache. "
             "Agreement with ADM's TensorFlow run: Inception features to about 1e-5 (relative), "
             "FID, sFID and Inception Score to about 1e-4 (relative), precision and recall to "
             "about 1e-3 (their float16 distance sums are accumulated differently from "
@@ -47,6 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=64, help="images per network batch (default: 64, as ADM)"
     )
+    parser.add_argument(
+        "--no-cache",
+        dest="use_cache",
+        action="store_false",
+        help="compute the reference features again; do not read or write the feature cache",
+    )
     parser.set_defaults(func=run)
 
 
@@ -60,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         inception=args.inception,
         device=args.device,
         batch_size=args.batch_size,
+        use_cache=args.use_cache,
     )
     print(format_report(metrics), flush=True)
     return 0

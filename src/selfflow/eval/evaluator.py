@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +23,13 @@ import numpy as np
 import torch
 
 from selfflow.errors import ConfigurationError
-from selfflow.eval.features import BATCH_SIZE, Activations, compute_activations, compute_softmax
+from selfflow.eval.features import (
+    BATCH_SIZE,
+    FEATURES_REVISION,
+    Activations,
+    compute_activations,
+    compute_softmax,
+)
 from selfflow.eval.inception import InceptionV3
 from selfflow.eval.metrics import (
     Statistics,
@@ -43,7 +50,6 @@ REPORT_KEYS = (
     ("Precision", "precision"),
     ("Recall", "recall"),
 )
-_CACHE_FORMAT = 1
 _KINDS = ("pool", "spatial")
 _STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
@@ -138,20 +144,32 @@ def _reference_cache_path(ref_sha: str, graph_sha: str | None) -> Path:
     from selfflow.download import cache_dir
 
     graph_part = (graph_sha or "unknown")[:16]
-    return cache_dir() / "reference-features" / f"{ref_sha}-{graph_part}.npz"
+    name = f"{ref_sha}-{graph_part}-r{FEATURES_REVISION}.npz"
+    return cache_dir() / "reference-features" / name
 
 
-def _load_cached(path: Path, count: int) -> Activations | None:
+def _load_cached(path: Path, count: int, pool_dim: int) -> tuple[Activations | None, str | None]:
+    """Cached reference features, or ``None`` and why the file cannot be used (``None``: none)."""
+    if not path.exists():
+        return None, None
     try:
         with np.load(path, allow_pickle=False) as cached:
-            if int(cached["format"]) != _CACHE_FORMAT:
-                return None
+            revision = int(cached["revision"])
             pool, spatial = cached["pool"], cached["spatial"]
-    except (OSError, ValueError, KeyError):
-        return None
-    if len(pool) != count or len(spatial) != count or pool.dtype != np.float32:
-        return None
-    return Activations(pool, spatial)
+    except (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as error:
+        return None, f"damaged: {type(error).__name__}: {error}"
+    if revision != FEATURES_REVISION:
+        return None, f"features revision {revision}, this selfflow computes {FEATURES_REVISION}"
+    for name, array in (("pool", pool), ("spatial", spatial)):
+        if array.dtype != np.float32 or array.ndim != 2 or len(array) != count:
+            return None, (
+                f"{name} is {array.dtype} {list(array.shape)}; expected float32 ({count}, D)"
+            )
+        if not np.isfinite(array).all():
+            return None, f"{name} holds NaN or inf"
+    if pool.shape[1] != pool_dim:
+        return None, f"{pool.shape[1]} pool features; this graph gives {pool_dim}"
+    return Activations(pool, spatial), None
 
 
 def _save_cached(path: Path, acts: Activations) -> None:
@@ -159,7 +177,12 @@ def _save_cached(path: Path, acts: Activations) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, format=np.array(_CACHE_FORMAT), pool=acts.pool, spatial=acts.spatial)
+            np.savez(
+                handle,
+                revision=np.array(FEATURES_REVISION),
+                pool=acts.pool,
+                spatial=acts.spatial,
+            )
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -249,7 +272,16 @@ def evaluate(
         # 3. Reference features: cached by the reference file's sha256 (and the graph's).
         ref_sha = file_sha256(ref_path)
         cache_path = _reference_cache_path(ref_sha, model.sha256)
-        ref_acts = _load_cached(cache_path, len(references)) if use_cache else None
+        ref_acts, unusable = None, None
+        if use_cache:
+            pool_dim = model.softmax_weight.shape[0]
+            ref_acts, unusable = _load_cached(cache_path, len(references), pool_dim)
+        if unusable:
+            note(f"reference feature cache {cache_path} is unusable ({unusable}); recomputing")
+            try:
+                cache_path.unlink()
+            except OSError as error:
+                note(f"could not delete {cache_path}: {error}")
         cached = ref_acts is not None
         if cached:
             _log(f"reference features from cache {cache_path}")
@@ -312,6 +344,7 @@ def evaluate(
             "image_shape": list(references.shape[1:]),
             "statistics": ref_source,
             "features_cached": cached,
+            "features_revision": FEATURES_REVISION,
         },
         "inception": {"path": str(inception), "sha256": model.sha256},
         "device": str(dev),

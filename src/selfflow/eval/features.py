@@ -20,6 +20,10 @@ from selfflow.eval.inception import InceptionV3
 from selfflow.eval.metrics import full_fp32
 from selfflow.eval.npz import NpzImages
 
+# Bump whenever a change (graph executor, resize, feature layout, dtype) can change a feature
+# value: reference features cached under another revision are then computed again.
+FEATURES_REVISION = 1
+
 BATCH_SIZE = 64  # ADM's batch size
 SOFTMAX_BATCH = 512  # ADM's softmax batch size
 
