@@ -5,6 +5,10 @@ requests, so an interrupted download continues where it stopped, and are renamed
 name only when complete (and, when a digest is known, verified). A file at the final name is
 therefore always whole. Only the standard library is used (urllib), plus tqdm for progress.
 
+The server's ``ETag`` (or ``Last-Modified``) is kept in ``NAME.part.json`` and sent back as
+``If-Range`` when resuming: if the file changed upstream in between, the server sends the whole
+new file instead of the rest of the old one. Without a validator only the size check stands.
+
 Cache: ``$SELFFLOW_CACHE`` if set, else ``~/.cache/selfflow``.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import os
 import re
 import sys
@@ -52,12 +57,41 @@ def _content_range_total(header: str | None) -> int | None:
     return int(match.group(3))
 
 
+def _validator_path(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _read_validator(part: Path, url: str) -> str | None:
+    """The ETag (strong) or Last-Modified stored for ``part``'s bytes, if they came from ``url``."""
+    try:
+        stored = json.loads(_validator_path(part).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or stored.get("url") != url:
+        return None
+    value = stored.get("validator")
+    return value if isinstance(value, str) and value else None
+
+
+def _write_validator(part: Path, url: str, headers) -> None:
+    etag = headers.get("ETag")
+    value = etag if etag and not etag.startswith("W/") else headers.get("Last-Modified")
+    path = _validator_path(part)
+    if value:
+        path.write_text(json.dumps({"url": url, "validator": value}))
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _fetch_once(url: str, part: Path, timeout: float, progress: bool, desc: str) -> int | None:
     """Append the rest of ``url`` to ``part``; return the expected total size when known."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": _USER_AGENT}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        validator = _read_validator(part, url)
+        if validator:
+            headers["If-Range"] = validator  # a changed file comes back whole (200)
     request = urllib.request.Request(url, headers=headers)
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
@@ -83,8 +117,14 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool, desc: str)
             mode = "wb"
         from tqdm.auto import tqdm
 
+        try:
+            if mode == "wb" or not _validator_path(part).exists():
+                _write_validator(part, url, response.headers)
+            handle = open(part, mode)  # noqa: SIM115 (closed by the with below)
+        except OSError as error:  # the disk, not the network: retrying will not help
+            raise DownloadError(f"cannot write {part}: {error}") from error
         with (
-            open(part, mode) as handle,
+            handle,
             tqdm(
                 total=total,
                 initial=offset,
@@ -98,7 +138,10 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool, desc: str)
             ) as bar,
         ):
             while chunk := response.read(CHUNK):
-                handle.write(chunk)
+                try:
+                    handle.write(chunk)
+                except OSError as error:
+                    raise DownloadError(f"cannot write {part}: {error}") from error
                 bar.update(len(chunk))
     return total
 
@@ -135,6 +178,7 @@ def download(
             total = _fetch_once(url, part, timeout, progress, dest.name)
         except _Restart:
             part.unlink(missing_ok=True)
+            _validator_path(part).unlink(missing_ok=True)
             last_error = None
             continue
         except urllib.error.HTTPError as error:
@@ -145,12 +189,9 @@ def download(
                 ) from error
             last_error = error
             continue
-        except (
-            urllib.error.URLError,
-            http.client.HTTPException,
-            ConnectionError,
-            TimeoutError,
-        ) as error:
+        except (http.client.HTTPException, OSError) as error:
+            # OSError covers URLError, ssl.SSLError, connection resets and timeouts; errors
+            # writing the file come as DownloadError instead and are not retried.
             last_error = error
             continue
         size = part.stat().st_size if part.exists() else 0
@@ -169,6 +210,7 @@ def download(
             f"({type(last_error).__name__}: {last_error}){kept}. "
             f"Or fetch it by hand and place it at {dest}"
         ) from last_error
+    _validator_path(part).unlink(missing_ok=True)
     if sha256:
         actual = file_sha256(part)
         if actual != sha256.lower():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import re
+import ssl
 import threading
 from pathlib import Path
 
@@ -25,7 +26,9 @@ class FileServer:
         self.drop_after: dict[str, list[int]] = {}  # per request, in order: bytes before hanging up
         self.fail_first: dict[str, list[int]] = {}  # statuses to answer before serving
         self.ignore_range: set[str] = set()
+        self.validators: dict[str, dict[str, str]] = {}  # path -> ETag / Last-Modified headers
         self.log: list[tuple[str, str | None]] = []
+        self.if_range: list[str | None] = []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -35,6 +38,9 @@ class FileServer:
             def do_GET(self):
                 path, range_header = self.path, self.headers.get("Range")
                 server.log.append((path, range_header))
+                if_range = self.headers.get("If-Range")
+                server.if_range.append(if_range)
+                validators = server.validators.get(path, {})
                 if server.fail_first.get(path):
                     self.send_error(server.fail_first[path].pop(0))
                     return
@@ -44,7 +50,11 @@ class FileServer:
                 data = server.files[path]
                 start = 0
                 match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
-                if match and path not in server.ignore_range:
+                current = if_range is None or if_range in (
+                    validators.get("ETag"),
+                    validators.get("Last-Modified"),
+                )
+                if match and current and path not in server.ignore_range:
                     start = int(match.group(1))
                     if start >= len(data):
                         self.send_response(416)
@@ -57,6 +67,8 @@ class FileServer:
                 else:
                     self.send_response(200)
                 body = data[start:]
+                for header, value in validators.items():
+                    self.send_header(header, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 drops = server.drop_after.get(path)
@@ -219,3 +231,77 @@ def test_download_command_reports_failure_in_one_line(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("selfflow download: error: could not download") and "by hand" in err
     assert not (tmp_path / "classify_image_graph_def.pb").exists()
+
+
+def test_a_file_changed_upstream_is_fetched_whole_not_spliced(server, tmp_path):
+    server.validators["/graph.pb"] = {
+        "ETag": '"v1"',
+        "Last-Modified": "Mon, 01 Jan 2024 00:00:00 GMT",
+    }
+    server.drop_after["/graph.pb"] = [50_000]
+    dest = tmp_path / "graph.pb"
+    with pytest.raises(DownloadError):
+        fetch(server, dest, retries=0)
+    # Same size, other bytes: the size check alone cannot see the change.
+    new = bytes(reversed(PAYLOAD))
+    server.files["/graph.pb"] = new
+    server.validators["/graph.pb"] = {"ETag": '"v2"'}
+    fetch(server, dest)
+    assert server.if_range == [None, '"v1"'] and server.log[-1] == ("/graph.pb", "bytes=50000-")
+    assert dest.read_bytes() == new
+    assert list(tmp_path.iterdir()) == [dest]  # the stored validator is gone too
+
+
+def test_last_modified_is_the_validator_when_the_etag_is_weak(server, tmp_path):
+    stamp = "Tue, 02 Jan 2024 10:00:00 GMT"
+    server.validators["/graph.pb"] = {"ETag": 'W/"weak"', "Last-Modified": stamp}
+    server.drop_after["/graph.pb"] = [30_000]
+    dest = tmp_path / "graph.pb"
+    fetch(server, dest)
+    assert server.if_range == [None, stamp]
+    assert server.log[-1] == ("/graph.pb", "bytes=30000-") and dest.read_bytes() == PAYLOAD
+
+
+def test_ssl_errors_and_connection_resets_are_retried_and_resumed(server, tmp_path, monkeypatch):
+    real_urlopen = dl.urllib.request.urlopen
+    failures = [ssl.SSLError("[SSL] record layer failure"), "reset after 10000 bytes"]
+
+    class ResetMidway:
+        """A response whose connection is reset after its first 10 000 bytes."""
+
+        def __init__(self, response):
+            self.response, self.sent = response, False
+            self.status, self.headers = response.status, response.headers
+
+        def read(self, size):
+            if self.sent:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            self.sent = True
+            return self.response.read(10_000)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.response.close()
+
+    def flaky_urlopen(request, timeout):
+        failure = failures.pop(0) if failures else None
+        if isinstance(failure, OSError):
+            raise failure
+        response = real_urlopen(request, timeout=timeout)
+        return ResetMidway(response) if failure else response
+
+    monkeypatch.setattr(dl.urllib.request, "urlopen", flaky_urlopen)
+    dest = tmp_path / "graph.pb"
+    fetch(server, dest)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.log == [("/graph.pb", None), ("/graph.pb", "bytes=10000-")]
+
+
+def test_errors_writing_the_file_are_not_retried(server, tmp_path):
+    dest = tmp_path / "graph.pb"
+    (tmp_path / "graph.pb.part").mkdir()  # cannot be opened for writing
+    with pytest.raises(DownloadError, match="cannot write .*graph.pb.part"):
+        fetch(server, dest)
+    assert len(server.log) == 1 and not dest.exists()
