@@ -15,6 +15,8 @@ Tolerances (measured margins are far inside them):
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -245,16 +247,60 @@ def test_float32_fallback_when_float16_overflows():
     )
 
 
-def test_full_fp32_turns_tf32_off_and_restores_the_caller_setting():
+def _fake_backends(new_api: bool) -> SimpleNamespace:
+    if new_api:  # torch >= 2.9
+        return SimpleNamespace(
+            cuda=SimpleNamespace(matmul=SimpleNamespace(fp32_precision="tf32")),
+            cudnn=SimpleNamespace(conv=SimpleNamespace(fp32_precision="tf32"), allow_tf32=True),
+        )
+    return SimpleNamespace(  # torch < 2.9: no fp32_precision anywhere
+        cuda=SimpleNamespace(matmul=SimpleNamespace(allow_tf32=True)),
+        cudnn=SimpleNamespace(allow_tf32=True),
+    )
+
+
+@pytest.mark.parametrize("new_api", [True, False], ids=["fp32_precision", "allow_tf32"])
+def test_full_fp32_turns_tf32_off_and_restores_the_caller_setting(new_api):
+    from selfflow.eval.metrics import full_fp32
+
+    backends = _fake_backends(new_api)
+    if new_api:
+
+        def state():
+            return (backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision)
+
+        caller, full = ("tf32", "tf32"), ("ieee", "ieee")
+    else:
+
+        def state():
+            return (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32)
+
+        caller, full = (True, True), (False, False)
+    with full_fp32(backends):
+        assert state() == full
+        if new_api:
+            assert backends.cudnn.allow_tf32 is True  # the old switch is left alone
+    assert state() == caller
+    with pytest.raises(KeyError), full_fp32(backends):  # restored on errors too
+        assert state() == full
+        raise KeyError("boom")
+    assert state() == caller
+
+
+def test_full_fp32_on_the_installed_torch():
     from selfflow.eval.metrics import full_fp32
 
     matmul = torch.backends.cuda.matmul
-    saved = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
+    name, tf32, ieee = (
+        ("fp32_precision", "tf32", "ieee")
+        if hasattr(matmul, "fp32_precision")
+        else ("allow_tf32", True, False)
+    )
+    saved = getattr(matmul, name)
+    setattr(matmul, name, tf32)
     try:
         with full_fp32():
-            assert matmul.fp32_precision == "ieee"
-            assert torch.backends.cudnn.conv.fp32_precision == "ieee"
-        assert matmul.fp32_precision == "tf32"
+            assert getattr(matmul, name) == ieee
+        assert getattr(matmul, name) == tf32
     finally:
-        matmul.fp32_precision = saved
+        setattr(matmul, name, saved)
