@@ -452,7 +452,11 @@ def test_cli_prints_the_five_lines(batches, inception_small, tmp_path, capsys):
         ]
     )
     assert code == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    for step in ("Inception Score", "FID", "sFID", "precision and recall"):
+        assert f"computing {'the ' if step[0] == 'I' else ''}{step}" in captured.err
+    assert re.search(r"precision/recall: 100%.*3/3", captured.err)  # one block per pass
     match = REPORT.search(printed)
     assert match, printed
     saved = json.loads((out / "metrics.json").read_text())

@@ -206,6 +206,18 @@ def test_precision_recall_exact_on_small_integer_features():
     assert precision_recall(t(ref), t(sample), block=7) == expected  # blocks change nothing
 
 
+def test_precision_recall_shows_its_blocks_on_stderr(capsys):
+    ref = rng.integers(0, 3, (30, 6)).astype(np.float32)
+    sample = rng.integers(0, 4, (25, 6)).astype(np.float32)
+    quiet = precision_recall(t(ref), t(sample), block=7)
+    assert capsys.readouterr().err == ""
+    assert precision_recall(t(ref), t(sample), block=7, progress=True) == quiet
+    captured = capsys.readouterr()
+    # 5 x 5 reference blocks, 4 x 4 sample blocks, 5 x 4 cross blocks.
+    assert captured.out == "" and "precision/recall" in captured.err
+    assert "61/61" in captured.err and "block" in captured.err
+
+
 def test_precision_recall_on_random_features():
     ref = rng.normal(0, 1, (300, 32)).astype(np.float32)
     sample = rng.normal(0.25, 1.1, (200, 32)).astype(np.float32)

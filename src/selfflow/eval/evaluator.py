@@ -298,15 +298,19 @@ def evaluate(
         sample_source = {kind: "file" if from_file else "computed" for kind in _KINDS}
 
         # 5. Metrics.
-        _log("computing metrics...")
-        probabilities = compute_softmax(model, sample_acts.pool)
         metrics_time = time.time()
-        is_value = inception_score(probabilities)
+        _log("computing the Inception Score...")
+        is_value = inception_score(compute_softmax(model, sample_acts.pool))
+        _log("computing FID (matrix square root of the pool covariances)...")
         fid = frechet_distance(sample_stats["pool"], ref_stats["pool"], notes=notes)
+        _log("computing sFID (matrix square root of the spatial covariances)...")
         sfid = frechet_distance(sample_stats["spatial"], ref_stats["spatial"], notes=notes)
+        _log("computing precision and recall (k = 3 nearest neighbours, float16 distances)...")
         with full_fp32():
             precision, recall = precision_recall(
-                torch.from_numpy(ref_acts.pool).to(dev), torch.from_numpy(sample_acts.pool).to(dev)
+                torch.from_numpy(ref_acts.pool).to(dev),
+                torch.from_numpy(sample_acts.pool).to(dev),
+                progress=progress,
             )
         metrics_time = time.time() - metrics_time
         values = {

@@ -26,6 +26,7 @@ of a radius; expect precision and recall to agree with ADM's to about 1e-3.
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -184,8 +185,13 @@ def pairwise_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.clamp_min(norm_u[:, None] - 2 * (u @ v.T) + norm_v[None, :], 0.0)
 
 
-def manifold_radii(features: torch.Tensor, k: int = NEIGHBOURS, block: int = BLOCK) -> torch.Tensor:
-    """Distance from each point to its k-th nearest neighbour in its own set (self = 0th)."""
+def manifold_radii(
+    features: torch.Tensor, k: int = NEIGHBOURS, block: int = BLOCK, bar=None
+) -> torch.Tensor:
+    """Distance from each point to its k-th nearest neighbour in its own set (self = 0th).
+
+    ``bar`` (a tqdm bar, optional) advances by one per distance block.
+    """
     n = features.shape[0]
     if n < k + 1:
         raise EvaluationError(f"need at least {k + 1} points for k = {k}, got {n}")
@@ -198,23 +204,46 @@ def manifold_radii(features: torch.Tensor, k: int = NEIGHBOURS, block: int = BLO
             pool = d if nearest is None else torch.cat([nearest, d], dim=1)
             keep = min(k + 1, pool.shape[1])
             nearest = torch.topk(pool, keep, dim=1, largest=False, sorted=True).values
+            if bar is not None:
+                bar.update(1)
         radii[start : start + block] = nearest[:, k]
     return radii
 
 
 def precision_recall(
-    reference: torch.Tensor, sample: torch.Tensor, k: int = NEIGHBOURS, block: int = BLOCK
+    reference: torch.Tensor,
+    sample: torch.Tensor,
+    k: int = NEIGHBOURS,
+    block: int = BLOCK,
+    progress: bool = False,
 ) -> tuple[float, float]:
-    """Improved precision (samples inside the reference manifold) and recall (the reverse)."""
-    ref_radii = manifold_radii(reference, k, block)
-    sample_radii = manifold_radii(sample, k, block)
-    ref_inside = torch.zeros(reference.shape[0], dtype=torch.bool, device=reference.device)
-    sample_inside = torch.zeros(sample.shape[0], dtype=torch.bool, device=sample.device)
-    for i in range(0, reference.shape[0], block):
-        for j in range(0, sample.shape[0], block):
-            d = pairwise_distances(reference[i : i + block], sample[j : j + block])
-            ref_inside[i : i + block] |= (d <= sample_radii[None, j : j + block]).any(dim=1)
-            sample_inside[j : j + block] |= (d <= ref_radii[i : i + block, None]).any(dim=0)
+    """Improved precision (samples inside the reference manifold) and recall (the reverse).
+
+    With ``progress``, a bar on stderr counts the distance blocks (both radii passes, then the
+    cross distances): 1 + 25 + 5 = 31 blocks for ADM's 10 000 references and 50 000 samples.
+    """
+    from tqdm.auto import tqdm
+
+    blocks_ref = -(-reference.shape[0] // block)
+    blocks_sample = -(-sample.shape[0] // block)
+    with tqdm(
+        total=blocks_ref**2 + blocks_sample**2 + blocks_ref * blocks_sample,
+        desc="precision/recall",
+        unit="block",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    ) as bar:
+        ref_radii = manifold_radii(reference, k, block, bar)
+        sample_radii = manifold_radii(sample, k, block, bar)
+        ref_inside = torch.zeros(reference.shape[0], dtype=torch.bool, device=reference.device)
+        sample_inside = torch.zeros(sample.shape[0], dtype=torch.bool, device=sample.device)
+        for i in range(0, reference.shape[0], block):
+            for j in range(0, sample.shape[0], block):
+                d = pairwise_distances(reference[i : i + block], sample[j : j + block])
+                ref_inside[i : i + block] |= (d <= sample_radii[None, j : j + block]).any(dim=1)
+                sample_inside[j : j + block] |= (d <= ref_radii[i : i + block, None]).any(dim=0)
+                bar.update(1)
     precision = float(sample_inside.to(torch.float64).mean())
     recall = float(ref_inside.to(torch.float64).mean())
     return precision, recall
