@@ -493,6 +493,21 @@ def test_root_evaluator_script_takes_adms_arguments(batches, inception_small, tm
     assert REPORT.search(proc.stdout), proc.stdout
 
 
+def test_root_evaluator_script_names_itself(tmp_path):
+    script = str(REPO / "evaluator.py")
+    shown = subprocess.run(
+        [sys.executable, script, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: evaluator.py ")
+    assert "--no-cache" in shown.stdout and "selfflow evaluate" not in shown.stdout
+    missing = str(tmp_path / "missing.npz")
+    failed = subprocess.run(
+        [sys.executable, script, missing, missing], capture_output=True, text=True, timeout=120
+    )
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines()[-1].startswith("evaluator.py: error: reference")
+
+
 def test_the_evaluator_never_imports_tensorflow():
     code = (
         "import sys, selfflow.cli, selfflow.download, selfflow.eval.evaluator, "

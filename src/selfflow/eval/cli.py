@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import argparse
 
+DESCRIPTION = (
+    "Evaluate a sample batch against a reference batch the way ADM's evaluator does "
+    "(guided-diffusion/evaluations/evaluator.py), running its TensorFlow Inception "
+    "graph in PyTorch. Prints ADM's five lines; writes OUT_DIR/metrics.json when "
+    "OUT_DIR is given. Reference features are cached by the reference file's sha256 "
+    "under reference-features/ in $SELFFLOW_CACHE (default ~/.cache/selfflow); "
+    "--no-cache skips the cache. "
+    "Agreement with ADM's TensorFlow run: Inception features to about 1e-5 (relative), "
+    "FID, sFID and Inception Score to about 1e-4 (relative), precision and recall to "
+    "about 1e-3 (their float16 distance sums are accumulated differently from "
+    "TensorFlow's, so a borderline image can change sides)."
+)
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
         help="FID, sFID, Inception Score, precision and recall, computed as ADM's evaluator does",
-        description=(
-            "Evaluate a sample batch against a reference batch the way ADM's evaluator does "
-            "(guided-diffusion/evaluations/evaluator.py), running its TensorFlow Inception "
-            "graph in PyTorch. Prints ADM's five lines; writes OUT_DIR/metrics.json when "
-            "OUT_DIR is given. Reference features are cached by the reference file's sha256 "
-            "under reference-features/ in $SELFFLOW_CACHE (default ~/.cache/selfflow); "
-            "--no-cache skips the cache. "
-            "Agreement with ADM's TensorFlow run: Inception features to about 1e-5 (relative), "
-            "FID, sFID and Inception Score to about 1e-4 (relative), precision and recall to "
-            "about 1e-3 (their float16 distance sums are accumulated differently from "
-            "TensorFlow's, so a borderline image can change sides)."
-        ),
+        description=DESCRIPTION,
     )
+    configure(parser)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the evaluator's arguments to ``parser`` (``selfflow evaluate`` or ``evaluator.py``)."""
     parser.add_argument(
         "ref_batch",
         metavar="REF.npz",
