@@ -7,19 +7,29 @@ program is a single process and no process group is created.
 
 NCCL is used when the processes run on CUDA devices, gloo on CPUs. The helpers below are thin
 wrappers that do the right thing for a single process too, so callers never branch on it.
+
+Two helpers guard multi-node runs. :func:`check_shared_folder` proves at set-up that every
+process sees the files rank 0 writes (the batch is exchanged through the output folder).
+:func:`wait_for_all` is the end-of-work barrier; it runs on a gloo group, whose TCP connections
+report a process that died (crash, OOM kill, SIGKILL) within seconds, where an NCCL barrier
+would wait out the process-group timeout.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import secrets
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from selfflow.errors import ConfigurationError
+from selfflow.errors import ConfigurationError, SelfFlowError
 
 T = TypeVar("T")
 
@@ -27,6 +37,14 @@ _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 # Long enough for rank 0 to download the checkpoint and check a folder of shards while the
 # other processes wait in a collective.
 DEFAULT_TIMEOUT = datetime.timedelta(hours=2)
+SHARED_CHECK_PREFIX = ".shared-check-"
+# How long a process looks for rank 0's check file before it concludes that it cannot see it
+# (a generous allowance for a network filesystem's caches; a new name is normally seen at once).
+SHARED_CHECK_WAIT = 10.0
+
+
+class PeerLostError(SelfFlowError):
+    """Another process stopped (crashed or was killed) while this one waited for it."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,8 @@ class DistributedContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None  # None: a single process, no process group
+    # gloo group for wait_for_all (None: the default group, when that is gloo already)
+    control_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -138,8 +158,14 @@ def setup(
         if backend == "nccl":
             kwargs["device_id"] = resolved
         dist.init_process_group(**kwargs)
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     return DistributedContext(
-        rank=rank, world_size=world, local_rank=local, device=resolved, backend=backend
+        rank=rank,
+        world_size=world,
+        local_rank=local,
+        device=resolved,
+        backend=backend,
+        control_group=control,
     )
 
 
@@ -159,6 +185,79 @@ def barrier(context: DistributedContext) -> None:
             dist.barrier(device_ids=[context.device.index])
         else:
             dist.barrier()
+
+
+def wait_for_all(
+    context: DistributedContext,
+    while_waiting: Callable[[], None] | None = None,
+    interval: float = 0.5,
+) -> None:
+    """A barrier that fails with :class:`PeerLostError` if another process has died.
+
+    ``while_waiting()`` is called every ``interval`` seconds until every process has arrived
+    (rank 0 moves its progress bar with it).
+    """
+    if not context.is_distributed:
+        return
+    import torch.distributed as dist
+
+    try:
+        work = dist.barrier(group=context.control_group, async_op=True)
+        while not work.is_completed():
+            if while_waiting is not None:
+                while_waiting()
+            time.sleep(interval)
+        work.wait()
+    except RuntimeError as error:  # gloo: "Connection closed by peer", or the timeout
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PeerLostError(
+            f"rank {context.rank} lost another process while waiting for all to finish ({reason})"
+        ) from error
+
+
+def check_shared_folder(
+    context: DistributedContext, folder: str | os.PathLike, wait: float | None = None
+) -> None:
+    """Fail on every process unless all of them can read a file rank 0 writes in ``folder``.
+
+    The processes exchange their work through the output folder: rank 0 assembles the shards
+    the others write. On several nodes without a shared filesystem rank 0 would wait for files
+    that never come, so this is checked first. Rank 0 writes ``.shared-check-NONCE`` holding a
+    random nonce and broadcasts the nonce; each process looks for the file (up to ``wait``
+    seconds) and checks its content; the verdicts are gathered and the file is deleted.
+    """
+    if not context.is_distributed:
+        return
+    folder = Path(folder)
+    wait = SHARED_CHECK_WAIT if wait is None else wait
+    nonce = secrets.token_hex(16) if context.is_main else None
+    if context.is_main:
+        path = folder / f"{SHARED_CHECK_PREFIX}{nonce}"
+        tmp = folder / f"{SHARED_CHECK_PREFIX}{nonce}.tmp-{os.getpid()}"
+        tmp.write_text(nonce)
+        os.replace(tmp, path)  # never seen half-written
+    nonce = broadcast_object(context, nonce)
+    path = folder / f"{SHARED_CHECK_PREFIX}{nonce}"
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            seen = path.read_text() == nonce
+        except OSError:
+            seen = False
+        if seen or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    verdicts = all_gather_objects(context, (context.rank, socket.gethostname(), seen))
+    if context.is_main:
+        path.unlink(missing_ok=True)
+    blind = [f"rank {rank} on {host}" for rank, host, ok in verdicts if not ok]
+    if blind:
+        writer = verdicts[0][1]
+        raise ConfigurationError(
+            f"--output-dir must be on a filesystem all nodes share: {', '.join(blind)} cannot "
+            f"read {path}, which rank 0 on {writer} wrote (or the path names another folder "
+            f"there); use a shared folder, given as an absolute path"
+        )
 
 
 def broadcast_object(context: DistributedContext, value: T, src: int = 0) -> T:

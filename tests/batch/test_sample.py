@@ -178,10 +178,78 @@ def test_torchrun_two_processes_match_one_process(reference, torchrun_run):
     out, stdout, stderr = torchrun_run
     assert "on 2 processes" in stdout
     assert "sampling: 100%" in stderr and "24/24" in stderr  # rank 0's bar counts both ranks
+    assert not list(out.glob(".*"))  # no lock, shared-folder check file or temporary is left
     images, labels = load(out)
     ref_images, ref_labels = load(reference)
     np.testing.assert_array_equal(labels, ref_labels)
     assert_same_images(images, ref_images)
+
+
+def run_two_ranks(mode: str, args_of_rank, as_two_nodes: bool = False, timeout: float = 120):
+    """Two processes without torchrun (see two_ranks.py); returns [(returncode, stderr)]."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = []
+    for rank in (0, 1):
+        env = subprocess_env()
+        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0" if as_two_nodes else str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        command = [sys.executable, str(Path(__file__).with_name("two_ranks.py")), mode]
+        processes.append(
+            subprocess.Popen(
+                [*command, *args_of_rank(rank)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )  # fmt: skip
+        )
+    try:
+        return [(p.wait(timeout=timeout), p.stderr.read()) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+            p.stderr.close()
+
+
+def test_two_nodes_that_do_not_share_the_output_folder_fail_at_once(
+    tmp_path, tiny_checkpoint, tiny_vae_dir
+):
+    """Each 'node' has its own folder under the same name: here, two folders."""
+    folders = [tmp_path / "node0" / "samples", tmp_path / "node1" / "samples"]
+    results = run_two_ranks(
+        "plain",
+        lambda rank: sample_args(tiny_checkpoint, tiny_vae_dir, folders[rank], n=4, batch=2),
+        as_two_nodes=True,
+    )
+    for code, stderr in results:  # both nodes' logs say why
+        assert code == 1
+        line = stderr.strip().splitlines()[-1]
+        assert "--output-dir must be on a filesystem all nodes share: rank 1 on " in line
+    assert not list(folders[0].glob(".shared-check-*")) and not (folders[0] / "shards").exists()
+
+
+def test_rank_zero_stops_with_the_reason_when_another_process_dies(
+    tmp_path, tiny_checkpoint, tiny_vae_dir
+):
+    out = tmp_path / "samples"
+    started = time.monotonic()
+    (code0, err0), (code1, _) = run_two_ranks(
+        "die", lambda rank: sample_args(tiny_checkpoint, tiny_vae_dir, out, n=12, shard=2)
+    )
+    assert code1 == 3 and code0 == 1
+    line = err0.strip().splitlines()[-1]
+    assert "lost another process" in line and "rank 1 did not write shards 1, 3, 5" in line
+    assert "run the same command again to continue" in line
+    assert time.monotonic() - started < 60
+    # rank 0's own shards are kept for the resume
+    assert sorted(p.name for p in (out / "shards").glob("shard_*.npz")) == [
+        "shard_00000.npz", "shard_00002.npz", "shard_00004.npz",
+    ]  # fmt: skip
 
 
 def test_resume_with_another_process_count_and_batch_size(

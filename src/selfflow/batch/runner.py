@@ -8,7 +8,8 @@ steps, and who does each:
    sha256 identifies it) and the VAE, compare with ``manifest.json`` (refusing a folder made
    with other settings, or clearing it under ``--overwrite``), delete temporaries of killed runs
    and list the shard files already there. Every other rank waits for the outcome, so a bad
-   option fails once, with one message, before any GPU work.
+   option fails once, with one message, before any GPU work. Then every rank checks that it
+   sees a file rank 0 wrote in the folder (:func:`selfflow.distributed.check_shared_folder`).
 2. **Verify (all ranks).** Existing shards are read back and checked (CRC, shapes, indices,
    labels); the check is split over the ranks. A shard that fails is deleted and redone.
 3. **Sample (all ranks).** Pending shard ``j`` (in plan order) goes to rank ``j % world``. Each
@@ -16,7 +17,9 @@ steps, and who does each:
    a short last batch is padded with copies of its last sample, so that a compiled network sees
    one shape) while a background thread decodes and writes (see :mod:`selfflow.batch.writer`).
    Rank 0 shows one progress bar for the whole batch: its own images as they are decoded, the
-   other ranks' as their shard files appear.
+   other ranks' as their shard files appear. The step ends with a barrier that notices a
+   process that died (:func:`selfflow.distributed.wait_for_all`), so rank 0 never waits for
+   shards that will not come.
 4. **Assemble (rank 0)** after a barrier: ``samples_{N}.npz`` streamed shard by shard, then
    ``grid.png`` and the manifest's ``complete`` record; the shards are deleted unless
    ``keep_shards``. With ``eval_ref``, ADM's metrics follow.
@@ -63,7 +66,11 @@ EVALUATOR_MODULE = "selfflow.eval.evaluator"
 
 
 class ReportedOnRankZero(SelfFlowError):
-    """Set-up failed; rank 0 prints the reason, the other ranks only stop."""
+    """Set-up failed; rank 0 prints the reason, the other ranks only stop.
+
+    (An output folder that not all nodes share is reported by each node's first process, as
+    the other nodes' logs are elsewhere.)
+    """
 
 
 @dataclass
@@ -242,6 +249,12 @@ class _Job:
     def _run(self) -> BatchResult | None:
         started = time.perf_counter()
         outcome = self._agreed_setup()
+        try:
+            distributed.check_shared_folder(self.context, self.output_dir)
+        except ConfigurationError as error:
+            if self.context.local_rank == 0:
+                raise
+            raise ReportedOnRankZero(str(error)) from error
         self.manifest = Manifest.from_json(outcome.manifest_json, self.output_dir / MANIFEST_NAME)
         self.plan = store.ShardPlan(self.config.num_samples, self.manifest.shard_size)
         if outcome.complete:
@@ -258,8 +271,7 @@ class _Job:
             f"batch {self.config.batch_size} per process)"
         )
         sampling_started = time.perf_counter()
-        self._sample(pending, mine, done_before)
-        distributed.barrier(self.context)
+        self._sample(pending, mine, done_before)  # ends when every process has finished
         seconds = time.perf_counter() - sampling_started
         if not self.context.is_main:
             return None
@@ -292,6 +304,8 @@ class _Job:
         config.validate()
         _prepare_output_dir(self.output_dir)
         self.lock.acquire()  # before anything in the folder is read or deleted
+        for stale in self.output_dir.glob(f"{distributed.SHARED_CHECK_PREFIX}*"):
+            stale.unlink(missing_ok=True)  # a killed run's check file
         existing = None if config.overwrite else read_manifest(self.output_dir)
         if not config.overwrite and existing is None and _any_shard_files(self.output_dir):
             raise ConfigurationError(
@@ -535,6 +549,15 @@ class _Job:
                 del latents
                 bar.poll()
             writer.finish()
+            try:
+                distributed.wait_for_all(self.context, while_waiting=bar.poll)
+            except distributed.PeerLostError as error:
+                if not self.context.is_main:
+                    raise
+                raise distributed.PeerLostError(
+                    f"{error}. {bar.describe_missing()}. The shards written so far are kept: "
+                    f"run the same command again to continue"
+                ) from error
             bar.wait_for_others()
         except BaseException:
             writer.abort()
@@ -638,6 +661,8 @@ class _Progress:
         self.job = job
         self.enabled = job.context.is_main
         self.others = {k for k in pending if k not in mine} if self.enabled else set()
+        world = job.context.world_size
+        self.owner = {k: j % world for j, k in enumerate(pending)}  # as distributed.assign
         self._own = 0
         self._shown = 0
         self._lock = threading.Lock()
@@ -661,10 +686,33 @@ class _Progress:
         if self.bar is not None and delta:
             self.bar.update(delta)
 
-    def wait_for_others(self, interval: float = 0.5) -> None:
-        """Rank 0 keeps the bar moving until every other rank's shards exist."""
+    def describe_missing(self) -> str:
+        self.poll()
+        if not self.others:
+            return "every shard was written"
+        by_rank: dict[int, list[int]] = {}
+        for shard_id in sorted(self.others):
+            by_rank.setdefault(self.owner[shard_id], []).append(shard_id)
+        return "; ".join(
+            f"rank {rank} did not write shards {', '.join(map(str, ids))}"
+            for rank, ids in sorted(by_rank.items())
+        )
+
+    def wait_for_others(self, timeout: float = 120.0, interval: float = 0.5) -> None:
+        """After every process has finished: wait until their shard files are visible here.
+
+        On a network filesystem a file written on another node may take a moment to appear
+        in a listing on this one; far longer means the folder is not what the others wrote to.
+        """
+        deadline = time.monotonic() + timeout
         self.poll()
         while self.others:
+            if time.monotonic() > deadline:
+                raise ConfigurationError(
+                    f"every process finished, but after {timeout:.0f} s {self.job.output_dir} "
+                    f"still lacks their shards ({self.describe_missing()}); --output-dir must be "
+                    f"on a filesystem all nodes share"
+                )
             time.sleep(interval)
             self.poll()
 
