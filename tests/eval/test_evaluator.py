@@ -408,6 +408,39 @@ def test_damaged_image_data_is_reported(tmp_path):
         NpzImages(path)
 
 
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, ConfigurationError])
+def test_a_failure_does_not_wait_for_the_sample_hash(
+    failure, batches, inception_small, tmp_path, monkeypatch
+):
+    """The sample sha256 runs in the background; an error stops it within one chunk."""
+    import time
+
+    from selfflow.eval import evaluator as ev
+
+    ref = batches[0]
+    sample = _save(tmp_path / "sample.npz", arr_0=make_images(40, 128, 5))  # about 2 MB
+    chunks = []
+
+    class SlowDigest:  # 20 ms per 4 kB chunk: about 10 s for the whole file
+        def update(self, block):
+            chunks.append(len(block))
+            time.sleep(0.02)
+
+    monkeypatch.setattr(ev, "_HASH_CHUNK", 4096)
+    monkeypatch.setattr(ev, "_new_digest", SlowDigest)
+
+    def fail(*args, **kwargs):
+        time.sleep(0.2)  # the hash is under way
+        raise failure("stop here")
+
+    monkeypatch.setattr(ev, "compute_activations", fail)
+    started = time.perf_counter()
+    with pytest.raises(failure, match="stop here"):
+        run(ref, sample, inception_small, use_cache=False)
+    assert time.perf_counter() - started < 3
+    assert 0 < len(chunks) < sample.stat().st_size // 4096 // 3
+
+
 def test_feature_extraction_sees_one_batch_at_a_time(tmp_path):
     images = rng.integers(0, 256, (23, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=images)
