@@ -3,8 +3,9 @@
 ``evaluate(ref, sample)`` returns the five numbers ADM prints (Inception Score, FID, sFID,
 precision, recall) plus provenance; ``format_report`` gives ADM's five lines. Order of work:
 check both files (cheap, before any network is loaded), load the Inception graph, get the
-reference features (from the on-disk cache keyed by the reference's sha256 when possible),
-stream the samples through the network, then compute the metrics. ``metrics.json`` is written
+reference features (from the on-disk cache keyed by the reference's sha256, the graph's and
+``FEATURES_REVISION`` when possible; a damaged or stale cache file is computed again), stream
+the samples through the network, then compute the metrics. ``metrics.json`` is written
 into OUT_DIR atomically, and only once everything has succeeded.
 """
 
