@@ -113,6 +113,34 @@ def test_npz_holds_images_in_index_order_and_the_labels(reference):
         np.testing.assert_array_equal(shard["indices"], np.arange(8, 12))
 
 
+@pytest.mark.parametrize("mode", ["sde", "ode"])
+def test_each_sample_is_what_the_python_api_gives_for_its_index(
+    reference, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys, mode
+):
+    """Not runner against runner: sample i of the batch equals SelfFlowPipeline(...)([label_i],
+    indices=[i]) drawn on its own, and its label is uniform_labels(seed, [i])."""
+    from selfflow.pipeline import SelfFlowPipeline
+
+    seed, steps, picked = 31, 4, (0, 9, 23)
+    folder = reference
+    if mode == "ode":
+        folder = tmp_path / "ode"
+        code, _, err = run_cli(
+            sample_args(tiny_checkpoint, tiny_vae_dir, folder, "--mode", "ODE", steps=steps),
+            capsys,
+        )
+        assert code == 0, err
+        assert (load(folder)[0] != load(reference)[0]).mean() > 0.5  # not the SDE's images
+    images, labels = load(folder)
+    pipe = SelfFlowPipeline.from_pretrained(tiny_checkpoint, tiny_vae_dir, device="cpu")
+    for i in picked:
+        label = seeds.uniform_labels(seed, [i])
+        assert labels[i] == int(label[0])
+        alone = pipe([int(label[0])], indices=[i], seed=seed, num_steps=steps, mode=mode)[0]
+        assert_same_images(alone[None], images[i][None])
+    assert (images[picked[0]] != images[picked[1]]).mean() > 0.5  # the images differ by index
+
+
 def test_pngs_are_named_by_global_index_and_hold_the_npz_images(reference):
     names = sorted(p.name for p in (reference / "images").iterdir())
     assert names == [f"{i:06d}.png" for i in range(N)]
