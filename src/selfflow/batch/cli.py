@@ -15,7 +15,8 @@ from selfflow.options import add_options
 DESCRIPTION = (
     "Sample the FID batch (samples_N.npz, arr_0 uint8 (N, H, W, 3) in index order, labels in "
     "arr_1) from the released Self-Flow model, on one process or under torchrun. Sample i is a "
-    "function of (seed, i) alone, so any number of GPUs and any batch size give the same images. "
+    "function of (seed, i) alone, so any number of GPUs and any batch size give the same images "
+    "up to floating-point rounding (at most 1 level in a few pixels). "
     "Work is written in atomic shards with a manifest.json of the settings: re-running the same "
     "command continues an interrupted run; a run with other settings in the same folder is "
     "refused (or starts over with --overwrite)."
