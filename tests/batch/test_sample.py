@@ -720,6 +720,36 @@ def test_a_short_last_batch_is_padded_to_the_batch_size_and_the_padding_dropped(
         np.testing.assert_array_equal(shard["indices"], [4, 5, 6])
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_compiled_network_is_announced_before_the_first_batch(
+    tmp_path, tiny_checkpoint, tiny_vae_dir, compiled
+):
+    events = []
+
+    class Network:
+        """The network, flagged as selfflow.fast flags a torch.compile'd one."""
+
+        def __init__(self, inner):
+            self.inner, self.compiled = inner, compiled
+
+        def __call__(self, x, tau, y):
+            events.append("network call")
+            return self.inner(x, tau, y)
+
+    def hook(pipe):
+        pipe.model_fn = Network(pipe.model_fn)
+
+    config = _config(tiny_checkpoint, tiny_vae_dir, tmp_path / "s", num_samples=7, batch_size=5,
+                     num_steps=2, save_images=False)  # fmt: skip
+    generate_fid_batch(config, prepare_pipeline=hook, progress=False, log=events.append)
+    notices = [e for e in events if e.startswith("compiling")]
+    if compiled:
+        assert notices == ["compiling the network for batch 5: about a minute on first use"]
+        assert events.index(notices[0]) < events.index("network call")
+    else:
+        assert notices == [] and "network call" in events
+
+
 def test_non_finite_padding_rows_are_not_reported(tmp_path, tiny_checkpoint, tiny_vae_dir):
     """The last sample goes bad, so do its padding copies; the error names each sample once."""
     labels = expected_labels(31, 7)

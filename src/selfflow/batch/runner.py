@@ -508,6 +508,16 @@ class _Job:
             (config.guidance_low, config.guidance_high),
         )
         shards = [plan.shard(k) for k in mine]
+        indices_all = (
+            np.concatenate([shard.indices for shard in shards]) if shards else np.zeros(0, np.int64)
+        )
+        batch = batch_shape(len(indices_all), config.batch_size)
+        if len(indices_all) and getattr(pipe.model_fn, "compiled", False):
+            # before the bar appears: it would stand at 0 for the whole compilation
+            guided = f" (and {2 * batch} where guided)" if config.cfg_scale != 1.0 else ""
+            self.log(
+                f"compiling the network for batch {batch}{guided}: about a minute on first use"
+            )
         if config.save_images:
             (self.output_dir / store.IMAGE_DIR).mkdir(exist_ok=True)
         bar = _Progress(self, pending, set(mine), done_before)
@@ -523,12 +533,6 @@ class _Job:
         watch = FiniteWatch(pipe.model_fn)
         pipe.model_fn = watch
         try:
-            indices_all = (
-                np.concatenate([shard.indices for shard in shards])
-                if shards
-                else np.zeros(0, np.int64)
-            )
-            batch = batch_shape(len(indices_all), config.batch_size)
             for start in range(0, len(indices_all), config.batch_size):
                 indices = indices_all[start : start + config.batch_size]
                 real = len(indices)
