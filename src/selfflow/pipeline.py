@@ -4,7 +4,8 @@
 ``pipe(class_labels, seed=...)`` returns ``(B, 256, 256, 3)`` uint8 images. Sample ``i`` of a
 call (its global index is ``indices[i]``, by default ``i``) takes its start noise and every
 Brownian increment from streams keyed by ``(seed, index)``: the same index gives the same
-image whatever batch it is drawn in.
+random numbers whatever batch it is drawn in, so the same image up to floating-point rounding
+(batch size changes the order of float sums: at most 1 level, in a few pixels).
 """
 
 from __future__ import annotations
