@@ -421,13 +421,28 @@ def test_a_failure_does_not_wait_for_the_sample_hash(
     sample = _save(tmp_path / "sample.npz", arr_0=make_images(40, 128, 5))  # about 2 MB
     chunks = []
 
-    class SlowDigest:  # 20 ms per 4 kB chunk: about 10 s for the whole file
-        def update(self, block):
-            chunks.append(len(block))
-            time.sleep(0.02)
+    import hashlib
+    import threading
 
-    monkeypatch.setattr(ev, "_HASH_CHUNK", 4096)
-    monkeypatch.setattr(ev, "_new_digest", SlowDigest)
+    class SlowDigest:  # in the background thread, 20 ms per 4 kB chunk: about 10 s in all
+        def __init__(self):
+            self.real = hashlib.sha256()
+
+        def update(self, block):
+            self.real.update(block)
+            if threading.current_thread() is not threading.main_thread():
+                chunks.append(len(block))
+                time.sleep(0.02)
+
+        def hexdigest(self):
+            return self.real.hexdigest()
+
+    import types
+
+    from selfflow import files
+
+    monkeypatch.setattr(files, "HASH_CHUNK", 4096)
+    monkeypatch.setattr(files, "hashlib", types.SimpleNamespace(sha256=SlowDigest))
 
     def fail(*args, **kwargs):
         time.sleep(0.2)  # the hash is under way

@@ -11,7 +11,6 @@ into OUT_DIR atomically, and only once everything has succeeded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -192,22 +191,6 @@ def _save_cached(path: Path, acts: Activations) -> None:
         raise
 
 
-_HASH_CHUNK = 1 << 22
-_new_digest = hashlib.sha256
-
-
-def _sha256_unless_stopped(path: Path, stop: threading.Event) -> str | None:
-    """The file's sha256, or ``None`` as soon as ``stop`` is set (checked every 4 MB), so an
-    error or Ctrl-C does not wait for the rest of a 10 GB sample batch to be hashed."""
-    digest = _new_digest()
-    with open(path, "rb") as handle:
-        while block := handle.read(_HASH_CHUNK):
-            if stop.is_set():
-                return None
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_writable(out_dir: Path) -> None:
     """Fail now, not after an hour of feature extraction, if OUT_DIR cannot be written."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -287,7 +270,7 @@ def evaluate(
     model = InceptionV3(inception, device=dev)
     hasher = ThreadPoolExecutor(max_workers=1)
     stop_hashing = threading.Event()
-    sample_sha = hasher.submit(_sha256_unless_stopped, sample_path, stop_hashing)
+    sample_sha = hasher.submit(file_sha256, sample_path, stop=stop_hashing)
     try:
         # 3. Reference features: cached by the reference file's sha256 (and the graph's).
         ref_sha = file_sha256(ref_path)
