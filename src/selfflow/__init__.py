@@ -1,4 +1,4 @@
-"""selfflow: the Self-Flow ImageNet 256 model, its samplers, and ADM-identical evaluation.
+"""selfflow: the Self-Flow ImageNet 256 model, its samplers, and ADM's evaluation in PyTorch.
 
 Importing the package is cheap and needs no GPU; heavy pieces (diffusers, the evaluator)
 are imported only when used.

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="selfflow",
         description=(
             "Self-Flow ImageNet 256: sample the FID batch reproducibly on any number of GPUs, "
-            "and evaluate it with ADM-identical metrics without TensorFlow."
+            "and evaluate it with ADM's metrics from ADM's own Inception graph, without TensorFlow."
         ),
     )
     from selfflow import __version__
