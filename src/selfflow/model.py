@@ -372,7 +372,3 @@ class SelfFlowDiT(nn.Module):
             raise ValueError(
                 f"y must be int64 labels of shape ({b},); got {y.dtype} {tuple(y.shape)}"
             )
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

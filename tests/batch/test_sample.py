@@ -656,14 +656,8 @@ def _config(checkpoint, vae, out, **changes) -> BatchConfig:
     return BatchConfig(**values)
 
 
-def test_non_finite_samples_stop_the_run_with_their_indices(
-    tmp_path, tiny_checkpoint, tiny_vae_dir
-):
-    labels = expected_labels(31, 12)
-    poison = int(labels[6])
-    bad = np.flatnonzero(labels == poison)
-    first_bad_batch = bad[0] // 4
-    expected = [int(i) for i in bad if i // 4 == first_bad_batch]
+def poison_label(poison: int):
+    """A prepare_pipeline hook whose network returns NaN for every sample of label ``poison``."""
 
     def hook(pipe):
         inner = pipe.model_fn
@@ -674,6 +668,20 @@ def test_non_finite_samples_stop_the_run_with_their_indices(
             return out
 
         pipe.model_fn = poisoned
+
+    return hook
+
+
+def test_non_finite_samples_stop_the_run_with_their_indices(
+    tmp_path, tiny_checkpoint, tiny_vae_dir
+):
+    labels = expected_labels(31, 12)
+    poison = int(labels[6])
+    bad = np.flatnonzero(labels == poison)
+    first_bad_batch = bad[0] // 4
+    expected = [int(i) for i in bad if i // 4 == first_bad_batch]
+
+    hook = poison_label(poison)
 
     out = tmp_path / "samples"
     with pytest.raises(NonFiniteSamplesError) as caught:
@@ -757,15 +765,7 @@ def test_non_finite_padding_rows_are_not_reported(tmp_path, tiny_checkpoint, tin
     bad = np.flatnonzero(labels == poison)
     expected = [int(i) for i in bad if i // 5 == bad[0] // 5]
 
-    def hook(pipe):
-        inner = pipe.model_fn
-
-        def poisoned(x, tau, y):
-            out = inner(x, tau, y).clone()
-            out[y == poison] = float("nan")
-            return out
-
-        pipe.model_fn = poisoned
+    hook = poison_label(poison)
 
     config = _config(tiny_checkpoint, tiny_vae_dir, tmp_path / "s", num_samples=7, batch_size=5,
                      num_steps=3, shard_size=4, save_images=False)  # fmt: skip

@@ -44,10 +44,6 @@ class NonFiniteSamplesError(SelfFlowError, FloatingPointError):
         )
 
 
-def format_indices(indices: Sequence[int]) -> str:
-    return ", ".join(map(str, indices))
-
-
 class FiniteWatch:
     """Wraps a ``model_fn(x, tau, y)`` and remembers which samples ever got a non-finite output.
 

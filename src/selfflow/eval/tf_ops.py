@@ -654,7 +654,7 @@ class GraphExecutor:
             more = f" (also unsupported: {', '.join(others)})" if others else ""
             raise ConfigurationError(
                 f"{graph.source}: node {node.name!r} has op type {node.op!r}, which the PyTorch "
-                f"executor does not implement{more}"
+                f"executor does not implement{more}; it implements {', '.join(supported_ops())}"
             )
         self._last_use = self._last_uses()
         self._buffers = self._alias_groups()
