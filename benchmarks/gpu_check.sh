@@ -1,40 +1,50 @@
 #!/usr/bin/env bash
 # The one device check of the fast sampling path (issue 5), for a lent H100 or H200.
 #
-#   bash benchmarks/gpu_check.sh            # from the repository root; about 6-8 minutes
+#   bash benchmarks/gpu_check.sh            # from the repository root; about 8 minutes
 #
-# Needs python3 with CUDA PyTorch (the package need not be installed: src/ goes on PYTHONPATH).
-# Three runs of benchmarks/throughput.py on SiT-XL/2 with random weights, each time-boxed so the
-# whole script ends within $BUDGET seconds (compilation included):
-#   1. the table: official-equivalent, fast eager, fast compiled at batch 64 and 256; errors
-#      against float32 (one forward, 20 SDE steps with shared noise) at batch 64; a real
-#      250-step SDE run of the compiled path at batch 64;
-#   2. candidate speed-ups at batch 64: cuDNN attention, cuBLASLt bias+GELU epilogue, both,
-#      and both compiled (with the float32 maths check of each);
-#   3. if time is left: torch.compile's max-autotune at batch 64.
-# Writes $OUT/nvidia-smi.txt and, per run, NAME.json (every figure, saved as measured) and
-# NAME.log (progress and the markdown table): 7 files. BENCH_ARGS adds arguments to every run
-# (a CPU dry run: BENCH_ARGS="--tiny --device cpu").
+# Needs python3 with CUDA PyTorch (the package need not be installed: src/ goes on PYTHONPATH;
+# the end-to-end run also needs diffusers). Runs, each time-boxed so that the whole script ends
+# within $BUDGET seconds (compilation included), in order of importance:
+#   1. throughput: the table of benchmarks/throughput.py on SiT-XL/2 with random weights: the
+#      official-equivalent path and the default fast path (compiled, cuBLASLt bias+GELU
+#      epilogue) at batch 64 and 256; their errors against float32 (one forward, 20 SDE steps
+#      with shared noise) at batch 64; a real 250-step SDE run of the fast path at batch 64;
+#   2. end_to_end: `python -m selfflow.batch.bench`: the pure sampler rate against
+#      `selfflow sample` end to end (decode, checks, shard files) at batch 64, 250 steps;
+#   3. variants: what each ingredient buys at batch 64 (eager, GELU epilogue, compile, cuDNN
+#      attention), with the float32 maths check of each;
+#   4. eval_speed: the evaluator's Inception pass on synthetic images, if time is left.
+# Writes $OUT/nvidia-smi.txt and NAME.log per run, NAME.json for the throughput runs: 8 files.
+# BENCH_ARGS adds arguments to every throughput run (a CPU dry run: BENCH_ARGS="--tiny --device
+# cpu" E2E_ARGS="--tiny --device cpu --num-steps 4" EVAL_ARGS="--device cpu").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
-BUDGET="${BUDGET:-470}"
+BUDGET="${BUDGET:-500}"
 PY="${PYTHON:-python3}"
 read -r -a EXTRA <<<"${BENCH_ARGS:-}"
+read -r -a E2E <<<"${E2E_ARGS:---device cuda}"
+read -r -a EVAL <<<"${EVAL_ARGS:-}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 left() { echo $((BUDGET - SECONDS)); }
 
-bench() { # bench NAME SECONDS ARGS...: one time-boxed run, its log also on the console
+timed() { # timed NAME SECONDS COMMAND...: one time-boxed run, its log also on the console
 	local name=$1 limit=$2
 	shift 2
 	echo "=== $name (limit ${limit} s, $(left) s left) ==="
-	timeout --kill-after=10 "$limit" "$PY" benchmarks/throughput.py "$@" "${EXTRA[@]}" \
-		--json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
+	timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
 	local rc=${PIPESTATUS[0]}
-	[ "$rc" = 124 ] && echo "=== $name stopped at its ${limit} s limit; $OUT/$name.json keeps what it measured ==="
+	[ "$rc" = 124 ] && echo "=== $name stopped at its ${limit} s limit ==="
 	return "$rc"
+}
+
+bench() { # bench NAME SECONDS ARGS...: benchmarks/throughput.py, figures also in NAME.json
+	local name=$1 limit=$2
+	shift 2
+	timed "$name" "$limit" "$PY" benchmarks/throughput.py "$@" "${EXTRA[@]}" --json "$OUT/$name.json"
 }
 
 (nvidia-smi || echo "nvidia-smi not available") 2>&1 | tee "$OUT/nvidia-smi.txt"
@@ -42,25 +52,34 @@ bench() { # bench NAME SECONDS ARGS...: one time-boxed run, its log also on the 
 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" |
 	tee -a "$OUT/nvidia-smi.txt"
 
-bench throughput 360 --batches 64 256 --sample-batches 64
+bench throughput 270 --batches 64 256 --paths official fast+compile+gelu --sample-batches 64
 status=$?
 
-limit=$(($(left) - 15))
+limit=$(($(left) - 150))
+[ "$limit" -gt 160 ] && limit=160
 if [ "$limit" -ge 60 ]; then
-	[ "$limit" -gt 150 ] && limit=150
-	bench variants "$limit" --batches 64 --error-steps 0 \
-		--paths official fast fast+cudnn fast+gelu fast+cudnn+gelu fast+compile+cudnn+gelu
+	timed end_to_end "$limit" "$PY" -m selfflow.batch.bench --batch-size 64 --num-steps 250 \
+		--batches 3 "${E2E[@]}" || status=1
+else
+	echo "=== end_to_end skipped: $(left) s left ==="
 fi
 
-limit=$(($(left) - 10))
-if [ "$limit" -ge 90 ]; then
-	bench autotune "$limit" --batches 64 --error-steps 0 --paths official fast+autotune
+limit=$(($(left) - 40))
+if [ "$limit" -ge 60 ]; then
+	bench variants "$limit" --batches 64 --error-steps 0 \
+		--paths official fast fast+gelu fast+compile fast+compile+gelu fast+compile+cudnn+gelu
+fi
+
+limit=$(($(left) - 5))
+if [ "$limit" -ge 30 ]; then
+	timed eval_speed "$limit" "$PY" benchmarks/eval_speed.py --synthetic "${EVAL[@]}"
 else
-	echo "=== autotune skipped: $(left) s left ==="
+	echo "=== eval_speed skipped: $(left) s left ==="
 fi
 
 echo "=== summary ($SECONDS s) ==="
-for name in throughput variants autotune; do
+for name in throughput variants; do
 	[ -f "$OUT/$name.log" ] && sed -n '/^## Throughput/,$p' "$OUT/$name.log"
 done
+[ -f "$OUT/end_to_end.log" ] && grep -E '^\||end-to-end /|^device' "$OUT/end_to_end.log"
 exit "$status"
