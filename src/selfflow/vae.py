@@ -38,7 +38,11 @@ def load_vae(
             f"diffusion_pytorch_model.safetensors inside (save it with vae.save_pretrained(folder))"
         )
     try:
-        vae = AutoencoderKL.from_pretrained(str(local) if local.exists() else source)
+        # torch_dtype here rather than .to(dtype) below: same weights, without diffusers'
+        # warning about casting after loading.
+        vae = AutoencoderKL.from_pretrained(
+            str(local) if local.exists() else source, torch_dtype=dtype
+        )
     except (OSError, ValueError) as error:
         raise DownloadError(
             f"could not load the VAE {source!r} ({type(error).__name__}: {str(error).splitlines()[0]}). "
@@ -46,7 +50,7 @@ def load_vae(
             f"(config.json and diffusion_pytorch_model.safetensors) elsewhere and pass it "
             f"with --vae FOLDER."
         ) from error
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return vae.to(device=device).eval().requires_grad_(False)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
