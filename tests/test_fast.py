@@ -182,6 +182,8 @@ def test_bad_construction_is_refused(tiny_model, tiny_config):
         FastSelfFlow.from_model(tiny_model, dtype=torch.int8)
     with pytest.raises(ConfigurationError, match="CUDA"):
         FastSelfFlow.from_model(tiny_model, gelu_epilogue=True)
+    # the default asks for the epilogue only where it exists, so a CPU build still works
+    assert FastSelfFlow.from_model(tiny_model).gelu_epilogue is False
     with pytest.raises(ConfigurationError, match="attention backends"):
         FastSelfFlow.from_model(tiny_model, attention_backends=["warp-speed"])
 
@@ -260,3 +262,21 @@ def test_throughput_benchmark_help():
         timeout=120,
     )
     assert done.returncode == 0 and "--tiny" in done.stdout and "--json" in done.stdout
+
+
+def test_consistency_benchmark_tiny_cpu(tmp_path):
+    """The GPU consistency check's smoke run: in float32 on a CPU every comparison holds."""
+    out = tmp_path / "consistency.json"
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "gpu_consistency.py"),
+        *("--tiny", "--device", "cpu", "--num-steps", "4", "--num-samples", "8"),
+        *("--batch-sizes", "8", "3", "--json", str(out)),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    neighbours = report["same batch shape, other neighbours"]
+    assert neighbours["repeat_bit_identical"] and neighbours["shared_half_bit_identical"]
+    for key in ("batch 8 vs batch 3", "default (float32) vs float32 network"):
+        assert report[key]["max_abs"] <= 1 and report[key]["bytes_differing"] <= 1e-3, key

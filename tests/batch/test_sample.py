@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 
 from selfflow import cli, seeds
+from selfflow.batch.manifest import SAMPLING_REVISION
 from selfflow.batch.runner import BatchConfig, generate_fid_batch
 from selfflow.batch.writer import NonFiniteSamplesError
 from selfflow.npz import iter_npz_rows
@@ -176,7 +177,7 @@ def test_manifest_records_every_image_setting(reference, tiny_checkpoint):
     import selfflow
 
     # the code is identified by its sampling revision; the package version is only recorded
-    assert settings["sampling_revision"] == 1 and "selfflow_version" not in settings
+    assert settings["sampling_revision"] == SAMPLING_REVISION and "selfflow_version" not in settings
     assert manifest["info"]["selfflow_version"] == selfflow.__version__
     assert manifest["info"]["runs"][0]["selfflow_version"] == selfflow.__version__
     assert manifest["plan"] == {"num_samples": N, "shard_size": 4, "image_shape": [16, 16, 3]}
@@ -430,6 +431,31 @@ def _half_finished_copy(reference: Path, out: Path) -> dict:
     return manifest
 
 
+def test_a_bf16_resume_at_another_batch_size_says_the_images_round_differently(
+    tmp_path, tiny_checkpoint, tiny_vae_dir, capsys
+):
+    out = tmp_path / "samples"
+    bf16 = ("--dtype", "bfloat16", "--keep-shards")
+    code, _, err = run_cli(sample_args(tiny_checkpoint, tiny_vae_dir, out, *bf16), capsys)
+    assert code == 0, err
+
+    def resume(batch: int) -> str:
+        (out / f"samples_{N}.npz").unlink()
+        (out / "shards" / "shard_00005.npz").unlink()
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["complete"] = None
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        args = sample_args(tiny_checkpoint, tiny_vae_dir, out, *bf16, batch=batch)
+        code, stdout, err = run_cli(args, capsys)
+        assert code == 0, err
+        assert "20 done, 1 shards to sample" in stdout
+        return stdout
+
+    assert "note:" not in resume(5)
+    note = resume(3)
+    assert "begun with --batch-size 5" in note and "--batch-size 3" in note
+
+
 def test_a_folder_begun_by_another_package_version_resumes(
     reference, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys, monkeypatch
 ):
@@ -460,7 +486,7 @@ def test_a_folder_of_another_sampling_revision_is_refused(
     code, _, err = run_cli(sample_args(tiny_checkpoint, tiny_vae_dir, out), capsys)
     assert code == 1
     line = err.strip().splitlines()[-1]
-    assert "sampling_revision: 0 in the folder, 1 now" in line
+    assert f"sampling_revision: 0 in the folder, {SAMPLING_REVISION} now" in line
     assert "selfflow 0.0.1" in line and "--overwrite" in line
     assert sorted(p.name for p in (out / "shards").iterdir()) == before
 

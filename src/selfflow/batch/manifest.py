@@ -26,7 +26,7 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "selfflow-fid-batch"
 FORMAT_VERSION = 1
 
-SAMPLING_REVISION = 1
+SAMPLING_REVISION = 2
 """The revision of the image maths, compared on resume (the package version is only recorded).
 
 Bump it only in a change that makes the same settings give other images: how the per-sample
@@ -35,6 +35,9 @@ network's numerics on either path (``selfflow.model``, ``selfflow.fast``), or th
 rounding to bytes (``selfflow.vae``). Shards of two revisions are then never mixed in one npz.
 Refactors, speed-ups that keep the numbers, and changes to files, logging or the CLI leave it
 alone.
+
+History: 2 — the fast path computes fc1's bias and GELU in the cuBLASLt epilogue on CUDA (one
+bf16 rounding fewer: bf16 images move by rounding, the float32 path is unchanged).
 """
 
 

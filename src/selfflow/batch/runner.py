@@ -371,7 +371,9 @@ class _Job:
                     f"--shard-size {config.shard_size} differs (leave it out to resume)"
                 )
             manifest = existing
-            manifest.info.setdefault("runs", []).append(run_info)
+            runs = manifest.info.setdefault("runs", [])
+            self._note_other_batch_size(runs, config.batch_size)
+            runs.append(run_info)
             complete = self._check_complete(manifest)
             if not complete and manifest.complete is not None:
                 self.log(
@@ -428,6 +430,25 @@ class _Job:
         if self.prepare_pipeline is not None:
             self.prepare_pipeline(pipe)
         return pipe, checkpoint
+
+    def _note_other_batch_size(self, runs: list[dict], batch_size: int) -> None:
+        """Say so when a low-precision resume changes ``--batch-size``.
+
+        The images stay those of the same noise and labels, but in bf16/fp16 the GPU's matmul
+        kernels are chosen per batch shape and round differently: measured on an H200 (random
+        weights), two batch sizes differ in about half the bytes by a level or so, as much as
+        bf16 differs from float32. Same distribution, so the FID is unaffected; byte-identical
+        results need one ``--batch-size`` (the GPU count does not matter). float32 on the CPU
+        differs by reordering only, so it is not mentioned there.
+        """
+        earlier = sorted({run["batch_size"] for run in runs if "batch_size" in run} - {batch_size})
+        if earlier and self.dtype_name != "float32":
+            self.log(
+                f"note: this folder was begun with --batch-size {', '.join(map(str, earlier))}; "
+                f"in {self.dtype_name} the images sampled now at --batch-size {batch_size} differ "
+                f"from those of one uninterrupted run by rounding only (same noise, same "
+                f"distribution); keep one --batch-size for byte-identical results"
+            )
 
     def _image_shape(self) -> tuple[int, int, int]:
         """Decode one zero latent: the VAE, not a constant, says how large the images are."""

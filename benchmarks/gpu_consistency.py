@@ -1,0 +1,206 @@
+"""How far do images move with the batch size, the precision and the device? Measured, not assumed.
+
+Three questions a user sampling on a GPU asks, answered in one process with random weights of
+the released shapes (XL/2 and the SD-VAE architecture):
+
+1. **GPU count at one batch size.** With more processes, an image sits in another batch among
+   other images, at another row, but the batch shape is the same: sampling indices ``0..B-1``
+   and ``B/2..3B/2-1`` must give bit-identical latents for the shared half (and a repeat of the
+   first batch must give the same latents again: the kernels are deterministic).
+2. **Batch size.** ``selfflow sample`` draws every image's noise from ``(seed,
+   index)``, so only rounding can differ between runs with different batch sizes or process
+   counts. On a GPU the bf16 matmul kernels, chosen per shape, round differently: this runs the
+   same ``--num-samples`` with two batch sizes and counts the bytes of ``arr_0`` that differ.
+3. **Precision.** The same images from the float32 reference network (``--dtype float32``): how
+   many bytes the bf16 fast path changes.
+4. **Evaluator device.** Inception features of the same images on the GPU and on the CPU (a
+   synthetic graph with the real structure): the CPU executor is the one the tests prove
+   against TensorFlow.
+
+    python benchmarks/gpu_consistency.py                    # on a GPU, about 3 minutes
+    python benchmarks/gpu_consistency.py --tiny --device cpu --num-steps 4   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+try:
+    import selfflow  # noqa: F401
+except ImportError:  # run from a checkout that is not installed (e.g. on a lent GPU machine)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from selfflow import distributed
+from selfflow.batch.bench import _random_checkpoint, _random_vae
+from selfflow.batch.runner import BatchConfig, generate_fid_batch
+from selfflow.eval.graphdef import TFGraph
+from selfflow.eval.inception import InceptionV3
+from selfflow.eval.metrics import full_fp32
+from selfflow.eval.synthetic import inception_like_graph
+from selfflow.pipeline import resolve_dtype
+
+
+def log(message: str) -> None:
+    print(f"[consistency] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--tiny", action="store_true", help="tiny model, VAE and graph (smoke run)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--batch-sizes", type=int, nargs=2, default=[32, 16])
+    p.add_argument("--num-steps", type=int, default=250)
+    p.add_argument(
+        "--composition-only", action="store_true", help="only question 1 (no checkpoint files)"
+    )
+    p.add_argument("--skip-fp32", action="store_true", help="skip the float32 reference run")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    return p.parse_args(argv)
+
+
+def byte_differences(a: np.ndarray, b: np.ndarray) -> dict:
+    """Share of bytes that differ, the largest difference, and the share of images touched."""
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    per_image = diff.reshape(len(diff), -1).max(axis=1)
+    return {
+        "bytes_differing": float((diff > 0).mean()),
+        "bytes_differing_by_more_than_1": float((diff > 1).mean()),
+        "max_abs": int(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "images_touched": float((per_image > 0).mean()),
+    }
+
+
+def sample(folder: Path, name: str, args, **overrides) -> tuple[np.ndarray, float]:
+    config = BatchConfig(
+        checkpoint=str(folder / "random.pt"),
+        vae=str(folder / "vae"),
+        output_dir=folder / name,
+        num_samples=args.num_samples,
+        num_steps=args.num_steps,
+        device=args.device,
+        **overrides,
+    )
+    context = distributed.setup(args.device)
+    try:
+        start = time.perf_counter()
+        result = generate_fid_batch(config, context=context, progress=False, log=lambda m: None)
+        seconds = time.perf_counter() - start
+    finally:
+        distributed.teardown(context)
+    with np.load(result.npz_path) as data:
+        images = data["arr_0"]
+    log(f"{name}: {images.shape} in {seconds:.1f} s (loading and compiling included)")
+    return images, seconds
+
+
+def batch_composition(args) -> dict:
+    """Question 1: the same images in batches of the same shape but other neighbours."""
+    from selfflow import seeds
+    from selfflow.model import ModelConfig, SelfFlowDiT
+    from selfflow.pipeline import SamplerSettings, SelfFlowPipeline, network_for
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = SelfFlowDiT(ModelConfig.tiny() if args.tiny else ModelConfig.xl_2())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name != "pos_embed" and param.dim() > 1:
+                param.normal_(0.0, 0.02)  # as selfflow.batch.bench's random checkpoint
+    dtype = resolve_dtype(None, device)
+    pipe = SelfFlowPipeline(model, None, model_fn=network_for(model, dtype), device=device)
+    settings = SamplerSettings(args.num_steps, "sde", "heun", 1.0, (0.0, 0.7))
+    batch = args.batch_sizes[0]
+    half = batch // 2
+
+    def latents(start: int) -> torch.Tensor:
+        indices = list(range(start, start + batch))
+        out = pipe.sample_latents(seeds.uniform_labels(0, indices), indices, 0, settings)
+        return out.cpu()
+
+    first, shifted, repeat = latents(0), latents(half), latents(0)
+    shared_first, shared_shifted = first[half:], shifted[: batch - half]
+    return {
+        "network": f"{type(pipe.model_fn).__name__}/{str(dtype).removeprefix('torch.')}",
+        "batch": batch,
+        "repeat_bit_identical": bool(torch.equal(first, repeat)),
+        "shared_half_bit_identical": bool(torch.equal(shared_first, shared_shifted)),
+        "shared_half_max_abs": float((shared_first - shared_shifted).abs().max()),
+    }
+
+
+def evaluator_devices(images: np.ndarray, device: str, tiny: bool) -> dict:
+    """Relative L2 and largest difference of pool and spatial features, GPU against CPU."""
+    graph = TFGraph.from_bytes(inception_like_graph(width=0.125 if tiny else 1.0), source="synth")
+    batch = torch.from_numpy(images)
+    out = {}
+    with full_fp32():
+        cpu_pool, cpu_spatial = InceptionV3(graph, device="cpu").features(batch)
+        dev_pool, dev_spatial = InceptionV3(graph, device=device).features(batch)
+    for name, ref, got in (
+        ("pool", cpu_pool, dev_pool),
+        ("spatial", cpu_spatial, dev_spatial),
+    ):
+        ref, got = ref.double().cpu(), got.double().cpu()
+        out[name] = {
+            "rel_l2": float((got - ref).norm() / ref.norm()),
+            "max_abs": float((got - ref).abs().max()),
+            "max_ref": float(ref.abs().max()),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report: dict = {"device": args.device, "steps": args.num_steps}
+    if args.device.startswith("cuda"):
+        report["device_name"] = torch.cuda.get_device_name(torch.device(args.device))
+    report["same batch shape, other neighbours"] = batch_composition(args)
+    log(f"batch composition: {report['same batch shape, other neighbours']}")
+    if args.composition_only:
+        return write(report, args.json)
+    report["num_samples"] = args.num_samples
+    with tempfile.TemporaryDirectory(prefix="selfflow-consistency-") as tmp:
+        folder = Path(tmp)
+        _random_checkpoint(folder, args.tiny)
+        _random_vae(folder, args.tiny)
+        big, small = args.batch_sizes
+        first, report["seconds_batch_a"] = sample(folder, f"batch{big}", args, batch_size=big)
+        second, report["seconds_batch_b"] = sample(folder, f"batch{small}", args, batch_size=small)
+        report[f"batch {big} vs batch {small}"] = byte_differences(first, second)
+        if not args.skip_fp32:
+            exact, report["seconds_fp32"] = sample(
+                folder, "fp32", args, batch_size=big, dtype="float32"
+            )
+            default = str(resolve_dtype(None, torch.device(args.device))).removeprefix("torch.")
+            report[f"default ({default}) vs float32 network"] = byte_differences(first, exact)
+        if args.device != "cpu":
+            report["evaluator features, device vs CPU"] = evaluator_devices(
+                first, args.device, args.tiny
+            )
+    return write(report, args.json)
+
+
+def write(report: dict, path: Path | None) -> int:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if path is not None:
+        path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
