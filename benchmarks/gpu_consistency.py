@@ -39,7 +39,7 @@ except ImportError:  # run from a checkout that is not installed (e.g. on a lent
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from selfflow import distributed
-from selfflow.batch.bench import _random_checkpoint, _random_vae
+from selfflow.batch.bench import _random_checkpoint, _random_vae, random_model
 from selfflow.batch.runner import BatchConfig, generate_fid_batch
 from selfflow.eval.graphdef import TFGraph
 from selfflow.eval.inception import InceptionV3
@@ -109,20 +109,13 @@ def sample(folder: Path, name: str, args, **overrides) -> tuple[np.ndarray, floa
 def batch_composition(args) -> dict:
     """Question 1: the same images in batches of the same shape but other neighbours."""
     from selfflow import seeds
-    from selfflow.model import ModelConfig, SelfFlowDiT
     from selfflow.pipeline import SamplerSettings, SelfFlowPipeline, network_for
 
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = SelfFlowDiT(ModelConfig.tiny() if args.tiny else ModelConfig.xl_2())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name != "pos_embed" and param.dim() > 1:
-                param.normal_(0.0, 0.02)  # as selfflow.batch.bench's random checkpoint
+    model = random_model(args.tiny, device)
     dtype = resolve_dtype(None, device)
     pipe = SelfFlowPipeline(model, None, model_fn=network_for(model, dtype), device=device)
-    settings = SamplerSettings(args.num_steps, "sde", "heun", 1.0, (0.0, 0.7))
+    settings = SamplerSettings(num_steps=args.num_steps)  # the paper's: SDE, no guidance
     batch = args.batch_sizes[0]
     half = batch // 2
 

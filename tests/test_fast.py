@@ -278,5 +278,6 @@ def test_consistency_benchmark_tiny_cpu(tmp_path):
     report = json.loads(out.read_text())
     neighbours = report["same batch shape, other neighbours"]
     assert neighbours["repeat_bit_identical"] and neighbours["shared_half_bit_identical"]
-    for key in ("batch 8 vs batch 3", "default (float32) vs float32 network"):
-        assert report[key]["max_abs"] <= 1 and report[key]["bytes_differing"] <= 1e-3, key
+    batch_sizes = report["batch 8 vs batch 3"]  # float32 on a CPU: reordering at most
+    assert batch_sizes["max_abs"] <= 1 and batch_sizes["bytes_differing"] <= 1e-3
+    assert report["default (float32) vs float32 network"]["max_abs"] == 0  # the same network

@@ -22,19 +22,26 @@ import time
 from pathlib import Path
 
 
-def _random_checkpoint(folder: Path, tiny: bool) -> Path:
+def random_model(tiny: bool, device=None):
+    """Self-Flow with seeded random weights, non-zero everywhere (adaLN-Zero starts at zero)."""
     import torch
 
-    from selfflow.checkpoint import save_model
     from selfflow.model import ModelConfig, SelfFlowDiT
 
     torch.manual_seed(0)
-    model = SelfFlowDiT(ModelConfig.tiny() if tiny else ModelConfig.xl_2())
+    with torch.device(device or "cpu"):
+        model = SelfFlowDiT(ModelConfig.tiny() if tiny else ModelConfig.xl_2())
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name != "pos_embed" and param.dim() > 1:
-                param.normal_(0.0, 0.02)  # non-zero everywhere (adaLN-Zero starts at zero)
-    return save_model(model, folder / "random.pt")
+                param.normal_(0.0, 0.02)
+    return model
+
+
+def _random_checkpoint(folder: Path, tiny: bool) -> Path:
+    from selfflow.checkpoint import save_model
+
+    return save_model(random_model(tiny), folder / "random.pt")
 
 
 def _random_vae(folder: Path, tiny: bool) -> Path:
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         context = distributed.setup(args.device)
         job = _Job(config, context, None, False, lambda message: None)
         pipe, _ = job._load_pipeline(checkpoint)
-        settings = SamplerSettings(args.num_steps, "sde", "heun", 1.0, (0.0, 0.7))
+        settings = SamplerSettings(num_steps=args.num_steps)  # the paper's: SDE, no guidance
 
         def one_batch(start: int) -> None:
             indices = list(range(start, start + args.batch_size))
