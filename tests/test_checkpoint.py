@@ -232,3 +232,31 @@ def test_download_finds_a_file_already_in_the_hub_cache(tmp_path, offline_hub, t
     path = download_checkpoint(cache_dir=tmp_path)
     assert Path(path).resolve() == (snapshot / HUB_FILENAME).resolve()
     assert load_model(path).config == tiny_model.config
+
+
+def _tensor_data_span(path: Path) -> tuple[int, int]:
+    """Byte range of the largest stored tensor inside a torch.save zip archive."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max(
+            (i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size
+        )
+        with open(path, "rb") as handle:  # local header: 30 bytes + name + extra field
+            handle.seek(info.header_offset + 26)
+            name_len, extra_len = (int.from_bytes(handle.read(2), "little") for _ in range(2))
+        start = info.header_offset + 30 + name_len + extra_len
+        return start, start + info.compress_size
+
+
+def test_bytes_flipped_inside_tensor_data_are_refused_naming_the_entry(tmp_path, tiny_model):
+    path = save_model(tiny_model, tmp_path / "tiny.pt")
+    start, end = _tensor_data_span(path)
+    data = bytearray(path.read_bytes())
+    data[(start + end) // 2] ^= 0x40  # torch.load alone would load this silently
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(data))
+    assert torch.load(damaged, weights_only=True)["state_dict"]  # the reason for the check
+    with pytest.raises(CheckpointError, match=r"damaged.*CRC-32.*/data/"):
+        load_model(damaged)
+    load_model(path)  # the intact file still loads
