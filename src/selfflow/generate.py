@@ -1,36 +1,45 @@
-"""`selfflow generate`: a few images of chosen classes, as one grid PNG."""
+"""`selfflow generate`: a few images of chosen classes, as one grid picture."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 from selfflow.errors import ConfigurationError
 from selfflow.options import add_options
 
+UNCONDITIONAL = ("1000", "unconditional")
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
-        help="generate a few images of given classes and save them as a grid PNG",
+        help="generate a few images of given classes and save them as one grid picture",
         description=(
             "Generate images of ImageNet classes with the released Self-Flow model and write "
-            "them as one grid picture. Example: selfflow generate --class 207 --num 8 --out grid.png"
+            "them as one grid picture (PNG, JPEG or WebP by the extension of --out). Example: "
+            "selfflow generate --class 207 'tabby cat' --num 8 --captions --out grid.png"
         ),
     )
     parser.add_argument(
         "--class",
         dest="classes",
-        type=int,
         nargs="+",
-        default=[207],
-        metavar="LABEL",
-        help="ImageNet class ids 0-999 (1000 = unconditional); the grid cycles through them (default: 207)",
+        default=["207"],
+        metavar="CLASS",
+        help="ImageNet classes by number 0-999, WordNet id or (part of) a name, e.g. 207, "
+        "n02099601 or 'golden retriever'; 1000 or 'unconditional' for none. The grid cycles "
+        "through them; `selfflow classes QUERY` lists the names (default: 207)",
     )
     parser.add_argument("--num", type=int, default=8, help="number of images (default: 8)")
     parser.add_argument(
-        "--out", type=Path, default=Path("grid.png"), help="output PNG (default: grid.png)"
+        "--out",
+        type=Path,
+        default=Path("grid.png"),
+        help="output picture; its extension picks the format: .png, .jpg/.jpeg or .webp "
+        "(default: grid.png)",
     )
     add_options(parser, "--ckpt", "--vae", "--seed", seed=0)
     add_options(parser, "--num-steps", "--mode", "--solver", "--cfg-scale")
@@ -39,7 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--batch-size",
         type=int,
         default=32,
-        help="images per network batch; image i is the same whatever the batch (default: 32)",
+        help="images per network batch: every batch has min(--batch-size, --num) rows (a short "
+        "last one is padded), so image i's bytes depend on that number and the settings, not "
+        "on which batch it falls in; another value rounds differently (default: 32)",
     )
     parser.add_argument(
         "--compile",
@@ -48,18 +59,75 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(compiling takes about a minute); off by default here",
     )
     parser.add_argument(
-        "--columns", type=int, default=None, help="grid columns (default: square-ish)"
+        "--columns", type=int, default=None, help="grid columns, at least 1 (default: square-ish)"
+    )
+    parser.add_argument(
+        "--captions",
+        action="store_true",
+        help="write each image's class number and name under it (default: no captions)",
     )
     parser.set_defaults(func=run)
 
 
+def resolve_class(query: str) -> int:
+    """A label from a number, a WordNet id or a name; 1000 / 'unconditional' is the null label."""
+    from selfflow.classes import class_index
+    from selfflow.model import NULL_CLASS
+
+    if str(query).strip().lower() in UNCONDITIONAL:
+        return NULL_CLASS
+    return class_index(str(query))
+
+
+def caption(label: int) -> str:
+    from selfflow.classes import imagenet_classes
+    from selfflow.model import NULL_CLASS
+
+    if label == NULL_CLASS:
+        return "unconditional"
+    return f"{label} {imagenet_classes()[label].name}"
+
+
+def check_output(path: Path) -> None:
+    """The picture can be written where --out says, in a format its extension names."""
+    from selfflow.images import image_format
+
+    if path.is_dir():
+        raise ConfigurationError(f"--out must be a picture file; {path} is a folder")
+    image_format(path)
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigurationError(f"--out {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"--out {path}: the folder {folder} is not writable")
+
+
+def _validate(args: argparse.Namespace):
+    """Every option checked before any model is loaded; returns (labels, settings)."""
+    from selfflow.pipeline import SamplerSettings
+
+    for name, value in (("--num", args.num), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigurationError(f"{name} must be at least 1; got {value}")
+    if args.columns is not None and args.columns < 1:
+        raise ConfigurationError(f"--columns must be at least 1; got {args.columns}")
+    check_output(args.out)
+    classes = [resolve_class(query) for query in args.classes]
+    labels = [classes[i % len(classes)] for i in range(args.num)]
+    settings = SamplerSettings(
+        args.num_steps,
+        args.mode,
+        args.solver,
+        args.cfg_scale,
+        (args.guidance_low, args.guidance_high),
+    )
+    return labels, settings
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.num <= 0 or args.batch_size <= 0:
-        raise ConfigurationError(
-            f"--num and --batch-size must be positive; got {args.num} and {args.batch_size}"
-        )
-    if args.out.exists() and args.out.is_dir():
-        raise ConfigurationError(f"--out must be a PNG file path; {args.out} is a folder")
+    labels, settings = _validate(args)
     import numpy as np
     import torch
     from tqdm import trange
@@ -70,29 +138,32 @@ def run(args: argparse.Namespace) -> int:
     pipe = SelfFlowPipeline.from_pretrained(
         args.ckpt, args.vae, device=args.device, dtype=args.dtype, compile=args.compile
     )
-    labels = [args.classes[i % len(args.classes)] for i in range(args.num)]
+    shape = min(args.batch_size, args.num)
     start = time.perf_counter()
     chunks = []
-    for first in trange(0, args.num, args.batch_size, desc="batches", unit="batch"):
-        indices = range(first, min(first + args.batch_size, args.num))
+    for first in trange(0, args.num, shape, desc="batches", unit="batch"):
+        indices = range(first, min(first + shape, args.num))
         chunks.append(
             pipe(
                 [labels[i] for i in indices],
                 indices=indices,
                 seed=args.seed,
-                num_steps=args.num_steps,
-                mode=args.mode,
-                solver=args.solver,
-                cfg_scale=args.cfg_scale,
-                guidance_interval=(args.guidance_low, args.guidance_high),
+                num_steps=settings.num_steps,
+                mode=settings.mode,
+                solver=settings.solver,
+                cfg_scale=settings.cfg_scale,
+                guidance_interval=settings.guidance_interval,
+                batch_size=shape,
                 progress=True,
             )
         )
     images = np.concatenate(chunks)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(images, args.out, args.columns)
+    captions = [caption(label) for label in labels] if args.captions else None
+    save_grid(images, args.out, args.columns, captions=captions)
     seconds = time.perf_counter() - start
     print(
-        f"wrote {args.out} ({args.num} images, {seconds:.1f} s on {pipe.device}, torch {torch.__version__})"
+        f"wrote {args.out} ({args.num} images, {settings.mode.upper()} {settings.num_steps} "
+        f"steps, {seconds:.1f} s on {pipe.device}, torch {torch.__version__})"
     )
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from selfflow.defaults import DEFAULT_NUM_STEPS
+
 OPTIONS: dict[str, dict[str, Any]] = {
     "--ckpt": dict(
         default=None,
@@ -17,15 +19,15 @@ OPTIONS: dict[str, dict[str, Any]] = {
     ),
     "--num-steps": dict(
         type=int,
-        default=250,
+        default=None,
         help="SDE: grid points = network evaluations; ODE: intervals (Heun evaluates twice per "
-        "interval, about 50 suffice) (default: 250, the paper's SDE protocol)",
+        f"interval) (default: {DEFAULT_NUM_STEPS['sde']} for SDE, the paper's protocol; "
+        f"{DEFAULT_NUM_STEPS['ode']} for ODE, which suffice)",
     ),
     "--mode": dict(
-        type=str.lower,
-        choices=("sde", "ode"),
-        default="sde",
-        metavar="{SDE,ODE}",
+        type=str.upper,
+        choices=("SDE", "ODE"),
+        default="SDE",
         help="SDE (Euler-Maruyama, the paper's) or ODE (probability flow); any case (default: SDE)",
     ),
     "--seed": dict(

@@ -4,8 +4,15 @@
 ``pipe(class_labels, seed=...)`` returns ``(B, 256, 256, 3)`` uint8 images. Sample ``i`` of a
 call (its global index is ``indices[i]``, by default ``i``) takes its start noise and every
 Brownian increment from streams keyed by ``(seed, index)``: the same index gives the same
-random numbers whatever batch it is drawn in, so the same image up to floating-point rounding
-(batch size changes the order of float sums: at most 1 level, in a few pixels).
+random numbers whatever batch it is drawn in.
+
+Bytes: kernels (bf16 and float32 alike, CPU and GPU) are chosen per batch shape and round
+differently per shape, but at one shape a row's result does not depend on the other rows. So
+with ``batch_size=B`` every network call sees B rows (a short last batch is padded with copies
+of its last sample) and every VAE decode sees ``selfflow.vae.DECODE_BATCH`` latents: an
+image's bytes are then the same whichever call, batch or position it is drawn in. Another B
+rounds differently (the same noise and labels, so the same distribution; in float32 on a CPU a
+level here and there, in bf16 on a GPU about half of the bytes by a level or so).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import numpy as np
 import torch
 
 from selfflow import seeds, transport, vae
+from selfflow.defaults import default_num_steps
 from selfflow.errors import ConfigurationError
 from selfflow.model import NULL_CLASS, SelfFlowDiT
 
@@ -26,9 +34,12 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Everything besides the seed and the labels that changes the images."""
+    """Everything besides the seed and the labels that changes the images.
 
-    num_steps: int = 250
+    ``num_steps=None`` takes the mode's default (250 for the SDE, 50 for the ODE).
+    """
+
+    num_steps: int | None = None
     mode: str = "sde"
     solver: str = "heun"
     cfg_scale: float = 1.0
@@ -41,6 +52,8 @@ class SamplerSettings:
             raise ConfigurationError(f"mode must be 'sde' or 'ode'; got {self.mode!r}")
         if self.solver not in ("euler", "heun"):
             raise ConfigurationError(f"solver must be 'euler' or 'heun'; got {self.solver!r}")
+        if self.num_steps is None:
+            object.__setattr__(self, "num_steps", default_num_steps(self.mode))
         if int(self.num_steps) < 2:
             raise ConfigurationError(f"num_steps must be at least 2; got {self.num_steps}")
         if self.cfg_scale < 0:
@@ -209,6 +222,7 @@ class SelfFlowPipeline:
         )
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """uint8 images of ``latents``, decoded ``vae.DECODE_BATCH`` at a time (one shape)."""
         if self.autoencoder is None:
             raise ConfigurationError(
                 "this pipeline has no VAE: pass one to decode latents into images"
@@ -220,17 +234,21 @@ class SelfFlowPipeline:
         class_labels: Sequence[int] | np.ndarray | torch.Tensor,
         *,
         seed: int = 0,
-        num_steps: int = 250,
+        num_steps: int | None = None,
         mode: str = "sde",
         solver: str = "heun",
         cfg_scale: float = 1.0,
         guidance_interval: tuple[float, float] = (0.0, 0.7),
         indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
         progress: bool = False,
     ) -> np.ndarray:
         """Generate uint8 images ``(B, H, W, 3)`` for ``class_labels`` (1000 = unconditional).
 
         ``indices`` are the samples' global indices (default ``0..B−1``): they key the noise.
+        ``num_steps=None`` is the mode's default (SDE 250, ODE 50). ``batch_size``: the network
+        sees exactly this many rows per call (default: all labels in one call); an image's
+        bytes depend on it, not on the other labels of the call or on its position.
         """
         labels = check_labels(class_labels, self.model.config.num_classes)
         if indices is None:
@@ -238,11 +256,22 @@ class SelfFlowPipeline:
         indices = [int(i) for i in indices]
         if len(indices) != len(labels):
             raise ConfigurationError(f"got {len(labels)} labels but {len(indices)} indices")
+        size = len(labels) if batch_size is None else int(batch_size)
+        if size < 1:
+            raise ConfigurationError(f"batch_size must be at least 1; got {batch_size}")
         settings = SamplerSettings(num_steps, mode, solver, cfg_scale, tuple(guidance_interval))
-        latents = self.sample_latents(labels, indices, seed, settings, progress=progress)
-        bad = (~torch.isfinite(latents)).flatten(1).any(dim=1)
-        if bool(bad.any()):
-            raise FloatingPointError(
-                f"sampling produced NaN or inf for samples {[indices[i] for i in bad.nonzero().flatten().tolist()]}"
-            )
-        return self.decode(latents)
+        latents = []
+        for start in range(0, len(labels), size):
+            real = min(size, len(labels) - start)
+            rows = list(range(start, start + real)) + [start + real - 1] * (size - real)
+            batch = self.sample_latents(
+                labels[rows], [indices[r] for r in rows], seed, settings, progress=progress
+            )[:real]
+            bad = (~torch.isfinite(batch)).flatten(1).any(dim=1)
+            if bool(bad.any()):
+                raise FloatingPointError(
+                    "sampling produced NaN or inf for samples "
+                    f"{[indices[start + i] for i in bad.nonzero().flatten().tolist()]}"
+                )
+            latents.append(batch)
+        return self.decode(torch.cat(latents))

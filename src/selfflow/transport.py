@@ -27,6 +27,7 @@ from fractions import Fraction
 import torch
 from tqdm import tqdm
 
+from selfflow.defaults import DEFAULT_NUM_STEPS, default_num_steps
 from selfflow.errors import ConfigurationError
 
 __all__ = [
@@ -215,7 +216,7 @@ def sample_sde(
     velocity: Velocity,
     x: torch.Tensor,
     *,
-    num_steps: int = 250,
+    num_steps: int = DEFAULT_NUM_STEPS["sde"],
     brownian: BrownianSource | None = None,
     generator: torch.Generator | None = None,
     progress: Progress = False,
@@ -292,7 +293,7 @@ def sample_ode(
     velocity: Velocity,
     x: torch.Tensor,
     *,
-    num_steps: int = 50,
+    num_steps: int = DEFAULT_NUM_STEPS["ode"],
     solver: str = "heun",
     progress: Progress = False,
 ) -> torch.Tensor:
@@ -352,7 +353,7 @@ def sample(
     x: torch.Tensor,
     *,
     mode: str = "sde",
-    num_steps: int = 250,
+    num_steps: int | None = None,
     solver: str = "heun",
     brownian: BrownianSource | None = None,
     generator: torch.Generator | None = None,
@@ -362,14 +363,17 @@ def sample(
 
     ``mode`` is case-insensitive. "sde" is :func:`sample_sde` (always Euler–Maruyama, NFE =
     ``num_steps``; ``solver`` is validated but has no effect). "ode" is :func:`sample_ode`
-    (``num_steps`` intervals; NFE = ``num_steps`` for Euler, ``2 * num_steps`` for Heun; note
-    that the default 250 is the SDE protocol, 50 Heun intervals suffice for the ODE).
+    (``num_steps`` intervals; NFE = ``num_steps`` for Euler, ``2 * num_steps`` for Heun).
+    ``num_steps=None`` takes the mode's own default (:data:`selfflow.defaults.DEFAULT_NUM_STEPS`:
+    250 for the SDE, the paper's protocol; 50 for the ODE).
     ``brownian`` and ``generator`` are used by the SDE only.
     """
     name = mode.lower() if isinstance(mode, str) else None
     if name not in _MODES:
         raise ConfigurationError(f"mode must be 'sde' or 'ode' (any case), found {mode!r}")
     solver_name = _check_solver(solver)
+    if num_steps is None:
+        num_steps = default_num_steps(name)
     if name == "sde":
         return sample_sde(
             velocity,

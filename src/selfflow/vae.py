@@ -19,6 +19,9 @@ from selfflow.errors import ConfigurationError, DownloadError
 
 SD_VAE_ID = "stabilityai/sd-vae-ft-ema"
 LATENT_SCALE = 0.18215
+# Latents per decoder call, always (see :func:`decode`): small enough that decoding one image
+# costs little, large enough to keep a GPU busy (8 images of 256 x 256 are 0.5 M pixels).
+DECODE_BATCH = 8
 
 
 def load_vae(
@@ -69,8 +72,31 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor) -> np.ndarray:
-    """Decode SD-VAE latents (already in the model's scale) to uint8 NHWC images."""
+def decode(vae, latents: torch.Tensor, batch: int | None = DECODE_BATCH) -> np.ndarray:
+    """Decode SD-VAE latents (already in the model's scale) to uint8 NHWC images.
+
+    Every call of the decoder sees exactly ``batch`` latents: the latents are cut into chunks
+    of ``batch`` and a short last chunk is padded with copies of its last latent, whose images
+    are dropped. Why: the decoder's kernels (bf16 on CPU and GPU) are chosen per batch shape
+    and round differently per shape, so one latent decoded alone and the same latent decoded
+    among 63 others differ by a level or more in some pixels; at one shape, a row's output does
+    not depend on its neighbours. A fixed shape therefore makes an image's bytes a function of
+    its latent alone: the same whatever the sampling batch, a short last batch or a resume.
+    ``batch=None`` decodes all latents in one call (one shape per call; for probes only).
+    """
+    count = int(latents.shape[0])
+    if count == 0:
+        raise ConfigurationError("no latents to decode")
+    if batch is not None and batch < 1:
+        raise ConfigurationError(f"the decode batch must be at least 1; got {batch}")
     param = next(vae.parameters())
-    images = vae.decode((latents / LATENT_SCALE).to(device=param.device, dtype=param.dtype)).sample
-    return to_uint8(images)
+    size = count if batch is None else batch
+    images = []
+    for start in range(0, count, size):
+        chunk = latents[start : start + size]
+        real = int(chunk.shape[0])
+        if real < size:
+            chunk = torch.cat([chunk, chunk[-1:].expand(size - real, *chunk.shape[1:])])
+        chunk = (chunk / LATENT_SCALE).to(device=param.device, dtype=param.dtype)
+        images.append(vae.decode(chunk).sample[:real])
+    return to_uint8(torch.cat(images))

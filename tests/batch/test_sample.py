@@ -594,16 +594,6 @@ def test_class_balanced_gives_each_class_once_per_thousand(
     assert json.loads((out / "manifest.json").read_text())["settings"]["class_balanced"] is True
 
 
-def test_help_promises_the_same_images_only_up_to_rounding(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["sample", "--help"])
-    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
-    assert (
-        "give the same images up to floating-point rounding (at most 1 level in a few pixels)"
-        in text
-    )
-
-
 # -- bad input: one clear line ------------------------------------------------------------------
 
 

@@ -14,9 +14,12 @@ from selfflow.options import add_options
 
 DESCRIPTION = (
     "Sample the FID batch (samples_N.npz, arr_0 uint8 (N, H, W, 3) in index order, labels in "
-    "arr_1) from the released Self-Flow model, on one process or under torchrun. Sample i is a "
-    "function of (seed, i) alone, so any number of GPUs and any batch size give the same images "
-    "up to floating-point rounding (at most 1 level in a few pixels). "
+    "arr_1) from the released Self-Flow model, on one process or under torchrun. Sample i's "
+    "label, start noise and every Brownian increment come from streams keyed by (seed, i). "
+    "At one --batch-size the images are byte-identical on any number of GPUs, in a short last "
+    "batch and after a resume: every network call sees --batch-size rows (N if fewer) and every "
+    "VAE decode 8 latents. Kernels round per batch shape, so another --batch-size rounds "
+    "differently (same noise, same distribution; a resume that changes it says so). "
     "Work is written in atomic shards with a manifest.json of the settings: re-running the same "
     "command continues an interrupted run; a run with other settings in the same folder is "
     "refused (or starts over with --overwrite)."
@@ -50,7 +53,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=64,
         metavar="B",
-        help="images per forward pass, per process (default: 64)",
+        help="images per forward pass, per process; keep one value for byte-identical images "
+        "(default: 64)",
     )
     add_options(
         official,

@@ -13,9 +13,11 @@ steps, and who does each:
 2. **Verify (all ranks).** Existing shards are read back and checked (CRC, shapes, indices,
    labels); the check is split over the ranks. A shard that fails is deleted and redone.
 3. **Sample (all ranks).** Pending shard ``j`` (in plan order) goes to rank ``j % world``. Each
-   rank samples its shards' indices in batches of ``--batch-size`` (a batch may span two shards;
-   a short last batch is padded with copies of its last sample, so that a compiled network sees
-   one shape) while a background thread decodes and writes (see :mod:`selfflow.batch.writer`).
+   rank samples its shards' indices in batches of ``--batch-size`` (or N if smaller; a batch
+   may span two shards; a short last batch is padded with copies of its last sample, so that
+   the network always sees one shape and a sample's bytes never depend on how the work was
+   cut) while a background thread decodes, in fixed chunks of ``selfflow.vae.DECODE_BATCH``,
+   and writes (see :mod:`selfflow.batch.writer`).
    Rank 0 shows one progress bar for the whole batch: its own images as they are decoded, the
    other ranks' as their shard files appear. The step ends with a barrier that notices a
    process that died (:func:`selfflow.distributed.wait_for_all`), so rank 0 never waits for
@@ -63,6 +65,7 @@ from selfflow.npz import iter_npz_rows, npz_array_info
 DTYPES = ("float32", "bfloat16")
 VAE_DTYPE = "bfloat16"  # the official sampler decodes in bf16 (FACTS §2)
 EVALUATOR_MODULE = "selfflow.eval.evaluator"
+STEP_PROGRESS_AFTER = 10.0  # seconds into a batch before the bar shows the batch's step count
 
 
 class ReportedOnRankZero(SelfFlowError):
@@ -81,7 +84,7 @@ class BatchConfig:
     output_dir: str | os.PathLike = "samples"
     num_samples: int = 50_000
     batch_size: int = 64
-    num_steps: int = 250
+    num_steps: int | None = None  # None: the mode's default (SDE 250, ODE 50)
     mode: str = "sde"
     seed: int = 31
     cfg_scale: float = 1.0
@@ -108,11 +111,15 @@ class BatchConfig:
 
         whole("--num-fid-samples", self.num_samples, 1, "a positive number of images")
         whole("--batch-size", self.batch_size, 1, "a positive number of images per process")
-        whole("--num-steps", self.num_steps, 2, "at least 2")
         if self.shard_size is not None:
             whole("--shard-size", self.shard_size, 1, "a positive number of images")
         if not isinstance(self.mode, str) or self.mode.lower() not in ("sde", "ode"):
             raise ConfigurationError(f"--mode must be SDE or ODE (any case); got {self.mode!r}")
+        if self.num_steps is None:
+            from selfflow.defaults import default_num_steps
+
+            self.num_steps = default_num_steps(self.mode)
+        whole("--num-steps", self.num_steps, 2, "at least 2")
         if not isinstance(self.solver, str) or self.solver.lower() not in ("euler", "heun"):
             raise ConfigurationError(f"--solver must be euler or heun; got {self.solver!r}")
         if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
@@ -432,17 +439,25 @@ class _Job:
         return pipe, checkpoint
 
     def _note_other_batch_size(self, runs: list[dict], batch_size: int) -> None:
-        """Say so when a low-precision resume changes ``--batch-size``.
+        """Say so when a resume changes ``--batch-size``.
 
-        The images stay those of the same noise and labels, but in bf16/fp16 the GPU's matmul
-        kernels are chosen per batch shape and round differently: measured on an H200 (random
-        weights), two batch sizes differ in about half the bytes by a level or so, as much as
-        bf16 differs from float32. Same distribution, so the FID is unaffected; byte-identical
-        results need one ``--batch-size`` (the GPU count does not matter). float32 on the CPU
-        differs by reordering only, so it is not mentioned there.
+        The images stay those of the same noise and labels, but kernels are chosen per batch
+        shape and round differently: measured on an H200 (random weights, bf16), two batch sizes
+        differ in about half the bytes by a level or so, as much as bf16 differs from float32;
+        in float32 on a CPU the network's last bits change, which the bf16 VAE turns into a
+        level here and there. Same distribution, so the FID is unaffected; byte-identical
+        results need one ``--batch-size`` (the GPU count does not matter).
         """
-        earlier = sorted({run["batch_size"] for run in runs if "batch_size" in run} - {batch_size})
-        if earlier and self.dtype_name != "float32":
+        shape = batch_shape(self.config.num_samples, batch_size)
+        earlier = sorted(
+            {
+                run["batch_size"]
+                for run in runs
+                if "batch_size" in run
+                and batch_shape(self.config.num_samples, run["batch_size"]) != shape
+            }
+        )
+        if earlier:
             self.log(
                 f"note: this folder was begun with --batch-size {', '.join(map(str, earlier))}; "
                 f"in {self.dtype_name} the images sampled now at --batch-size {batch_size} differ "
@@ -532,7 +547,7 @@ class _Job:
         indices_all = (
             np.concatenate([shard.indices for shard in shards]) if shards else np.zeros(0, np.int64)
         )
-        batch = batch_shape(len(indices_all), config.batch_size)
+        batch = batch_shape(plan.num_samples, config.batch_size)
         if len(indices_all) and getattr(pipe.model_fn, "compiled", False):
             # before the bar appears: it would stand at 0 for the whole compilation
             guided = f" (and {2 * batch} where guided)" if config.cfg_scale != 1.0 else ""
@@ -560,9 +575,14 @@ class _Job:
                 padded = pad_batch(indices, batch)
                 labels = self._labels(padded)
                 watch.reset(len(padded), pipe.device)
+                bar.start_batch()
                 try:
                     latents = pipe.sample_latents(
-                        torch.from_numpy(labels), padded.tolist(), config.seed, settings
+                        torch.from_numpy(labels),
+                        padded.tolist(),
+                        config.seed,
+                        settings,
+                        progress=bar.on_step,
                     )
                 except SelfFlowError as error:
                     rows = [row for row in watch.bad_rows() if row < real]
@@ -690,8 +710,30 @@ class _Progress:
         self.owner = {k: j % world for j, k in enumerate(pending)}  # as distributed.assign
         self._own = 0
         self._shown = 0
+        self._batch_started = time.monotonic()
+        self._step_shown: float | None = None
         self._lock = threading.Lock()
         self.bar = _bar(job.progress, job.plan.num_samples, "sampling", initial=done_before)
+
+    def start_batch(self) -> None:
+        self._batch_started = time.monotonic()
+        self._step_shown = None
+
+    def on_step(self, done: int, total: int) -> None:
+        """The step counter of the batch being sampled, once a batch takes long.
+
+        The bar counts images as they are decoded, so with XL/2 on a CPU, or large batches,
+        it stands still for minutes; after ``STEP_PROGRESS_AFTER`` seconds into a batch its
+        step count is shown next to the bar (at most twice a second).
+        """
+        if self.bar is None:
+            return
+        now = time.monotonic()
+        if now - self._batch_started < STEP_PROGRESS_AFTER:
+            return
+        if self._step_shown is None or now - self._step_shown >= 0.5 or done == total:
+            self._step_shown = now
+            self.bar.set_postfix_str(f"batch at step {done}/{total}")
 
     def add_own(self, count: int) -> None:
         with self._lock:
@@ -761,14 +803,16 @@ def _bar(enabled: bool, total: int, desc: str, initial: int = 0):
 # Helpers
 
 
-def batch_shape(count: int, batch_size: int) -> int:
-    """The one batch size a process samples with: ``--batch-size``, or all of its images if fewer.
+def batch_shape(num_samples: int, batch_size: int) -> int:
+    """The one batch size every process samples with: ``--batch-size``, or N if smaller.
 
-    The compiled fast path (``torch.compile(dynamic=False)``) compiles again for every new batch
-    shape, about a minute for XL/2, so a short final batch is padded up to this size rather
-    than sampled as a new shape.
+    It depends on the run's settings alone, never on a process's share of the work: kernels
+    round differently per batch shape (bf16 and float32 alike), and at one shape a row's result
+    does not depend on its neighbours, so one shape everywhere makes a sample's bytes the same
+    on any GPU count, in a short last batch and in a resume that redoes a few shards. (The
+    compiled fast path also compiles again, about a minute for XL/2, for every new shape.)
     """
-    return max(1, min(batch_size, count))
+    return max(1, min(batch_size, num_samples))
 
 
 def pad_batch(indices: np.ndarray, size: int) -> np.ndarray:
