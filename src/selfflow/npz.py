@@ -19,7 +19,7 @@ import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,24 @@ from selfflow.errors import ConfigurationError
 NPY_MAGIC = b"\x93NUMPY"
 _ALIGN = 64  # numpy aligns the start of the data to 64 bytes
 _MAX_HEADER = 10_000  # np.load's limit too: a longer header is refused, not parsed
-_DAMAGED = (zipfile.BadZipFile, EOFError, zlib.error)  # what zipfile raises on bad bytes
+_VERIFY_BLOCK = 1 << 24
+# What reading a damaged zip can raise besides BadZipFile: EOFError and zlib.error on cut or
+# garbled data, OSError when a garbled directory sends a seek before the start of the file,
+# NotImplementedError for an unknown compression method, RuntimeError for an "encrypted"
+# flag, struct.error / ValueError / OverflowError / UnicodeDecodeError on garbled fields.
+# Each is reported as damage, naming the file; MemoryError and interrupts are not damage.
+_DAMAGED = (
+    zipfile.BadZipFile,
+    EOFError,
+    zlib.error,
+    OSError,
+    NotImplementedError,
+    RuntimeError,
+    struct.error,
+    ValueError,
+    OverflowError,
+    UnicodeDecodeError,
+)
 
 
 # --- the .npy header ----------------------------------------------------------------------------
@@ -118,7 +135,7 @@ def npz_keys(path: str | os.PathLike) -> list[str]:
     try:
         with zipfile.ZipFile(path) as archive:
             return [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
-    except (zipfile.BadZipFile, OSError) as error:
+    except _DAMAGED as error:
         raise ConfigurationError(f"{path} is not a readable .npz file ({error})") from error
 
 
@@ -162,8 +179,29 @@ class NpzArray:
         try:
             with zipfile.ZipFile(self.path) as archive, archive.open(f"{self.key}.npy") as stream:
                 yield stream
+        except ConfigurationError:
+            raise  # the reader's own finding, already worded
         except _DAMAGED as error:
-            raise ConfigurationError(f"{self.where} is damaged ({error})") from error
+            raise ConfigurationError(
+                f"{self.where} is damaged ({type(error).__name__}: {error})"
+            ) from error
+
+    def verify(self, on_bytes: Callable[[int], None] | None = None) -> None:
+        """Read the whole member once: zipfile checks its CRC-32 at the end, and the data must
+        be exactly as long as the header's shape and dtype say. Memory: one 16 MB block."""
+        expected = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        found = 0
+        with self._open() as stream:
+            self._header(stream)
+            while block := stream.read(_VERIFY_BLOCK):
+                found += len(block)
+                if on_bytes is not None:
+                    on_bytes(len(block))
+        if found != expected:
+            raise ConfigurationError(
+                f"{self.where} holds {found} bytes of data; its header ({self.dtype} "
+                f"{self.shape}) needs {expected}"
+            )
 
     def _header(self, stream) -> NpyInfo:
         try:
@@ -221,6 +259,15 @@ def _read_into(stream, buffer: bytearray) -> int:
 def npz_array_info(path: str | os.PathLike, key: str = "arr_0") -> NpyInfo:
     """Shape and dtype of ``key`` in an ``.npz`` without reading its data."""
     return NpzArray(path, key).info
+
+
+def verify_npz(
+    path: str | os.PathLike, label: str | None = None, on_bytes: Callable[[int], None] | None = None
+) -> None:
+    """Read every array of an npz end to end (CRC-32, data length against header) and raise
+    :class:`ConfigurationError` naming the file and the array at the first damage."""
+    for key in npz_keys(path):
+        NpzArray(path, key, label=label).verify(on_bytes)
 
 
 def iter_npz_rows(

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from selfflow.eval.metrics import (
     inception_score,
     precision_recall,
 )
-from selfflow.eval.npz import NpzImages, read_small_arrays
+from selfflow.eval.npz import NpzImages, read_small_arrays, verify_batch
 from selfflow.files import file_sha256
 from selfflow.npz import npz_keys
 
@@ -158,7 +157,9 @@ def _load_cached(path: Path, count: int, pool_dim: int) -> tuple[Activations | N
         with np.load(path, allow_pickle=False) as cached:
             revision = int(cached["revision"])
             pool, spatial = cached["pool"], cached["spatial"]
-    except (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as error:
+    except MemoryError:
+        raise
+    except Exception as error:  # whatever damaged bytes make np.load raise
         return None, f"damaged: {type(error).__name__}: {error}"
     if revision != FEATURES_REVISION:
         return None, f"features revision {revision}, this selfflow computes {FEATURES_REVISION}"
@@ -258,6 +259,7 @@ def evaluate(
         )
     references = NpzImages(ref_path, role="reference batch")
     samples = NpzImages(sample_path, role="sample batch")
+    verify_batch(sample_path, "sample batch", progress)
     _check_statistic_keys(ref_path, "reference batch", ref_keys)
     _check_statistic_keys(sample_path, "sample batch", npz_keys(sample_path))
     dev = resolve_device(device)
@@ -291,7 +293,13 @@ def evaluate(
         else:
             ref_acts = compute_activations(model, references, batch_size, "reference", progress)
             if use_cache:
-                _save_cached(cache_path, ref_acts)
+                try:
+                    _save_cached(cache_path, ref_acts)
+                except OSError as error:
+                    note(
+                        f"reference features not cached: {cache_path.parent} cannot be written "
+                        f"({error.strerror or error}); the next evaluation computes them again"
+                    )
         ref_stats, from_file = _npz_or_computed(ref_path, "reference batch", ref_acts, note)
         ref_source = {kind: "file" if from_file else "computed" for kind in _KINDS}
 
