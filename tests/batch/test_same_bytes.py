@@ -165,3 +165,32 @@ def test_sample_help_promises_exactly_this(capsys):
     assert "At one --batch-size the images are byte-identical" in text
     assert "another --batch-size rounds differently" in text
     assert "up to floating-point rounding (at most 1 level in a few pixels)" not in text
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_bytes_of_one(tmp_path, tiny_checkpoint, tiny_vae_dir):
+    """torchrun, 2 processes, 12 images in shards of 2 and batches of 5: each process holds 6
+    images (a batch of 5 and one of 1, with other neighbours than in one process)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "two"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(repo / "sample.py"), "--ckpt", tiny_checkpoint, "--vae", tiny_vae_dir,
+        "--output-dir", str(out), "--num-fid-samples", "12", "--batch-size", str(BATCH),
+        "--num-steps", str(STEPS), "--shard-size", "2", "--dtype", "bfloat16",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on 2 processes" in done.stdout
+    one = tmp_path / "one"
+    config = BatchConfig(
+        checkpoint=tiny_checkpoint, vae=tiny_vae_dir, output_dir=one, num_samples=12,
+        batch_size=BATCH, num_steps=STEPS, shard_size=2, dtype="bfloat16",
+    )  # fmt: skip
+    generate_fid_batch(config, progress=False, log=lambda message: None)
+    np.testing.assert_array_equal(images(out, 12), images(one, 12))
