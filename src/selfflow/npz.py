@@ -37,7 +37,7 @@ _VERIFY_BLOCK = 1 << 24
 # NotImplementedError for an unknown compression method, RuntimeError for an "encrypted"
 # flag, struct.error / ValueError / OverflowError / UnicodeDecodeError on garbled fields.
 # Each is reported as damage, naming the file; MemoryError and interrupts are not damage.
-_DAMAGED = (
+ARCHIVE_ERRORS = (
     zipfile.BadZipFile,
     EOFError,
     zlib.error,
@@ -135,7 +135,7 @@ def npz_keys(path: str | os.PathLike) -> list[str]:
     try:
         with zipfile.ZipFile(path) as archive:
             return [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
-    except _DAMAGED as error:
+    except ARCHIVE_ERRORS as error:
         raise ConfigurationError(f"{path} is not a readable .npz file ({error})") from error
 
 
@@ -181,7 +181,7 @@ class NpzArray:
                 yield stream
         except ConfigurationError:
             raise  # the reader's own finding, already worded
-        except _DAMAGED as error:
+        except ARCHIVE_ERRORS as error:
             raise ConfigurationError(
                 f"{self.where} is damaged ({type(error).__name__}: {error})"
             ) from error

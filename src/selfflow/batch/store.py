@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 import os
-import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from selfflow.npz import ARCHIVE_ERRORS
 
 SHARD_DIR = "shards"
 IMAGE_DIR = "images"
@@ -155,7 +156,7 @@ def read_shard(
         raise
     except FileNotFoundError as error:
         raise ShardError("the file does not exist") from error
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as error:
+    except (*ARCHIVE_ERRORS, KeyError) as error:
         raise ShardError(f"unreadable ({type(error).__name__}: {error})") from error
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != shard.size:
         raise ShardError(
