@@ -16,6 +16,10 @@ the released shapes (XL/2 and the SD-VAE architecture):
 4. **Evaluator device.** Inception features of the same images on the GPU and on the CPU (a
    synthetic graph with the real structure): the CPU executor is the one the tests prove
    against TensorFlow.
+5. **VAE decode shape.** The bf16 SD-VAE decoded one latent at a time against the same
+   latents together (the plain decoder: how many bytes the shape changes), ``selfflow.vae.decode``
+   (fixed chunks of ``DECODE_BATCH``) alone against together (must be bit-identical), and what
+   the fixed chunks cost against one call for a whole batch.
 
     python benchmarks/gpu_consistency.py                    # on a GPU, about 3 minutes
     python benchmarks/gpu_consistency.py --tiny --device cpu --num-steps 4   # smoke run
@@ -135,6 +139,40 @@ def batch_composition(args) -> dict:
     }
 
 
+def decode_shapes(vae_folder: Path, device: str, batch: int) -> dict:
+    """Question 5: bytes of the plain decoder by shape; selfflow's fixed chunks; their cost."""
+    from selfflow import vae
+
+    model = vae.load_vae(vae_folder, device=device, dtype=torch.bfloat16)
+    size = model.config.sample_size // 2 ** (len(model.config.block_out_channels) - 1)
+    generator = torch.Generator().manual_seed(0)
+    z = (torch.randn(batch, 4, size, size, generator=generator) * 0.18215 * 4).to(device)
+
+    def plain(latents: torch.Tensor) -> np.ndarray:
+        return vae.decode(model, latents, batch=None)
+
+    def timed(fn) -> tuple[np.ndarray, float]:
+        fn(z)  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn(z)
+        return out, (time.perf_counter() - start) / batch * 1e3
+
+    together, one_call_ms = timed(plain)
+    chunked, chunked_ms = timed(lambda latents: vae.decode(model, latents))
+    plain_alone = np.concatenate([plain(z[i : i + 1]) for i in range(batch)])
+    fixed_alone = np.concatenate([vae.decode(model, z[i : i + 1]) for i in range(batch)])
+    return {
+        "latents": batch,
+        "decode_batch": vae.DECODE_BATCH,
+        "plain alone vs together": byte_differences(plain_alone, together),
+        "fixed chunks: alone bit-identical to together": bool(np.array_equal(fixed_alone, chunked)),
+        "ms per image, one call": one_call_ms,
+        "ms per image, fixed chunks": chunked_ms,
+    }
+
+
 def evaluator_devices(images: np.ndarray, device: str, tiny: bool) -> dict:
     """Relative L2 and largest difference of pool and spatial features, GPU against CPU."""
     graph = TFGraph.from_bytes(inception_like_graph(width=0.125 if tiny else 1.0), source="synth")
@@ -171,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         _random_checkpoint(folder, args.tiny)
         _random_vae(folder, args.tiny)
         big, small = args.batch_sizes
+        report["VAE decode, alone vs in a batch"] = decode_shapes(folder / "vae", args.device, big)
+        log(f"VAE decode: {report['VAE decode, alone vs in a batch']}")
         first, report["seconds_batch_a"] = sample(folder, f"batch{big}", args, batch_size=big)
         second, report["seconds_batch_b"] = sample(folder, f"batch{small}", args, batch_size=small)
         report[f"batch {big} vs batch {small}"] = byte_differences(first, second)

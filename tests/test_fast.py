@@ -281,3 +281,6 @@ def test_consistency_benchmark_tiny_cpu(tmp_path):
     batch_sizes = report["batch 8 vs batch 3"]  # float32 on a CPU: reordering at most
     assert batch_sizes["max_abs"] <= 1 and batch_sizes["bytes_differing"] <= 1e-3
     assert report["default (float32) vs float32 network"]["max_abs"] == 0  # the same network
+    assert report["VAE decode, alone vs in a batch"][
+        "fixed chunks: alone bit-identical to together"
+    ]
