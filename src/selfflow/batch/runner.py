@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from selfflow import distributed
-from selfflow.batch import store
+from selfflow.batch import reuse, store
 from selfflow.batch.assemble import GRID_SAMPLES, assemble, npz_name
 from selfflow.batch.lock import FolderLock
 from selfflow.batch.manifest import (
@@ -350,9 +350,15 @@ class _Job:
             "command": " ".join(sys.argv),
         }
         complete = False
+        reused_from: tuple[Path, int] | None = None
         if existing is not None:
             differences = differing_settings(existing.settings, settings)
-            if differences:
+            if differences and reuse.only_the_count_differs(existing.settings, settings):
+                # a finished run of another size: its samples are those of this run (or refused)
+                reused_from = reuse.finished_npz(
+                    self.output_dir, existing.settings, existing.complete
+                )
+            elif differences:
                 hint = "use the same settings to resume"
                 if existing.settings.get("sampling_revision") != SAMPLING_REVISION:
                     made_by = existing.info.get("selfflow_version", "an older version")
@@ -365,6 +371,7 @@ class _Job:
                     + "; ".join(differences)
                     + f"); {hint}, --overwrite to start over, or another --output-dir"
                 )
+        if existing is not None and reused_from is None:
             if config.shard_size is not None and config.shard_size != existing.shard_size:
                 raise ConfigurationError(
                     f"{self.output_dir} is planned in shards of {existing.shard_size} images; "
@@ -394,6 +401,9 @@ class _Job:
                     "runs": [run_info],
                 },
             )
+            if reused_from is not None:
+                manifest.info["runs"] = [*existing.info.get("runs", []), run_info]
+                manifest.info["reused"] = {"npz": reused_from[0].name, "samples": reused_from[1]}
         if tuple(manifest.image_shape) != image_shape:
             raise ConfigurationError(
                 f"{self.output_dir} holds {manifest.image_shape} images but this VAE makes {image_shape}"
@@ -405,6 +415,12 @@ class _Job:
             self.log(f"removed {removed} temporary files left by an interrupted run")
         write_manifest(self.output_dir, manifest)
         plan = store.ShardPlan(config.num_samples, manifest.shard_size)
+        if reused_from is not None:
+            reused = reuse.shards_from_npz(self.output_dir, plan, *reused_from)
+            self.log(
+                f"reusing {reused} samples of {reused_from[0].name} (same settings, sample i "
+                f"depends only on the seed and i); {config.num_samples - reused} to sample"
+            )
         candidates = [shard.id for shard in store.existing_shards(self.output_dir, plan)]
         return _SetupOutcome(checkpoint, manifest.to_json(), candidates, complete)
 
@@ -464,13 +480,20 @@ class _Job:
         path = self.output_dir / npz_name(self.config.num_samples)
         try:
             info = npz_array_info(path)
-            return (
+            if not (
                 path.stat().st_size == record.get("bytes")
                 and info.shape == (self.config.num_samples, *manifest.image_shape)
                 and info.dtype == np.uint8
-            )
+            ):
+                return False
         except Exception:  # unreadable in any way: not complete
             return False
+        if not record.get("sha256"):  # written by a version that did not record it
+            return True
+        from selfflow.files import file_sha256
+
+        self.log(f"checking {path.name} against the sha256 recorded in {MANIFEST_NAME}")
+        return file_sha256(path) == record["sha256"]
 
     # -- step 2: verify -----------------------------------------------------------------------
 
@@ -614,9 +637,12 @@ class _Job:
             if bar:
                 bar.close()
         save_grid(first[:GRID_SAMPLES], self.output_dir / "grid.png", columns=8)
+        from selfflow.files import file_sha256
+
         manifest.complete = {
             "npz": npz_path.name,
             "bytes": npz_path.stat().st_size,
+            "sha256": file_sha256(npz_path),  # a rerun re-checks it before "already complete"
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_manifest(self.output_dir, manifest)
