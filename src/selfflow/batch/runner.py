@@ -136,9 +136,14 @@ class BatchConfig:
             from selfflow.seeds import balanced_labels
 
             balanced_labels(self.seed, self.num_samples)  # raises with the reason
+        self.eval_ref = _in_cache_if_bare(self.eval_ref)
         for name, value in (("--eval-ref", self.eval_ref), ("--inception", self.inception)):
             if value is not None and not Path(value).is_file():
-                raise ConfigurationError(f"{name} {value}: no such file")
+                where = " (a directory)" if Path(value).is_dir() else ""
+                raise ConfigurationError(
+                    f"{name} {value}: no such file{where}"
+                    + (_cache_hint(value) if name == "--eval-ref" else "")
+                )
         if self.inception is not None and self.eval_ref is None:
             raise ConfigurationError("--inception is only used with --eval-ref")
         if self.eval_ref is not None:
@@ -300,8 +305,26 @@ class _Job:
     # -- step 1: set-up on rank 0 -------------------------------------------------------------
 
     def _setup(self) -> _SetupOutcome:
+        created = not self.output_dir.exists()
+        try:
+            return self._setup_in_folder()
+        except BaseException:
+            if created:  # a run that failed before writing anything leaves no empty folder
+                self.lock.release()
+                with contextlib.suppress(OSError):
+                    for leftover in self.output_dir.glob(f"{distributed.SHARED_CHECK_PREFIX}*"):
+                        leftover.unlink()
+                    self.output_dir.rmdir()  # only if empty
+            raise
+
+    def _setup_in_folder(self) -> _SetupOutcome:
         config = self.config
         config.validate()
+        if config.eval_ref is not None and config.inception is None:
+            # before hours of sampling: the evaluation's graph must be here or downloadable
+            from selfflow.download import inception_path
+
+            config.inception = str(inception_path())
         _prepare_output_dir(self.output_dir)
         self.lock.acquire()  # before anything in the folder is read or deleted
         for stale in self.output_dir.glob(f"{distributed.SHARED_CHECK_PREFIX}*"):
@@ -322,10 +345,12 @@ class _Job:
                     f"--overwrite: removed {removed} files of the previous run in {self.output_dir}"
                 )
         import selfflow
+        from selfflow.download import verification
         from selfflow.files import file_sha256
 
+        checkpoint_sha256 = file_sha256(checkpoint)
         settings = image_settings(
-            checkpoint_sha256=file_sha256(checkpoint),
+            checkpoint_sha256=checkpoint_sha256,
             vae=vae_identity(config.vae),
             num_samples=config.num_samples,
             num_steps=config.num_steps,
@@ -348,7 +373,15 @@ class _Job:
             "selfflow_version": selfflow.__version__,
             "batch_size": config.batch_size,
             "command": " ".join(sys.argv),
+            "checkpoint_integrity": verification(checkpoint, checkpoint_sha256),
         }
+        if not run_info["checkpoint_integrity"]["verified"] and "DIFFERS" in str(
+            run_info["checkpoint_integrity"]["how"]
+        ):
+            raise ConfigurationError(
+                f"{checkpoint}: its sha256 {checkpoint_sha256} "
+                f"{run_info['checkpoint_integrity']['how']}; delete it and download it again"
+            )
         complete = False
         reused_from: tuple[Path, int] | None = None
         if existing is not None:
@@ -875,6 +908,28 @@ def vae_identity(vae: str | None) -> str:
             while block := handle.read(1 << 22):
                 digest.update(block)
     return f"local folder sha256:{digest.hexdigest()}"
+
+
+def _in_cache_if_bare(path: str | os.PathLike | None) -> str | os.PathLike | None:
+    """A bare file name that is not in the working folder, found in selfflow's cache instead.
+
+    ``selfflow download reference`` puts ADM's reference batch there, so the official command
+    line ``--eval-ref VIRTUAL_imagenet256_labeled.npz`` works from any folder.
+    """
+    if path is None or Path(path).exists() or Path(path).name != str(path):
+        return path
+    from selfflow.download import cache_dir
+
+    cached = cache_dir() / str(path)
+    return str(cached) if cached.is_file() else path
+
+
+def _cache_hint(path: str | os.PathLike) -> str:
+    if Path(path).name != str(path):
+        return ""
+    from selfflow.download import cache_dir
+
+    return f", neither here nor in {cache_dir()} (`selfflow download reference` puts it there)"
 
 
 def _default_vae() -> str:

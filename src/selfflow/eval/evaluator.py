@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfflow.download import verification
 from selfflow.errors import ConfigurationError
 from selfflow.eval.features import (
     BATCH_SIZE,
@@ -353,8 +354,13 @@ def evaluate(
             "statistics": ref_source,
             "features_cached": cached,
             "features_revision": FEATURES_REVISION,
+            "integrity": verification(ref_path, ref_sha),
         },
-        "inception": {"path": str(inception), "sha256": model.sha256},
+        "inception": {
+            "path": str(inception),
+            "sha256": model.sha256,
+            "integrity": verification(inception, model.sha256) if model.sha256 else None,
+        },
         "device": str(dev),
         "batch_size": batch_size,
         "seconds": {"total": round(time.time() - started, 3), "metrics": round(metrics_time, 3)},
