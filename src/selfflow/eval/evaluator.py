@@ -43,7 +43,7 @@ from selfflow.eval.metrics import (
     precision_recall,
 )
 from selfflow.eval.npz import NpzImages, read_small_arrays
-from selfflow.files import file_sha256
+from selfflow.files import file_sha256, umask_mode
 from selfflow.npz import npz_keys
 
 REPORT_KEYS = (
@@ -179,6 +179,7 @@ def _save_cached(path: Path, acts: Activations) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
+        os.chmod(tmp, umask_mode())  # readable as the umask says, not mkstemp's 0600
         with os.fdopen(fd, "wb") as handle:
             np.savez(
                 handle,
@@ -207,6 +208,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics-", suffix=".json.tmp")
     try:
+        os.chmod(tmp, umask_mode())  # readable as the umask says, not mkstemp's 0600
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, allow_nan=False)
             handle.write("\n")
