@@ -105,6 +105,13 @@ def verify_torch_archive(path: str | os.PathLike, chunk_size: int = 1 << 22) -> 
     """
     path = Path(path)
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            if handle.read(4) == b"PK\x03\x04":  # begins as a zip, but its directory is lost
+                raise CheckpointError(
+                    f"{path} is not a readable PyTorch checkpoint: it begins as a torch.save "
+                    f"zip archive but its zip directory at the end is missing or broken (the "
+                    f"file is damaged: truncated or overwritten); copy or download it again"
+                )
         return
     try:
         with zipfile.ZipFile(path) as archive:
@@ -112,10 +119,12 @@ def verify_torch_archive(path: str | os.PathLike, chunk_size: int = 1 << 22) -> 
                 with archive.open(info) as entry:
                     while entry.read(chunk_size):
                         pass
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as error:
+    except Exception as error:  # zipfile raises many types for damage (BadZipFile, OSError,
+        # EOFError, ValueError, NotImplementedError for a flipped flag bit, ...): all are damage
         raise CheckpointError(
-            f"{path} is damaged: {error} (the archive's CRC-32 check failed; the file was "
-            f"changed after it was written: copy or download it again)"
+            f"{path} is damaged: {type(error).__name__}: {error} (the archive's structure or "
+            f"CRC-32 check failed; the file was changed after it was written: copy or download "
+            f"it again)"
         ) from error
 
 
