@@ -446,14 +446,14 @@ class _Job:
         )
         if removed:
             self.log(f"removed {removed} temporary files left by an interrupted run")
-        write_manifest(self.output_dir, manifest)
         plan = store.ShardPlan(config.num_samples, manifest.shard_size)
-        if reused_from is not None:
+        if reused_from is not None:  # before the manifest changes: a kill here cuts them again
             reused = reuse.shards_from_npz(self.output_dir, plan, *reused_from)
             self.log(
                 f"reusing {reused} samples of {reused_from[0].name} (same settings, sample i "
                 f"depends only on the seed and i); {config.num_samples - reused} to sample"
             )
+        write_manifest(self.output_dir, manifest)
         candidates = [shard.id for shard in store.existing_shards(self.output_dir, plan)]
         return _SetupOutcome(checkpoint, manifest.to_json(), candidates, complete)
 
