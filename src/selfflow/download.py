@@ -261,7 +261,7 @@ def hub_failure_cause(error: BaseException) -> str:
         current = current.__cause__ or current.__context__
     names = {type(item).__name__ for item in chain}
     network = [item for item in chain if _is_network_error(item)]
-    if "OfflineModeIsEnabled" in names or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true"):
+    if "OfflineModeIsEnabled" in names or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
         return "offline mode is on (HF_HUB_OFFLINE) and the file is not in huggingface_hub's cache"
     if "GatedRepoError" in names:
         return "the repository is gated: accept its licence on the hub and log in (hf auth login)"
@@ -279,6 +279,9 @@ def hub_failure_cause(error: BaseException) -> str:
     if "LocalEntryNotFoundError" in names:
         return "the hub cannot be reached and the file is not in huggingface_hub's cache"
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+_TRUE = {"1", "ON", "YES", "TRUE"}  # the spellings huggingface_hub accepts for a flag
 
 
 def _is_network_error(error: BaseException) -> bool:
