@@ -173,6 +173,27 @@ def test_loading_the_vae_prints_no_accelerate_warning(tiny_vae_dir, capfd):
     assert "accelerate" not in captured.err + captured.out
 
 
+def test_the_hubs_deprecation_warning_about_diffusers_is_silenced_and_only_it(monkeypatch):
+    import warnings
+
+    from diffusers import AutoencoderKL
+
+    def from_pretrained(source, **kwargs):  # what diffusers + huggingface_hub do on each load
+        warnings.warn(
+            "The `local_dir_use_symlinks` argument is deprecated and ignored in `hf_hub_download`.",
+            UserWarning,
+            stacklevel=2,
+        )
+        warnings.warn("something else", UserWarning, stacklevel=2)
+        return make_tiny_vae()
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", from_pretrained)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_vae(SD_VAE_ID)
+    assert [str(w.message) for w in caught] == ["something else"]
+
+
 # -- checkpoints that are not checkpoints ---------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +43,17 @@ def load_vae(
         # torch_dtype here rather than .to(dtype) below: same weights, without diffusers'
         # warning about casting after loading. low_cpu_mem_usage needs accelerate; asking for
         # it without accelerate makes diffusers print a warning on every run, so ask only then.
-        vae = AutoencoderKL.from_pretrained(
-            str(local) if local.exists() else source,
-            torch_dtype=dtype,
-            low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
-        )
+        with warnings.catch_warnings():
+            # diffusers passes huggingface_hub an argument that it deprecated, and the hub
+            # warns about it on every load from the hub: about their code, not the user's
+            warnings.filterwarnings(
+                "ignore", message=r"The `local_dir_use_symlinks` argument is deprecated"
+            )
+            vae = AutoencoderKL.from_pretrained(
+                str(local) if local.exists() else source,
+                torch_dtype=dtype,
+                low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
+            )
     except (OSError, ValueError) as error:
         from selfflow.download import hub_failure_cause
 
