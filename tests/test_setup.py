@@ -233,7 +233,7 @@ def test_a_failed_ckpt_leaves_no_output_folder(tmp_path, tiny_vae_dir, capsys, k
     out = tmp_path / "new" / "samples"
     assert cli.main(_sample_args(checkpoint, tiny_vae_dir, out)) == 1
     assert "selfflow sample: error:" in capsys.readouterr().err
-    assert not out.exists()
+    assert not (tmp_path / "new").exists()  # nor the parent it created
 
 
 def test_eval_ref_fails_before_sampling_when_the_inception_graph_cannot_be_had(

@@ -7,7 +7,9 @@ steps, and who does each:
    (:mod:`selfflow.batch.lock`; a second run there is refused), load the checkpoint (its
    sha256 identifies it) and the VAE, compare with ``manifest.json`` (refusing a folder made
    with other settings, or clearing it under ``--overwrite``), delete temporaries of killed runs
-   and list the shard files already there. Every other rank waits for the outcome, so a bad
+   and list the shard files already there (a finished run of another N with the same settings
+   is reused: :mod:`selfflow.batch.reuse`). A set-up that fails removes the folders it made.
+   Every other rank waits for the outcome, so a bad
    option fails once, with one message, before any GPU work. Then every rank checks that it
    sees a file rank 0 wrote in the folder (:func:`selfflow.distributed.check_shared_folder`).
 2. **Verify (all ranks).** Existing shards are read back and checked (CRC, shapes, indices,
@@ -305,16 +307,13 @@ class _Job:
     # -- step 1: set-up on rank 0 -------------------------------------------------------------
 
     def _setup(self) -> _SetupOutcome:
-        created = not self.output_dir.exists()
+        created = _first_missing(self.output_dir)
         try:
             return self._setup_in_folder()
         except BaseException:
-            if created:  # a run that failed before writing anything leaves no empty folder
+            if created is not None:  # a set-up that failed leaves no empty folders behind
                 self.lock.release()
-                with contextlib.suppress(OSError):
-                    for leftover in self.output_dir.glob(f"{distributed.SHARED_CHECK_PREFIX}*"):
-                        leftover.unlink()
-                    self.output_dir.rmdir()  # only if empty
+                _remove_empty_folders(self.output_dir, created)
             raise
 
     def _setup_in_folder(self) -> _SetupOutcome:
@@ -862,6 +861,29 @@ def _prepare_output_dir(path: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet, if any."""
+    missing = None
+    for folder in [path, *path.absolute().parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_empty_folders(path: Path, up_to: Path) -> None:
+    """Remove ``path`` and its parents up to ``up_to`` while they are empty (never anything else)."""
+    for leftover in path.glob(f"{distributed.SHARED_CHECK_PREFIX}*") if path.is_dir() else []:
+        leftover.unlink(missing_ok=True)
+    for folder in [path.absolute(), *path.absolute().parents]:
+        try:
+            folder.rmdir()  # fails on a folder that holds anything
+        except OSError:
+            return
+        if folder == up_to.absolute():
+            return
 
 
 def _any_shard_files(output_dir: Path) -> list[str]:
