@@ -9,9 +9,8 @@ steps, and who does each:
    with other settings, or clearing it under ``--overwrite``), delete temporaries of killed runs
    and list the shard files already there (a finished run of another N with the same settings
    is reused: :mod:`selfflow.batch.reuse`). A set-up that fails removes the folders it made.
-   Every other rank waits for the outcome, so a bad
-   option fails once, with one message, before any GPU work. Then every rank checks that it
-   sees a file rank 0 wrote in the folder (:func:`selfflow.distributed.check_shared_folder`).
+   Every other rank waits for the outcome, so a bad option fails once, with one message,
+   before any GPU work. Then every rank checks that it sees a file rank 0 wrote in the folder (:func:`selfflow.distributed.check_shared_folder`).
 2. **Verify (all ranks).** Existing shards are read back and checked (CRC, shapes, indices,
    labels); the check is split over the ranks. A shard that fails is deleted and redone.
 3. **Sample (all ranks).** Pending shard ``j`` (in plan order) goes to rank ``j % world``. Each
