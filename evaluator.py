@@ -7,8 +7,14 @@ in PyTorch (no TensorFlow). The options are those of ``selfflow evaluate``.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from selfflow.cli import run_reporting_errors
+try:
+    from selfflow.cli import run_reporting_errors
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+    from selfflow.cli import run_reporting_errors
 from selfflow.eval.cli import DESCRIPTION, configure
 
 PROG = "evaluator.py"

@@ -50,20 +50,25 @@ def log(message: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    # Each help text states its own default (some depend on the device), so argparse's
+    # ArgumentDefaultsHelpFormatter, which would print a second "(default: None)", is not used.
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--inception", metavar="PATH", help="ADM's Inception GraphDef")
     which.add_argument("--synthetic", action="store_true", help="random graph, real shapes")
     which.add_argument("--tiny", action="store_true", help="random graph at 1/8 width")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda when available, else cpu)",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument(
         "--batches", type=int, default=None, help="timed batches (default: 20 on a GPU, 3 on a CPU)"
     )
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument(
+        "--image-size", type=int, default=256, help="side of the square images (default: 256)"
+    )
     p.add_argument(
         "--samples",
         type=int,

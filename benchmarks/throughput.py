@@ -37,7 +37,9 @@ import torch
 
 try:
     import selfflow  # noqa: F401
-except ImportError:  # run from a checkout that is not installed (e.g. on a lent GPU machine)
+except (
+    ImportError
+):  # run from a checkout that is not installed (e.g. a fresh clone on a GPU machine)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from selfflow.fast import FastSelfFlow, forward_flops, official_equivalent

@@ -80,9 +80,11 @@ def download_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     try:
         return Path(hf_hub_download(HUB_REPO_ID, HUB_FILENAME, cache_dir=cache_dir))
     except Exception as error:  # the hub raises many types: offline, HTTP, missing entry
+        from selfflow.download import hub_failure_cause
+
         raise DownloadError(
             f"could not get {HUB_FILENAME} from the Hugging Face repo {HUB_REPO_ID} "
-            f"({type(error).__name__}: {error}). Download it by hand from {HUB_URL} "
+            f"({hub_failure_cause(error)}). Download it by hand from {HUB_URL} "
             f"and either put it at {manual} (found there automatically) or pass its path "
             f"(--ckpt PATH, or load_model(PATH))."
         ) from error
@@ -103,6 +105,13 @@ def verify_torch_archive(path: str | os.PathLike, chunk_size: int = 1 << 22) -> 
     """
     path = Path(path)
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            if handle.read(4) == b"PK\x03\x04":  # begins as a zip, but its directory is lost
+                raise CheckpointError(
+                    f"{path} is not a readable PyTorch checkpoint: it begins as a torch.save "
+                    f"zip archive but its zip directory at the end is missing or broken (the "
+                    f"file is damaged: truncated or overwritten); copy or download it again"
+                )
         return
     try:
         with zipfile.ZipFile(path) as archive:
@@ -110,10 +119,12 @@ def verify_torch_archive(path: str | os.PathLike, chunk_size: int = 1 << 22) -> 
                 with archive.open(info) as entry:
                     while entry.read(chunk_size):
                         pass
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as error:
+    except Exception as error:  # zipfile raises many types for damage (BadZipFile, OSError,
+        # EOFError, ValueError, NotImplementedError for a flipped flag bit, ...): all are damage
         raise CheckpointError(
-            f"{path} is damaged: {error} (the archive's CRC-32 check failed; the file was "
-            f"changed after it was written: copy or download it again)"
+            f"{path} is damaged: {type(error).__name__}: {error} (the archive's structure or "
+            f"CRC-32 check failed; the file was changed after it was written: copy or download "
+            f"it again)"
         ) from error
 
 
@@ -128,7 +139,38 @@ def torch_load_verified(path: str | os.PathLike) -> object:
     return _torch_load(path)
 
 
+def _check_torch_file_kind(path: Path) -> None:
+    """Refuse, by its first bytes, a file that cannot be a ``torch.save`` file at all.
+
+    ``torch.save`` writes a zip archive (``PK\\x03\\x04``); files of torch < 1.6 are a pickle
+    (first byte 0x80). Anything else (a git-lfs pointer, an HTML error page saved as the
+    download, a text file) would otherwise reach the unpickler and be reported as "pickled
+    objects", which sends users looking for the wrong problem.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes); expected a torch.save file")
+    if head.startswith(b"version https://git-lfs"):
+        kind = "a git-lfs pointer (the real file was never fetched: run git lfs pull)"
+    elif head.lstrip()[:1] == b"<":
+        kind = "an HTML or XML page (a failed download saved as the file?)"
+    else:
+        try:
+            head.decode("utf-8")
+            kind = "text"
+        except UnicodeDecodeError:
+            kind = "neither a zip archive nor a pickle"
+    raise CheckpointError(
+        f"{path} is not a PyTorch checkpoint: it is {kind}, starting with {head[:24]!r}; "
+        f"a torch.save file is a zip archive (starts with b'PK')"
+    )
+
+
 def _torch_load(path: Path) -> object:
+    _check_torch_file_kind(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -208,6 +250,10 @@ def read_checkpoint(
     ``stored_config`` is None for files that do not record one (the released file).
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a directory; expected a .pt or .safetensors file"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (expected a .pt or .safetensors file)")
     stored_config: ModelConfig | None = None

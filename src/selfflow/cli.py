@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from selfflow.errors import SelfFlowError
@@ -41,16 +43,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``timeout``, ``kill``), raised in the main thread.
+
+    A subclass of KeyboardInterrupt, so every ``finally`` and ``except BaseException`` that
+    cleans up after Ctrl-C (the folder lock, the background writer, temporaries) runs for it too;
+    without a handler, SIGTERM ends Python at once and skips them all.
+    """
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def run_reporting_errors(args: argparse.Namespace, prog: str) -> int:
-    """Run ``args.func``; a user error becomes one line on stderr and exit status 1."""
+    """Run ``args.func``; a user error becomes one line on stderr and exit status 1.
+
+    Ctrl-C and SIGTERM end the command the same way: what is finished is kept and the rerun
+    continues, which the message says; the exit status is 130 or 143 (128 + the signal), as
+    the shell and schedulers expect.
+    """
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated)
+        print(
+            f"{prog}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; what was "
+            f"finished is kept: rerun the same command to continue",
+            file=sys.stderr,
+        )
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except SelfFlowError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,6 +39,21 @@ REFERENCE_URL = (
 CHUNK = 1 << 20
 _USER_AGENT = "selfflow-download/1"
 
+PUBLISHED_SHA256: dict[str, str | None] = {
+    "classify_image_graph_def.pb": None,
+    "VIRTUAL_imagenet256_labeled.npz": None,
+    "selfflow_imagenet256.pt": None,
+}
+"""The sha256 each file is known to have, by file name; ``None``: no citable digest is known.
+
+ADM's release publishes only the URLs of its Inception graph and reference batch, and the
+Self-Flow release publishes none outside the hub, so every entry is ``None`` for now: such files
+are recorded as unverified, with the sha256 computed here, so that two runs can still be
+compared. A known digest is checked after every download and before the file is trusted. A
+checkpoint fetched through huggingface_hub is checked against the hub's own LFS sha256 instead
+(see :func:`verification`).
+"""
+
 
 def cache_dir() -> Path:
     """Where downloads and cached reference features live."""
@@ -229,7 +244,81 @@ def _cached(url: str, name: str, fetch: bool) -> Path:
             raise DownloadError(f"{path} is missing; run `selfflow download` or fetch {url}")
         return path
     print(f"downloading {url} to {path}", file=sys.stderr)
-    return download(url, path)
+    return download(url, path, sha256=PUBLISHED_SHA256.get(name))
+
+
+def hub_failure_cause(error: BaseException) -> str:
+    """Why a Hugging Face hub download failed, in words, from the chain of exceptions.
+
+    Loaders wrap the hub's errors in messages that hide the cause (diffusers says a repository
+    "does not appear to have a file named config.json" when the machine is simply offline), so
+    the chain is searched for the hub's own error types, by name (no hub import needed).
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and len(chain) < 20:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    names = {type(item).__name__ for item in chain}
+    network = [item for item in chain if _is_network_error(item)]
+    if "OfflineModeIsEnabled" in names or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
+        return "offline mode is on (HF_HUB_OFFLINE) and the file is not in huggingface_hub's cache"
+    if "GatedRepoError" in names:
+        return "the repository is gated: accept its licence on the hub and log in (hf auth login)"
+    if "RepositoryNotFoundError" in names:
+        return "no such repository on the hub (or it is private and you are not logged in)"
+    if "RevisionNotFoundError" in names:
+        return "no such revision of the repository on the hub"
+    if "EntryNotFoundError" in names and "LocalEntryNotFoundError" not in names:
+        return "the repository on the hub has no such file"
+    if network:
+        return (
+            f"the hub cannot be reached ({type(network[0]).__name__}: {network[0]}) and the file "
+            f"is not in huggingface_hub's cache"
+        )
+    if "LocalEntryNotFoundError" in names:
+        return "the hub cannot be reached and the file is not in huggingface_hub's cache"
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+_TRUE = {"1", "ON", "YES", "TRUE"}  # the spellings huggingface_hub accepts for a flag
+
+
+def _is_network_error(error: BaseException) -> bool:
+    name = type(error).__name__
+    return isinstance(error, (ConnectionError, TimeoutError)) or any(
+        word in name for word in ("Connect", "Timeout", "gaierror", "NetworkError")
+    )
+
+
+def verification(path: str | os.PathLike, sha256: str) -> dict[str, object]:
+    """What is known of a file's integrity, for ``metrics.json`` and ``manifest.json``.
+
+    ``sha256`` is the file's digest, computed by the caller (who needs it anyway). It is
+    compared with :data:`PUBLISHED_SHA256` by file name, or, for a file in huggingface_hub's
+    cache, with the name of the blob it links to: the hub stores large files under their
+    sha256 (the LFS object id the hub publishes for every file).
+    """
+    path = Path(path)
+    published = PUBLISHED_SHA256.get(path.name)
+    blob = path.resolve()
+    if (
+        published is None
+        and blob.parent.name == "blobs"
+        and re.fullmatch(r"[0-9a-f]{64}", blob.name)
+    ):
+        published, against = blob.name, "the Hugging Face hub's LFS sha256"
+    else:
+        against = "the published sha256"
+    if published is None:
+        return {"sha256": sha256, "verified": False, "how": "no published sha256 is known"}
+    if sha256 == published.lower():
+        return {"sha256": sha256, "verified": True, "how": f"matches {against}"}
+    return {
+        "sha256": sha256,
+        "verified": False,
+        "how": f"DIFFERS from {against} {published}: the file is damaged or another one",
+    }
 
 
 def inception_path(download: bool = True, url: str | None = None) -> Path:
@@ -249,25 +338,64 @@ def reference_path(download: bool = True, url: str | None = None) -> Path:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "download",
-        help="fetch the checkpoint, ADM's Inception graph or the ImageNet 256 reference batch",
+        help="fetch the checkpoint, the VAE, ADM's Inception graph or reference batch, or all",
         description=(
             "Download into the cache ($SELFFLOW_CACHE, else ~/.cache/selfflow; the checkpoint "
-            "goes to huggingface_hub's cache) and print the file's path. Interrupted downloads "
-            "resume."
+            "and the VAE go to huggingface_hub's cache, $HF_HOME) and print the file's path. "
+            "Interrupted downloads resume. Every command that needs these files finds them "
+            "there, so compute nodes that share the caches need no internet access."
         ),
     )
-    parser.add_argument("target", choices=("checkpoint", "inception", "reference"))
+    parser.add_argument(
+        "target",
+        choices=TARGETS,
+        help="checkpoint: the released Self-Flow weights; vae: the SD-VAE decoder "
+        "(huggingface_hub's cache); inception: ADM's Inception graph; reference: ADM's "
+        "ImageNet 256 reference batch; all: the four, so that a login node can prepare "
+        "compute nodes without internet access (set HF_HUB_OFFLINE=1 there)",
+    )
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.target == "checkpoint":
-        from selfflow.checkpoint import download_checkpoint
+def _fetch_checkpoint() -> Path:
+    """The released checkpoint, checked against the hub's sha256 when it came from the hub."""
+    from selfflow.checkpoint import download_checkpoint
 
-        path = download_checkpoint()
-    elif args.target == "inception":
-        path = inception_path()
-    else:
-        path = reference_path()
-    print(path)
+    path = download_checkpoint()
+    record = verification(path, file_sha256(path) or "")
+    if "DIFFERS" in str(record["how"]):
+        raise DownloadError(f"{path}: sha256 {record['sha256']} {record['how']}; delete it")
+    print(f"checkpoint sha256 {record['sha256']}: {record['how']}", file=sys.stderr)
+    return path
+
+
+def _fetch_vae() -> Path:
+    from selfflow.vae import download_vae
+
+    return download_vae()
+
+
+TARGETS = ("checkpoint", "vae", "inception", "reference", "all")
+_FETCHERS = {
+    "checkpoint": _fetch_checkpoint,
+    "vae": _fetch_vae,
+    "inception": inception_path,
+    "reference": reference_path,
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fetch one target and print its path; ``all`` tries every target and lists what failed."""
+    if args.target != "all":
+        print(_FETCHERS[args.target]())
+        return 0
+    failed = []
+    for name, fetch in _FETCHERS.items():
+        try:
+            print(f"{name}: {fetch()}", flush=True)
+        except DownloadError as error:
+            failed.append(name)
+            print(f"{name}: FAILED: {error}", file=sys.stderr, flush=True)
+    if failed:
+        raise DownloadError(f"{len(failed)} of {len(_FETCHERS)} failed: {', '.join(failed)}")
     return 0

@@ -28,3 +28,24 @@ def file_sha256(
                 return None
             digest.update(block)
     return digest.hexdigest()
+
+
+def umask_mode(base: int = 0o666) -> int:
+    """The permissions ``open()`` gives a new file: ``base`` less the process's umask.
+
+    ``tempfile.mkstemp`` creates its files readable by their owner only (0600), whatever the
+    umask; a file written that way and renamed into place (``metrics.json``, cached reference
+    features) would be hidden from collaborators who can read everything else the run wrote.
+    Callers ``os.chmod`` their temporary file to this mode before renaming it. The umask is
+    read from ``/proc`` where it can be, since setting it to read it races with other threads.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return base & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return base & ~mask

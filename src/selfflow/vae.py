@@ -9,7 +9,9 @@ needs the same bytes; a float32 VAE gives the float32 mapping."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,18 +44,48 @@ def load_vae(
         )
     try:
         # torch_dtype here rather than .to(dtype) below: same weights, without diffusers'
-        # warning about casting after loading.
-        vae = AutoencoderKL.from_pretrained(
-            str(local) if local.exists() else source, torch_dtype=dtype
-        )
+        # warning about casting after loading. low_cpu_mem_usage needs accelerate; asking for
+        # it without accelerate makes diffusers print a warning on every run, so ask only then.
+        with warnings.catch_warnings():
+            # diffusers passes huggingface_hub an argument that it deprecated, and the hub
+            # warns about it on every load from the hub: about their code, not the user's
+            warnings.filterwarnings(
+                "ignore", message=r"The `local_dir_use_symlinks` argument is deprecated"
+            )
+            vae = AutoencoderKL.from_pretrained(
+                str(local) if local.exists() else source,
+                torch_dtype=dtype,
+                low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
+            )
     except (OSError, ValueError) as error:
+        from selfflow.download import hub_failure_cause
+
+        cause = (
+            f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            if local.exists()
+            else hub_failure_cause(error)
+        )
         raise DownloadError(
-            f"could not load the VAE {source!r} ({type(error).__name__}: {str(error).splitlines()[0]}). "
-            f"Without internet access, download the diffusers folder of {SD_VAE_ID} "
-            f"(config.json and diffusion_pytorch_model.safetensors) elsewhere and pass it "
+            f"could not load the VAE {source!r}: {cause}. Fetch it where there is internet "
+            f"access with `selfflow download vae` (into huggingface_hub's cache, which compute "
+            f"nodes may share; set HF_HUB_OFFLINE=1 there), or download the diffusers folder "
+            f"of {SD_VAE_ID} (config.json and diffusion_pytorch_model.safetensors) and pass it "
             f"with --vae FOLDER."
         ) from error
     return vae.to(device=device).eval().requires_grad_(False)
+
+
+def download_vae(name: str = SD_VAE_ID) -> Path:
+    """Fetch the VAE into huggingface_hub's cache, exactly where :func:`load_vae` looks it up.
+
+    It is loaded once (on the CPU) through the same call as every run makes, so whatever files
+    that call needs are in the cache afterwards; returns the cached folder.
+    """
+    load_vae(name, dtype=torch.float32)
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(name, "config.json")
+    return Path(config).parent if isinstance(config, str) else Path(name)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -520,6 +520,7 @@ def test_a_second_run_in_the_same_folder_is_refused_until_the_first_ends(
 
 def test_the_lock_is_released_when_a_run_fails(tmp_path, tiny_checkpoint, tiny_vae_dir, capsys):
     out = tmp_path / "samples"
+    out.mkdir()  # a folder the run did not create stays (one it created is removed)
     code, _, err = run_cli(sample_args(tmp_path / "missing.pt", tiny_vae_dir, out), capsys)
     assert code == 1 and "checkpoint not found" in err
     from selfflow.batch.lock import FolderLock

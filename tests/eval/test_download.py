@@ -218,6 +218,7 @@ def test_download_command(server, tmp_path, monkeypatch, capsys):
 
     import selfflow.checkpoint
 
+    (tmp_path / "ckpt.pt").write_bytes(b"weights")
     monkeypatch.setattr(selfflow.checkpoint, "download_checkpoint", lambda: tmp_path / "ckpt.pt")
     assert main(["download", "checkpoint"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "ckpt.pt")

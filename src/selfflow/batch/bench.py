@@ -6,7 +6,7 @@
 In one process: (1) the pure sampler rate — ``sample_latents`` alone, batch after batch, after
 a warm-up batch (which also pays for ``torch.compile``); (2) the end-to-end rate of
 :func:`generate_fid_batch` on the same network object (already compiled) — sampling, decoding,
-the non-finite checks, shard files and, with ``--save-images``, PNGs. The issue's target is an
+the non-finite checks, shard files and, with ``--save-images``, PNGs. The target is an
 end-to-end rate within 5 % of the pure sampler rate on a GPU. On a CPU the decoder competes with
 the sampler for the same cores, so the ratio there says little.
 
@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from selfflow import distributed, seeds
+    from selfflow.errors import SelfFlowError
+
+    try:  # before any weights are made: no CUDA is one line, not a traceback
+        distributed.resolve_device(args.device, 0)
+    except SelfFlowError as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     from selfflow.batch.runner import BatchConfig, _Job, generate_fid_batch
     from selfflow.pipeline import SamplerSettings
 

@@ -46,7 +46,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=50_000,
         metavar="N",
-        help="number of images (default: 50000)",
+        help="number of images (default: 50000); a folder that holds a finished run of "
+        "another N with the same settings reuses its images and samples only the rest",
     )
     official.add_argument(
         "--batch-size",

@@ -7,9 +7,10 @@ steps, and who does each:
    (:mod:`selfflow.batch.lock`; a second run there is refused), load the checkpoint (its
    sha256 identifies it) and the VAE, compare with ``manifest.json`` (refusing a folder made
    with other settings, or clearing it under ``--overwrite``), delete temporaries of killed runs
-   and list the shard files already there. Every other rank waits for the outcome, so a bad
-   option fails once, with one message, before any GPU work. Then every rank checks that it
-   sees a file rank 0 wrote in the folder (:func:`selfflow.distributed.check_shared_folder`).
+   and list the shard files already there (a finished run of another N with the same settings
+   is reused: :mod:`selfflow.batch.reuse`). A set-up that fails removes the folders it made.
+   Every other rank waits for the outcome, so a bad option fails once, with one message,
+   before any GPU work. Then every rank checks that it sees a file rank 0 wrote in the folder (:func:`selfflow.distributed.check_shared_folder`).
 2. **Verify (all ranks).** Existing shards are read back and checked (CRC, shapes, indices,
    labels); the check is split over the ranks. A shard that fails is deleted and redone.
 3. **Sample (all ranks).** Pending shard ``j`` (in plan order) goes to rank ``j % world``. Each
@@ -46,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from selfflow import distributed
-from selfflow.batch import store
+from selfflow.batch import reuse, store
 from selfflow.batch.assemble import GRID_SAMPLES, assemble, npz_name
 from selfflow.batch.lock import FolderLock
 from selfflow.batch.manifest import (
@@ -143,9 +144,14 @@ class BatchConfig:
             from selfflow.seeds import balanced_labels
 
             balanced_labels(self.seed, self.num_samples)  # raises with the reason
+        self.eval_ref = _in_cache_if_bare(self.eval_ref)
         for name, value in (("--eval-ref", self.eval_ref), ("--inception", self.inception)):
             if value is not None and not Path(value).is_file():
-                raise ConfigurationError(f"{name} {value}: no such file")
+                where = " (a directory)" if Path(value).is_dir() else ""
+                raise ConfigurationError(
+                    f"{name} {value}: no such file{where}"
+                    + (_cache_hint(value) if name == "--eval-ref" else "")
+                )
         if self.inception is not None and self.eval_ref is None:
             raise ConfigurationError("--inception is only used with --eval-ref")
         if self.eval_ref is not None:
@@ -307,8 +313,23 @@ class _Job:
     # -- step 1: set-up on rank 0 -------------------------------------------------------------
 
     def _setup(self) -> _SetupOutcome:
+        created = _first_missing(self.output_dir)
+        try:
+            return self._setup_in_folder()
+        except BaseException:
+            if created is not None:  # a set-up that failed leaves no empty folders behind
+                self.lock.release()
+                _remove_empty_folders(self.output_dir, created)
+            raise
+
+    def _setup_in_folder(self) -> _SetupOutcome:
         config = self.config
         config.validate()
+        if config.eval_ref is not None and config.inception is None:
+            # before hours of sampling: the evaluation's graph must be here or downloadable
+            from selfflow.download import inception_path
+
+            config.inception = str(inception_path())
         _prepare_output_dir(self.output_dir)
         self.lock.acquire()  # before anything in the folder is read or deleted
         for stale in self.output_dir.glob(f"{distributed.SHARED_CHECK_PREFIX}*"):
@@ -329,10 +350,12 @@ class _Job:
                     f"--overwrite: removed {removed} files of the previous run in {self.output_dir}"
                 )
         import selfflow
+        from selfflow.download import verification
         from selfflow.files import file_sha256
 
+        checkpoint_sha256 = file_sha256(checkpoint)
         settings = image_settings(
-            checkpoint_sha256=file_sha256(checkpoint),
+            checkpoint_sha256=checkpoint_sha256,
             vae=vae_identity(config.vae),
             num_samples=config.num_samples,
             num_steps=config.num_steps,
@@ -355,11 +378,25 @@ class _Job:
             "selfflow_version": selfflow.__version__,
             "batch_size": config.batch_size,
             "command": " ".join(sys.argv),
+            "checkpoint_integrity": verification(checkpoint, checkpoint_sha256),
         }
+        if not run_info["checkpoint_integrity"]["verified"] and "DIFFERS" in str(
+            run_info["checkpoint_integrity"]["how"]
+        ):
+            raise ConfigurationError(
+                f"{checkpoint}: its sha256 {checkpoint_sha256} "
+                f"{run_info['checkpoint_integrity']['how']}; delete it and download it again"
+            )
         complete = False
+        reused_from: tuple[Path, int] | None = None
         if existing is not None:
             differences = differing_settings(existing.settings, settings)
-            if differences:
+            if differences and reuse.only_the_count_differs(existing.settings, settings):
+                # a finished run of another size: its samples are those of this run (or refused)
+                reused_from = reuse.finished_npz(
+                    self.output_dir, existing.settings, existing.complete
+                )
+            elif differences:
                 hint = "use the same settings to resume"
                 if existing.settings.get("sampling_revision") != SAMPLING_REVISION:
                     made_by = existing.info.get("selfflow_version", "an older version")
@@ -372,6 +409,7 @@ class _Job:
                     + "; ".join(differences)
                     + f"); {hint}, --overwrite to start over, or another --output-dir"
                 )
+        if existing is not None and reused_from is None:
             if config.shard_size is not None and config.shard_size != existing.shard_size:
                 raise ConfigurationError(
                     f"{self.output_dir} is planned in shards of {existing.shard_size} images; "
@@ -401,6 +439,9 @@ class _Job:
                     "runs": [run_info],
                 },
             )
+            if reused_from is not None:
+                manifest.info["runs"] = [*existing.info.get("runs", []), run_info]
+                manifest.info["reused"] = {"npz": reused_from[0].name, "samples": reused_from[1]}
         if tuple(manifest.image_shape) != image_shape:
             raise ConfigurationError(
                 f"{self.output_dir} holds {manifest.image_shape} images but this VAE makes {image_shape}"
@@ -410,8 +451,14 @@ class _Job:
         )
         if removed:
             self.log(f"removed {removed} temporary files left by an interrupted run")
-        write_manifest(self.output_dir, manifest)
         plan = store.ShardPlan(config.num_samples, manifest.shard_size)
+        if reused_from is not None:  # before the manifest changes: a kill here cuts them again
+            reused = reuse.shards_from_npz(self.output_dir, plan, *reused_from)
+            self.log(
+                f"reusing {reused} samples of {reused_from[0].name} (same settings, sample i "
+                f"depends only on the seed and i); {config.num_samples - reused} to sample"
+            )
+        write_manifest(self.output_dir, manifest)
         candidates = [shard.id for shard in store.existing_shards(self.output_dir, plan)]
         return _SetupOutcome(checkpoint, manifest.to_json(), candidates, complete)
 
@@ -479,13 +526,20 @@ class _Job:
         path = self.output_dir / npz_name(self.config.num_samples)
         try:
             info = npz_array_info(path)
-            return (
+            if not (
                 path.stat().st_size == record.get("bytes")
                 and info.shape == (self.config.num_samples, *manifest.image_shape)
                 and info.dtype == np.uint8
-            )
+            ):
+                return False
         except Exception:  # unreadable in any way: not complete
             return False
+        if not record.get("sha256"):  # written by a version that did not record it
+            return True
+        from selfflow.files import file_sha256
+
+        self.log(f"checking {path.name} against the sha256 recorded in {MANIFEST_NAME}")
+        return file_sha256(path) == record["sha256"]
 
     # -- step 2: verify -----------------------------------------------------------------------
 
@@ -634,9 +688,12 @@ class _Job:
             if bar:
                 bar.close()
         save_grid(first[:GRID_SAMPLES], self.output_dir / "grid.png", columns=8)
+        from selfflow.files import file_sha256
+
         manifest.complete = {
             "npz": npz_path.name,
             "bytes": npz_path.stat().st_size,
+            "sha256": file_sha256(npz_path),  # a rerun re-checks it before "already complete"
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_manifest(self.output_dir, manifest)
@@ -849,6 +906,29 @@ def _prepare_output_dir(path: Path) -> None:
             probe.unlink(missing_ok=True)
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet, if any."""
+    missing = None
+    for folder in [path, *path.absolute().parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_empty_folders(path: Path, up_to: Path) -> None:
+    """Remove ``path`` and its parents up to ``up_to`` while they are empty (never anything else)."""
+    for leftover in path.glob(f"{distributed.SHARED_CHECK_PREFIX}*") if path.is_dir() else []:
+        leftover.unlink(missing_ok=True)
+    for folder in [path.absolute(), *path.absolute().parents]:
+        try:
+            folder.rmdir()  # fails on a folder that holds anything
+        except OSError:
+            return
+        if folder == up_to.absolute():
+            return
+
+
 def _any_shard_files(output_dir: Path) -> list[str]:
     folder = output_dir / store.SHARD_DIR
     if not folder.is_dir():
@@ -893,6 +973,28 @@ def vae_identity(vae: str | None) -> str:
             while block := handle.read(1 << 22):
                 digest.update(block)
     return f"local folder sha256:{digest.hexdigest()}"
+
+
+def _in_cache_if_bare(path: str | os.PathLike | None) -> str | os.PathLike | None:
+    """A bare file name that is not in the working folder, found in selfflow's cache instead.
+
+    ``selfflow download reference`` puts ADM's reference batch there, so the official command
+    line ``--eval-ref VIRTUAL_imagenet256_labeled.npz`` works from any folder.
+    """
+    if path is None or Path(path).exists() or Path(path).name != str(path):
+        return path
+    from selfflow.download import cache_dir
+
+    cached = cache_dir() / str(path)
+    return str(cached) if cached.is_file() else path
+
+
+def _cache_hint(path: str | os.PathLike) -> str:
+    if Path(path).name != str(path):
+        return ""
+    from selfflow.download import cache_dir
+
+    return f", neither here nor in {cache_dir()} (`selfflow download reference` puts it there)"
 
 
 def _default_vae() -> str:

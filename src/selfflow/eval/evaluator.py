@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfflow.download import verification
 from selfflow.errors import ConfigurationError
 from selfflow.eval.features import (
     BATCH_SIZE,
@@ -41,7 +42,7 @@ from selfflow.eval.metrics import (
     precision_recall,
 )
 from selfflow.eval.npz import NpzImages, read_small_arrays, verify_batch
-from selfflow.files import file_sha256
+from selfflow.files import file_sha256, umask_mode
 from selfflow.npz import npz_keys
 
 REPORT_KEYS = (
@@ -179,6 +180,7 @@ def _save_cached(path: Path, acts: Activations) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
+        os.chmod(tmp, umask_mode())  # readable as the umask says, not mkstemp's 0600
         with os.fdopen(fd, "wb") as handle:
             np.savez(
                 handle,
@@ -207,6 +209,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics-", suffix=".json.tmp")
     try:
+        os.chmod(tmp, umask_mode())  # readable as the umask says, not mkstemp's 0600
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, allow_nan=False)
             handle.write("\n")
@@ -361,8 +364,13 @@ def evaluate(
             "statistics": ref_source,
             "features_cached": cached,
             "features_revision": FEATURES_REVISION,
+            "integrity": verification(ref_path, ref_sha),
         },
-        "inception": {"path": str(inception), "sha256": model.sha256},
+        "inception": {
+            "path": str(inception),
+            "sha256": model.sha256,
+            "integrity": verification(inception, model.sha256) if model.sha256 else None,
+        },
         "device": str(dev),
         "batch_size": batch_size,
         "seconds": {"total": round(time.time() - started, 3), "metrics": round(metrics_time, 3)},

@@ -1,0 +1,43 @@
+"""The README's set-up promises: how to get torch first, what [test] brings, how big the
+environment is, how long the suite takes, and what the P/R agreement was measured against."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+SETUP = README.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+
+
+def test_torch_is_installed_first_cpu_or_cuda():
+    cpu = SETUP.index("download.pytorch.org/whl/cpu")
+    package = SETUP.index("pip install -e .")
+    assert cpu < package and SETUP.index("pip install torch\n") < package
+    assert "CUDA" in SETUP
+
+
+def test_the_test_extra_says_it_brings_tensorflow_for_the_parity_tests_only():
+    assert re.search(r"\[test\].*tensorflow-cpu \(about 1\.3 GB\)", SETUP)
+    assert "only there for the parity tests" in SETUP and "never imports it" in SETUP
+
+
+def test_the_environment_size_is_stated():
+    assert re.search(r"\*\*\d+\.\d+ GB\*\*.*\[test\]`?,\s*\*\*\d+\.\d+ GB\*\*", SETUP, re.S)
+
+
+def test_the_suite_duration_is_measured_not_guessed():
+    assert "about a minute" not in README
+    assert re.search(r"python -m pytest -q +# [^\n]*\d+ min \d+ s on 2 busy CPU cores", README)
+
+
+def test_precision_recall_agreement_says_what_it_was_measured_against(capsys):
+    assert re.search(r"ADM's own evaluator.*TensorFlow.*3e-3.*0\.05", README, re.S)
+    from selfflow.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"ADM's own evaluator under TensorFlow on a CPU.*3e-3.*0\.05", text)

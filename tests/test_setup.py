@@ -1,0 +1,352 @@
+"""Preparing a cluster: downloads of every file, errors that name the real cause, nothing left
+behind by a run that fails in its set-up, and what is known of each file's integrity.
+
+The hub is never contacted: its calls are monkeypatched, and ADM's files come from the local
+HTTP server of the download tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import json
+import socket
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from selfflow import cli
+from selfflow import download as dl
+from selfflow.checkpoint import load_model
+from selfflow.errors import CheckpointError, DownloadError
+from selfflow.vae import SD_VAE_ID, load_vae
+from tests.conftest import make_tiny_vae
+from tests.eval.test_download import FileServer
+
+
+@pytest.fixture
+def server():
+    s = FileServer()
+    yield s
+    s.close()
+
+
+def _sample_args(checkpoint, vae, out, *extra) -> list[str]:
+    return ["sample", "--ckpt", str(checkpoint), "--vae", str(vae), "--output-dir", str(out),
+            "--num-fid-samples", "4", "--batch-size", "4", "--num-steps", "2", *extra]  # fmt: skip
+
+
+# -- selfflow download vae | all ------------------------------------------------------------------
+
+
+def test_download_vae_loads_it_the_way_every_run_does(tmp_path, monkeypatch, capsys):
+    from diffusers import AutoencoderKL
+
+    calls = []
+
+    def from_pretrained(source, **kwargs):
+        calls.append(source)
+        return make_tiny_vae()
+
+    cached = tmp_path / "hub" / "snapshots" / "abc"
+    cached.mkdir(parents=True)
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(
+        "huggingface_hub.try_to_load_from_cache",
+        lambda repo, name: str(cached / name) if repo == SD_VAE_ID else None,
+    )
+    assert cli.main(["download", "vae"]) == 0
+    assert capsys.readouterr().out.strip() == str(cached)
+    assert calls == [SD_VAE_ID]  # the hub id, as `selfflow sample` asks for it
+
+
+def test_download_all_fetches_the_four_and_names_what_failed(server, tmp_path, monkeypatch, capsys):
+    import selfflow.checkpoint
+    import selfflow.vae
+
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
+    server.files["/graph.pb"] = b"graph bytes"
+    server.files["/ref.npz"] = b"reference bytes"
+    monkeypatch.setattr(dl, "INCEPTION_URL", server.url("/graph.pb"))
+    monkeypatch.setattr(dl, "REFERENCE_URL", server.url("/ref.npz"))
+    checkpoint = tmp_path / "ckpt.pt"
+    checkpoint.write_bytes(b"weights")
+    monkeypatch.setattr(selfflow.checkpoint, "download_checkpoint", lambda: checkpoint)
+    monkeypatch.setattr(selfflow.vae, "download_vae", lambda: tmp_path / "vae")
+    assert cli.main(["download", "all"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [
+        f"checkpoint: {checkpoint}",
+        f"vae: {tmp_path / 'vae'}",
+        f"inception: {tmp_path / 'cache' / 'classify_image_graph_def.pb'}",
+        f"reference: {tmp_path / 'cache' / 'VIRTUAL_imagenet256_labeled.npz'}",
+    ]
+    assert (tmp_path / "cache" / "VIRTUAL_imagenet256_labeled.npz").read_bytes() == (
+        b"reference bytes"
+    )
+
+    def offline():
+        raise DownloadError("could not load the VAE: offline")
+
+    monkeypatch.setattr(selfflow.vae, "download_vae", offline)
+    (tmp_path / "cache" / "classify_image_graph_def.pb").unlink()
+    assert cli.main(["download", "all"]) == 1
+    captured = capsys.readouterr()
+    assert "vae: FAILED: could not load the VAE: offline" in captured.err
+    assert "1 of 4 failed: vae" in captured.err.strip().splitlines()[-1]
+    assert (tmp_path / "cache" / "classify_image_graph_def.pb").is_file()  # the rest went on
+
+
+# -- the real cause of a VAE that cannot be loaded ------------------------------------------------
+
+
+def _bare(cls, message: str) -> BaseException:
+    """An instance of a hub error class whose constructor wants an HTTP response."""
+    error = cls.__new__(cls)
+    error.args = (message,)
+    return error
+
+
+def _wrapped(inner: BaseException) -> OSError:
+    """What diffusers raises: its own OSError, with the hub's error as the cause."""
+    try:
+        raise inner
+    except BaseException as error:
+        wrapper = OSError(f"{SD_VAE_ID} does not appear to have a file named config.json.")
+        wrapper.__cause__ = error
+        return wrapper
+
+
+def _offline_lookup() -> BaseException:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    error = LocalEntryNotFoundError("cannot find the requested files in the local cache")
+    error.__cause__ = socket.gaierror(-2, "Name or service not known")
+    return error
+
+
+@pytest.mark.parametrize(
+    ("make", "cause"),
+    [
+        (_offline_lookup, "the hub cannot be reached (gaierror"),
+        (
+            lambda: __import__("huggingface_hub.errors").errors.OfflineModeIsEnabled("offline"),
+            "offline mode is on (HF_HUB_OFFLINE)",
+        ),
+        (
+            lambda: _bare(__import__("huggingface_hub.errors").errors.RepositoryNotFoundError, "x"),
+            "no such repository on the hub",
+        ),
+        (
+            lambda: _bare(__import__("huggingface_hub.errors").errors.GatedRepoError, "x"),
+            "the repository is gated",
+        ),
+    ],
+)
+def test_a_vae_that_cannot_be_loaded_names_the_cause(monkeypatch, make, cause):
+    from diffusers import AutoencoderKL
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    error = _wrapped(make())
+
+    def from_pretrained(source, **kwargs):
+        raise error
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", from_pretrained)
+    with pytest.raises(DownloadError) as caught:
+        load_vae(SD_VAE_ID)
+    message = str(caught.value)
+    assert cause in message and "selfflow download vae" in message
+    assert "does not appear to have a file named" not in message
+
+
+def test_loading_the_vae_prints_no_accelerate_warning(tiny_vae_dir, capfd):
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is not None:
+        pytest.skip("accelerate is installed: diffusers has nothing to warn about")
+    capfd.readouterr()
+    load_vae(tiny_vae_dir)
+    captured = capfd.readouterr()
+    assert "accelerate" not in captured.err + captured.out
+
+
+def test_the_hubs_deprecation_warning_about_diffusers_is_silenced_and_only_it(monkeypatch):
+    import warnings
+
+    from diffusers import AutoencoderKL
+
+    def from_pretrained(source, **kwargs):  # what diffusers + huggingface_hub do on each load
+        warnings.warn(
+            "The `local_dir_use_symlinks` argument is deprecated and ignored in `hf_hub_download`.",
+            UserWarning,
+            stacklevel=2,
+        )
+        warnings.warn("something else", UserWarning, stacklevel=2)
+        return make_tiny_vae()
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", from_pretrained)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_vae(SD_VAE_ID)
+    assert [str(w.message) for w in caught] == ["something else"]
+
+
+# -- checkpoints that are not checkpoints ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n", "git-lfs pointer"),
+        (b"<html><body>404</body></html>", "HTML"),
+        (b"cat", "text"),
+        (b"", "empty"),
+    ],
+)
+def test_a_file_that_is_no_torch_file_is_named_for_what_it_is(tmp_path, content, named):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as caught:
+        load_model(path)
+    assert named in str(caught.value) and "pickled" not in str(caught.value)
+
+
+def test_a_directory_passed_as_checkpoint_is_called_a_directory(tmp_path):
+    (tmp_path / "model.pt").mkdir()
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_model(tmp_path / "model.pt")
+
+
+# -- a run that fails in its set-up leaves nothing ------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "directory"])
+def test_a_failed_ckpt_leaves_no_output_folder(tmp_path, tiny_vae_dir, capsys, kind):
+    checkpoint = tmp_path / "model.pt"
+    if kind == "text":
+        checkpoint.write_text("not weights")
+    elif kind == "directory":
+        checkpoint.mkdir()
+    out = tmp_path / "new" / "samples"
+    assert cli.main(_sample_args(checkpoint, tiny_vae_dir, out)) == 1
+    assert "selfflow sample: error:" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # nor the parent it created
+
+
+def test_eval_ref_fails_before_sampling_when_the_inception_graph_cannot_be_had(
+    tmp_path, tiny_checkpoint, tiny_vae_dir, monkeypatch, capsys
+):
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dl, "INCEPTION_URL", "http://127.0.0.1:9/nothing-listens-here")
+    monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(b"x")
+    out = tmp_path / "samples"
+    assert cli.main(_sample_args(tiny_checkpoint, tiny_vae_dir, out, "--eval-ref", str(ref))) == 1
+    assert "could not download" in capsys.readouterr().err
+    assert not out.exists()  # nothing was sampled
+
+
+def test_a_bare_eval_ref_name_is_found_in_the_cache(
+    tmp_path, tiny_checkpoint, tiny_vae_dir, monkeypatch, capsys
+):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("SELFFLOW_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    (cache / "VIRTUAL_imagenet256_labeled.npz").write_bytes(b"ref")
+    (cache / "classify_image_graph_def.pb").write_bytes(b"graph")
+    calls = {}
+    fake = types.ModuleType("selfflow.eval.evaluator")
+    fake.__spec__ = importlib.machinery.ModuleSpec("selfflow.eval.evaluator", None)
+
+    def evaluate(ref_path, sample_path, out_dir=None, inception=None, device=None):
+        calls.update(ref=ref_path, inception=inception)
+        return {}
+
+    fake.evaluate, fake.format_report = evaluate, lambda metrics: "report"
+    monkeypatch.setitem(sys.modules, "selfflow.eval.evaluator", fake)
+    args = _sample_args(
+        tiny_checkpoint,
+        tiny_vae_dir,
+        tmp_path / "s",
+        "--eval-ref",
+        "VIRTUAL_imagenet256_labeled.npz",
+    )
+    assert cli.main(args) == 0
+    assert calls == {
+        "ref": str(cache / "VIRTUAL_imagenet256_labeled.npz"),
+        "inception": str(cache / "classify_image_graph_def.pb"),
+    }
+    (cache / "VIRTUAL_imagenet256_labeled.npz").unlink()
+    assert cli.main(args) == 1
+    assert "`selfflow download reference` puts it there" in capsys.readouterr().err
+
+
+# -- what is known of a file's integrity ----------------------------------------------------------
+
+
+def test_verification_against_a_published_digest_and_the_hub_blob_name(tmp_path, monkeypatch):
+    data = b"some weights"
+    digest = hashlib.sha256(data).hexdigest()
+    plain = tmp_path / "classify_image_graph_def.pb"
+    plain.write_bytes(data)
+    assert dl.verification(plain, digest) == {
+        "sha256": digest, "verified": False, "how": "no published sha256 is known",
+    }  # fmt: skip
+    monkeypatch.setitem(dl.PUBLISHED_SHA256, plain.name, digest)
+    assert dl.verification(plain, digest)["verified"] is True
+    monkeypatch.setitem(dl.PUBLISHED_SHA256, plain.name, "0" * 64)
+    record = dl.verification(plain, digest)
+    assert record["verified"] is False and record["how"].startswith("DIFFERS")
+
+    # huggingface_hub's cache: snapshots/REV/NAME links to blobs/SHA256
+    blobs, snapshot = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "rev"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (blobs / digest).write_bytes(data)
+    (snapshot / "selfflow_imagenet256.pt").symlink_to(blobs / digest)
+    record = dl.verification(snapshot / "selfflow_imagenet256.pt", digest)
+    assert record == {"sha256": digest, "verified": True,
+                      "how": "matches the Hugging Face hub's LFS sha256"}  # fmt: skip
+    other = hashlib.sha256(b"flipped").hexdigest()
+    assert dl.verification(snapshot / "selfflow_imagenet256.pt", other)["verified"] is False
+
+
+def test_a_known_digest_is_checked_after_download(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path))
+    server.files["/graph.pb"] = b"graph bytes"
+    monkeypatch.setitem(dl.PUBLISHED_SHA256, "classify_image_graph_def.pb", "0" * 64)
+    with pytest.raises(DownloadError, match="expected 0000"):
+        dl.inception_path(url=server.url("/graph.pb"))
+    assert not (tmp_path / "classify_image_graph_def.pb").exists()
+
+
+def test_the_manifest_says_what_was_verified_of_the_checkpoint(
+    tmp_path, tiny_checkpoint, tiny_vae_dir
+):
+    out = tmp_path / "samples"
+    assert cli.main(_sample_args(tiny_checkpoint, tiny_vae_dir, out)) == 0
+    run = json.loads((out / "manifest.json").read_text())["info"]["runs"][-1]
+    digest = hashlib.sha256(Path(tiny_checkpoint).read_bytes()).hexdigest()
+    assert run["checkpoint_integrity"] == {
+        "sha256": digest, "verified": False, "how": "no published sha256 is known",
+    }  # fmt: skip
+
+
+def test_a_hub_checkpoint_whose_bytes_differ_from_its_blob_name_is_refused(
+    tmp_path, tiny_checkpoint, tiny_vae_dir, capsys
+):
+    blobs, snapshot = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "rev"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    blob = blobs / ("0" * 64)  # the hub's sha256 of the file, which these bytes do not have
+    blob.write_bytes(Path(tiny_checkpoint).read_bytes())
+    (snapshot / "selfflow_imagenet256.pt").symlink_to(blob)
+    out = tmp_path / "samples"
+    code = cli.main(_sample_args(snapshot / "selfflow_imagenet256.pt", tiny_vae_dir, out))
+    assert code == 1
+    assert "DIFFERS from the Hugging Face hub's LFS sha256" in capsys.readouterr().err
