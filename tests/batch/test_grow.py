@@ -33,9 +33,9 @@ def _recorder(seen: list[int]):
     def hook(pipe):
         inner = pipe.sample_latents
 
-        def recording(labels, indices, seed, settings):
+        def recording(labels, indices, seed, settings, **options):
             seen.extend(indices)
-            return inner(labels, indices, seed, settings)
+            return inner(labels, indices, seed, settings, **options)
 
         pipe.sample_latents = recording
 
