@@ -36,8 +36,15 @@ class FolderBusyError(ConfigurationError):
 class FolderLock:
     """An exclusive, non-blocking lock on ``folder/.lock`` (use as a context manager)."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        command: str = "selfflow sample",
+        option: str = "--output-dir",
+    ) -> None:
         self.folder = Path(folder)
+        self.command = command  # named in the refusal, with the option that picks the folder
+        self.option = option
         self.path = self.folder / LOCK_NAME
         self._fd: int | None = None
 
@@ -56,8 +63,8 @@ class FolderLock:
                 holder = _read_holder(fd)
                 os.close(fd)
                 raise FolderBusyError(
-                    f"another selfflow sample run (pid {holder}) is using {self.folder}; wait "
-                    f"for it to finish or choose another --output-dir"
+                    f"another {self.command} run (pid {holder}) is using {self.folder}; wait "
+                    f"for it to finish or choose another {self.option}"
                 ) from None
             except BaseException:
                 os.close(fd)
