@@ -81,6 +81,15 @@ class FolderLock:
         self._fd = fd
         return self
 
+    def drop_in_child(self, *_: object) -> None:
+        """In a forked child (a data-loader worker): close the inherited descriptor, keeping
+        the parent's lock. A child that outlives a killed parent would otherwise hold the
+        lock until it exits, and refuse the restart."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
     def release(self) -> None:
         if self._fd is None:
             return

@@ -206,6 +206,7 @@ class _Job:
         try:
             self._encode(plan, mine, bar)
             distributed.wait_for_all(self.context, bar.poll)
+            bar.poll()  # the shards other ranks finished after the last look
         finally:
             bar.close()
         if not self.context.is_main:
@@ -355,6 +356,7 @@ class _Job:
             num_workers=workers,
             collate_fn=collate,
             prefetch_factor=4 if workers else None,
+            worker_init_fn=self.lock.drop_in_child,
         )
 
     def _encode(self, plan: _Plan, shards: list[int], bar: _Progress) -> None:
