@@ -80,8 +80,8 @@ def decode(vae, latents: torch.Tensor) -> np.ndarray:
 def encode_posterior(vae, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder's posterior ``(mean, std)`` of uint8 NHWC images, as float32 NCHW on the CPU.
 
-    Images are mapped to [-1, 1] by ``x / 127.5 − 1`` (the inverse of the decoder's mapping) in
-    float32, then cast to the VAE's dtype. Training stores both moments and draws
+    Images are mapped to [-1, 1] by ``x / 127.5 − 1`` in float32 on the VAE's device (bytes
+    travel to the GPU, not floats), then cast to the VAE's dtype. Training stores both moments and draws
     ``mean + std·n`` afresh every step, rather than freezing one posterior sample forever.
     """
     pixels = torch.as_tensor(images)
@@ -90,8 +90,8 @@ def encode_posterior(vae, images: np.ndarray | torch.Tensor) -> tuple[torch.Tens
             f"expected uint8 images (B, H, W, 3); got {pixels.dtype} {tuple(pixels.shape)}"
         )
     param = next(vae.parameters())
-    x = pixels.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
-    posterior = vae.encode(x.to(device=param.device, dtype=param.dtype)).latent_dist
+    x = pixels.to(param.device).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
+    posterior = vae.encode(x.to(param.dtype)).latent_dist
     return posterior.mean.float().cpu(), posterior.std.float().cpu()
 
 
