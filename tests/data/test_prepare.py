@@ -200,6 +200,16 @@ def test_float16_storage_is_the_float32_values_rounded(prepared, tree, tiny_vae_
     ).stat().st_size
 
 
+def test_a_second_run_in_the_same_folder_is_refused(tree, tiny_vae_dir, tmp_path):
+    from selfflow.batch.lock import FolderBusyError, FolderLock
+
+    (tmp_path / "out").mkdir()
+    with FolderLock(tmp_path / "out"), pytest.raises(FolderBusyError) as caught:
+        prepare(tree, tmp_path / "out", tiny_vae_dir)
+    assert "another selfflow prepare run" in str(caught.value) and "OUT_DIR" in str(caught.value)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_an_unfinished_folder_is_not_read_as_a_dataset(prepared, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(prepared, out)
