@@ -131,7 +131,6 @@ class _Plan:
     header: dict[str, Any]
     finished: list[int]  # shards with a record, to verify
     complete: bool = False
-    notes: list[str] = field(default_factory=list)
 
     @property
     def num_shards(self) -> int:
