@@ -27,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "prepare",
         help="encode an ImageFolder tree (ImageNet train) into SD-VAE latent shards for training",
-        description=textwrap.fill(DESCRIPTION, 88),
+        description=textwrap.fill(DESCRIPTION, 88, break_on_hyphens=False),
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
