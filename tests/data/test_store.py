@@ -124,6 +124,15 @@ def test_bad_folders_are_refused_with_the_reason(tmp_path, posterior):
     assert issubclass(DatasetError, SelfFlowError)
 
 
+def test_changed_labels_are_reported(posterior):
+    ds, _, _, labels = posterior
+    changed = labels.copy()
+    changed[3] = (changed[3] + 1) % 4
+    np.save(ds.root / "labels.npy", changed)
+    with pytest.raises(DatasetError, match="labels.npy is damaged"):
+        LatentDataset(ds.root)
+
+
 def test_a_truncated_shard_is_reported(posterior):
     ds, *_ = posterior
     shard = ds.root / "shards" / "shard_00001.npy"
