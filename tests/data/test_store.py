@@ -61,8 +61,9 @@ def test_get_batch_matches_indexing_for_any_order_and_repeats(posterior):
 
 def test_data_without_std_gives_zero_std_and_no_batch_std(tmp_path):
     means, _, labels = arrays(n=7)
-    write_dataset(tmp_path, torch.from_numpy(means), torch.from_numpy(labels))
-    ds = LatentDataset(tmp_path)
+    written = write_dataset(tmp_path / "raw", torch.from_numpy(means), torch.from_numpy(labels))
+    assert written == tmp_path / "raw"
+    ds = LatentDataset(written)
     assert not ds.has_std and ds.scale == 1.0
     assert ds.class_names == [str(k) for k in range(labels.max() + 1)]
     mean, std, _ = ds[3]

@@ -250,7 +250,8 @@ def write_dataset(
     data is used as it is: the trainer applies no posterior sampling and no scaling
     (``scale`` 1.0), which suits pixel-space experiments, small data sets and tests. With
     ``stds`` the pair is stored like ``selfflow prepare``'s posterior. Refuses a folder that
-    already holds a dataset unless ``overwrite``. Returns the manifest's path.
+    already holds a dataset unless ``overwrite``. Returns ``out_dir`` (what
+    :class:`~selfflow.data.LatentDataset` opens).
     """
     out_dir = Path(out_dir)
     means_np, labels_np = _as_numpy(means), _as_numpy(labels)
@@ -286,7 +287,8 @@ def write_dataset(
         "source": None,
         "shard_size": shard_size,
     }
-    return finalize(out_dir, header, records)
+    finalize(out_dir, header, records)
+    return out_dir
 
 
 def clear_dataset(out_dir: Path) -> None:
