@@ -197,3 +197,28 @@ def test_many_shards_beyond_the_open_map_limit(tmp_path, monkeypatch):
     assert np.array_equal(got_means.numpy(), means[order])
     assert np.array_equal(got_stds.numpy(), stds[order])
     assert len(ds._maps) <= 3
+
+
+def test_an_empty_shard_is_stepped_over(tmp_path):
+    """A shard whose images were all skipped holds no rows; indices run on past it."""
+    from selfflow.data import store
+
+    means, stds, labels = arrays(n=5)
+    rows = np.stack([means, stds], axis=1)
+    records = [
+        store.write_shard(tmp_path, 0, rows[:3], labels[:3]),
+        store.write_shard(tmp_path, 1, rows[:0], labels[:0], {"skipped": [{"file": "x"}]}),
+        store.write_shard(tmp_path, 2, rows[3:], labels[3:]),
+    ]
+    header = {
+        "latent_shape": [4, 3, 5], "dtype": "float32", "has_std": True, "scale": 1.0,
+        "vae": None, "vae_identity": None, "image_size": None, "crop": None,
+        "class_names": list("abcd"), "files_digest": None, "shard_size": 3,
+    }  # fmt: skip
+    store.finalize(tmp_path, header, records)
+    ds = LatentDataset(tmp_path)
+    assert len(ds) == 5 and ds.manifest["skipped"] == [{"file": "x"}]
+    got_means, got_stds, got_labels = ds.get_batch(np.array([4, 2, 3, 0]))
+    assert np.array_equal(got_means.numpy(), means[[4, 2, 3, 0]])
+    assert np.array_equal(got_labels.numpy(), labels[[4, 2, 3, 0]])
+    assert np.array_equal(ds[3][1].numpy(), stds[3])
