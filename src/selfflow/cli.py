@@ -1,4 +1,4 @@
-"""The `selfflow` command: sample | evaluate | download | generate | classes.
+"""The `selfflow` command: sample | evaluate | download | generate | classes | prepare.
 
 Each subcommand lives next to the code it drives and registers itself through an
 ``add_parser(subparsers)`` function that sets ``func`` on its parser; this module only
@@ -23,6 +23,7 @@ _SUBCOMMANDS: tuple[str, ...] = (
     "selfflow.download",
     "selfflow.generate",
     "selfflow.classes",
+    "selfflow.data.cli",
 )
 
 
