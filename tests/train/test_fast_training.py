@@ -255,3 +255,44 @@ def test_train_step_flops_agree_with_pytorchs_count_and_the_saving_is_real():
     straightforward = counted_step_flops(xl, fast=False)
     assert 1.5 < straightforward / counted < 1.7
     assert train_step_flops(xl, rep_weight=0) == pytest.approx(counted * 0.79, rel=0.02)
+
+
+def test_ddp_wrapped_fast_student_gives_the_same_loss_and_gradients(tmp_path):
+    """The objective calls a DDP-wrapped student with the model's keywords; every parameter the
+    step uses gets its gradient (DDP would stop at the next step otherwise)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        student, teacher = pair(seed=7)
+        fast_teacher = FastTrainingDiT.from_model(teacher, dtype=torch.float32)
+        plain = FastTrainingDiT.from_model(student, dtype=torch.float32)
+        wrapped = DistributedDataParallel(FastTrainingDiT.from_model(student, dtype=torch.float32))
+        for seed in (8, 9):  # two steps: DDP checks the previous step's reduction on the next
+            x0, y, kwargs = data(seed=seed)
+            want, _, want_grads = loss_and_grads(plain, fast_teacher, x0, y, kwargs)
+            wrapped.zero_grad(set_to_none=True)
+            got, _ = self_flow_loss(wrapped, fast_teacher, x0, y, **kwargs, **LAYERS)
+            got.backward()
+            assert got.item() == pytest.approx(want.item(), rel=1e-6)
+            for name, param in wrapped.module.named_parameters():
+                assert rel(param.grad, want_grads[name]) < 1e-6, name
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_compiled_fast_path_matches_the_plain_model():
+    """torch.compile of the block function (the CUDA default), here on the CPU in float32:
+    one graph for every block, with gradients, and the teacher's no-grad per-sample variant."""
+    student, teacher = pair(seed=8)
+    fast_student = FastTrainingDiT.from_model(student, dtype=torch.float32, compile=True)
+    fast_teacher = FastTrainingDiT.from_model(teacher, dtype=torch.float32, compile=True)
+    x0, y, kwargs = data(seed=10)
+    want, _, want_grads = loss_and_grads(student, teacher, x0, y, kwargs)
+    got, _, got_grads = loss_and_grads(fast_student, fast_teacher, x0, y, kwargs)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    for name, grad in want_grads.items():
+        assert rel(got_grads[name], grad) < 1e-5, name
