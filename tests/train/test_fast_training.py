@@ -135,6 +135,8 @@ def test_outputs_match_for_every_call_form():
                 strict=True,
             ):
                 assert rel(g, w) < 1e-5, options
+        for t in (1 - tau, 1 - tau_teacher):  # the inherited SiT-convention call, any times
+            assert rel(fast.forward_sit(x0, t, y), student.forward_sit(x0, t, y)) < 1e-5
 
 
 def test_every_block_is_called_and_the_teacher_stops_at_its_layer():

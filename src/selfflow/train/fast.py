@@ -147,7 +147,8 @@ class FastTrainingDiT(SelfFlowDiT):
     """:class:`SelfFlowDiT` with a faster training forward pass; see the module docstring.
 
     Build it like the model (``FastTrainingDiT(config, dtype=..., compile=...)``) or from one
-    (:meth:`from_model`). ``forward_sit`` is inherited unchanged (the plain per-token path).
+    (:meth:`from_model`). ``forward_sit`` is inherited: it gives the blocks the plain model's
+    conditioning (one row per sample or per token), which their functional twin also accepts.
     """
 
     def __init__(
