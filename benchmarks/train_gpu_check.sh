@@ -7,9 +7,10 @@
 # Stops at once, exit status 2, when CUDA is not available. Runs, each time-boxed so that the
 # whole script ends within $BUDGET seconds (compilation included), in order of importance:
 #   1. train: benchmarks/train_throughput.py on SiT-XL/2 with random weights: the straightforward
-#      step and the fast step at per-GPU batch 32, 64 and 128 (images/s, MFU, peak memory), then
-#      both trained 20 steps from the same weights and batches against the float32 reference
-#      (losses and gradient norms) at batch 32;
+#      step and the fast step at per-GPU batch 32, 64 and 128 (images/s, MFU, peak memory, host
+#      syncs per step), and both trained 20 steps from the same weights and batches against the
+#      float32 reference (losses and gradient norms) at batch 32, right after batch 32's timings
+#      (its graphs are compiled then, and a time limit hit later keeps the comparison);
 #   2. eager: the fast step without torch.compile at batch 64 (what compiling buys), if time is left.
 # Writes $OUT/nvidia-smi.txt and NAME.log, NAME.json per run. The JSON is rewritten after every
 # figure, so a run stopped at its time limit keeps what it measured. A CPU dry run:

@@ -277,6 +277,52 @@ def compare_losses(initial: SelfFlowDiT, paths: list[str], args, device) -> dict
     return out
 
 
+def time_batch(batch: int, initial: SelfFlowDiT, report: dict, args, device, save) -> None:
+    """Time every path at ``batch``; a failing path is recorded and not tried again."""
+    config, flops, peak = initial.config, report["useful_flops_per_image"], report["peak_flops"]
+    data = make_batches(config, batch, min(args.repeats, 4), args.seed, device)
+    base = None
+    for path in args.paths:
+        if path in report["failures"]:
+            continue
+        try:
+            row = time_step(build_step(path, initial, device), data, args, device)
+        except Exception as error:  # one broken path must not lose the others' figures
+            report["failures"][path] = f"{type(error).__name__}: {error}"
+            log(f"{path} batch {batch}: {report['failures'][path]}")
+            save()
+            continue
+        base = row["step_s"] if path == "straightforward" else base
+        row.update(path=path, batch=batch, images_per_s=batch / row["step_s"])
+        row["mfu"] = flops * batch / row["step_s"] / peak
+        row["speedup"] = base / row["step_s"] if base else None
+        report["rows"].append(row)
+        save()
+        log(
+            f"{path:>16} batch {batch:4d}: {row['step_s'] * 1e3:9.2f} ms/step, "
+            f"{row['images_per_s']:.1f} images/s, MFU {row['mfu']:.3f} "
+            f"(first step {row['first_step_s']:.1f} s)"
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def compare(initial: SelfFlowDiT, report: dict, args, device, save) -> None:
+    """The loss comparison, once; a failure is recorded without losing the timings."""
+    if not args.compare_steps or report["compare"] or "compare" in report["failures"]:
+        return
+    log(f"loss comparison: {args.compare_steps} steps at batch {args.compare_batch}")
+    paths = [p for p in args.paths if p not in report["failures"]]
+    try:
+        report["compare"] = compare_losses(initial, paths, args, device)
+    except Exception as error:
+        report["failures"]["compare"] = f"{type(error).__name__}: {error}"
+        log(f"compare: {report['failures']['compare']}")
+    save()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -316,34 +362,10 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(report, indent=2))
 
     for batch in args.batches:
-        data = make_batches(config, batch, min(args.repeats, 4), args.seed, device)
-        base = None
-        for path in args.paths:
-            if path in report["failures"]:
-                continue
-            try:
-                row = time_step(build_step(path, initial, device), data, args, device)
-            except Exception as error:  # one broken path must not lose the others' figures
-                report["failures"][path] = f"{type(error).__name__}: {error}"
-                log(f"{path} batch {batch}: {report['failures'][path]}")
-                save()
-                continue
-            base = row["step_s"] if path == "straightforward" else base
-            row.update(path=path, batch=batch, images_per_s=batch / row["step_s"])
-            row["mfu"] = flops * batch / row["step_s"] / peak
-            row["speedup"] = base / row["step_s"] if base else None
-            report["rows"].append(row)
-            save()
-            log(
-                f"{path:>16} batch {batch:4d}: {row['step_s'] * 1e3:9.2f} ms/step, "
-                f"{row['images_per_s']:.1f} images/s, MFU {row['mfu']:.3f} "
-                f"(first step {row['first_step_s']:.1f} s)"
-            )
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    if args.compare_steps:
-        log(f"loss comparison: {args.compare_steps} steps at batch {args.compare_batch}")
-        report["compare"] = compare_losses(initial, args.paths, args, device)
+        time_batch(batch, initial, report, args, device, save)
+        if batch == args.compare_batch:  # while its graphs are compiled, before the next size
+            compare(initial, report, args, device, save)
+    compare(initial, report, args, device, save)  # a --compare-batch outside --batches
     save()
     print(format_report(report))
     if args.out is not None:
