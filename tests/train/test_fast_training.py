@@ -285,6 +285,36 @@ def test_ddp_wrapped_fast_student_gives_the_same_loss_and_gradients(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module:UserWarning")
+def test_fsdp2_sharded_fast_student_gives_the_same_loss_and_gradients(tmp_path):
+    """``fully_shard`` per block and at the root, as the trainer's ``--fsdp`` does: each block's
+    hooks gather its weights only if the fast forward calls the block module itself."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        student, teacher = pair(seed=7)
+        fast_teacher = FastTrainingDiT.from_model(teacher, dtype=torch.float32)
+        plain = FastTrainingDiT.from_model(student, dtype=torch.float32)
+        sharded = FastTrainingDiT.from_model(student, dtype=torch.float32)
+        for block in sharded.blocks:
+            fully_shard(block)
+        fully_shard(sharded)
+        for seed in (8, 9):
+            x0, y, kwargs = data(seed=seed)
+            want, _, want_grads = loss_and_grads(plain, fast_teacher, x0, y, kwargs)
+            sharded.zero_grad(set_to_none=True)
+            got, _ = self_flow_loss(sharded, fast_teacher, x0, y, **kwargs, **LAYERS)
+            got.backward()
+            assert got.item() == pytest.approx(want.item(), rel=1e-6)
+            for name, param in sharded.named_parameters():
+                assert rel(param.grad.full_tensor(), want_grads[name]) < 1e-6, name
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_compiled_fast_path_matches_the_plain_model():
     """torch.compile of the block function (the CUDA default), here on the CPU in float32:
