@@ -53,7 +53,9 @@ def dual_timesteps(
     for name, value in (("batch_size", batch_size), ("num_tokens", num_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigurationError(f"{name} must be a positive integer; got {value!r}")
-    if not (isinstance(mask_ratio, (int, float)) and 0.0 <= mask_ratio <= 1.0):
+    if isinstance(mask_ratio, bool) or not (
+        isinstance(mask_ratio, (int, float)) and 0.0 <= mask_ratio <= 1.0
+    ):
         raise ConfigurationError(f"mask_ratio must be a number in [0, 1]; got {mask_ratio!r}")
     draw_device = generator.device if generator is not None else torch.device("cpu")
     t = torch.rand(batch_size, generator=generator, device=draw_device)
