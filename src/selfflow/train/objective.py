@@ -123,9 +123,12 @@ def self_flow_loss(
     per-token times ``(B, T)`` (or ``(B,)``), ``tau_teacher`` ``(B,)``. The patch size follows
     from the latent size and ``T``. Losses are reduced in at least float32 (a bf16 network's
     outputs are upcast first). The parts are detached scalars; ``"rep"`` is 0 when
-    ``rep_weight == 0``, and then the teacher is never called (it may be None).
+    ``rep_weight == 0``, and then the teacher is never called (it may be None) and the student
+    is called without ``project_layer``, so its projector gets no gradient (freeze it under DDP,
+    which otherwise waits for that gradient).
     """
-    if not (isinstance(rep_weight, (int, float)) and math.isfinite(rep_weight) and rep_weight >= 0):
+    finite = isinstance(rep_weight, (int, float)) and math.isfinite(rep_weight)
+    if isinstance(rep_weight, bool) or not (finite and rep_weight >= 0):
         raise ConfigurationError(f"rep_weight must be a finite number >= 0; got {rep_weight!r}")
     patch = _patch_size(x0, tau)
     x_tau = noised_input(x0, noise, tau, patch)
