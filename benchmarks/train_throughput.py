@@ -10,7 +10,9 @@ One process, random weights with the released shapes (no data or checkpoint need
 * ``fast``: :class:`selfflow.train.fast.FastTrainingDiT` (modulation for each sample's two times,
   teacher stopped at its block, the block function compiled on CUDA) with
   :func:`selfflow.train.self_flow_loss`, fused AdamW on CUDA, one multi-tensor EMA update;
-* ``fast-eager``: the same without ``torch.compile`` (what compiling buys).
+* ``fast-eager``: the same without ``torch.compile`` (what compiling buys);
+* ``fast-float32``: the fast step in float32 (compiled on CUDA): its losses must follow the
+  float32 reference to float32 rounding, which checks the compiled maths on the device.
 
 Each step is the whole optimiser step: loss, backward, gradient clipping at norm 1, AdamW, EMA.
 For every path and ``--batches`` size it reports the median step time over ``--repeats`` steps
@@ -58,7 +60,7 @@ from selfflow.train import (  # noqa: E402
     training_optimizer,
 )
 
-PATHS = ("straightforward", "fast", "fast-eager")
+PATHS = ("straightforward", "fast", "fast-eager", "fast-float32")
 LR, EMA_DECAY, GRAD_CLIP = 1e-4, 0.9999, 1.0
 
 Step = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
@@ -173,8 +175,9 @@ def build_step(path: str, initial: SelfFlowDiT, device: torch.device) -> Step:
         student, loss_fn, autocast = copy.deepcopy(initial), straightforward_loss, torch.bfloat16
         opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)
     else:
-        compile = None if path == "fast" else False  # None: on CUDA only
-        student = FastTrainingDiT.from_model(initial, dtype=torch.bfloat16, compile=compile)
+        compile = False if path == "fast-eager" else None  # None: on CUDA only
+        dtype = torch.float32 if path == "fast-float32" else torch.bfloat16
+        student = FastTrainingDiT.from_model(initial, dtype=dtype, compile=compile)
         loss_fn, autocast = self_flow_loss, None  # the module runs its own bf16 autocast
         opt = training_optimizer(student.parameters())
     student.train().requires_grad_(True)
