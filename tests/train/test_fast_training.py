@@ -328,3 +328,20 @@ def test_compiled_fast_path_matches_the_plain_model():
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     for name, grad in want_grads.items():
         assert rel(got_grads[name], grad) < 1e-5, name
+
+
+def test_fast_forward_matches_the_plain_model_at_xl2_width():
+    """XL/2's block (1152 wide, 16 heads of 72, 256 tokens, projector 2304), one deep, float32."""
+    cfg = ModelConfig(depth=1)
+    plain = randomize_(SelfFlowDiT(cfg), seed=12)
+    fast = FastTrainingDiT.from_model(plain, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 4, 32, 32, generator=gen)
+    tau, tau_teacher = dual_timesteps(2, cfg.num_tokens, generator=gen)
+    y = torch.tensor([207, NULL_CLASS])
+    with torch.no_grad():
+        want_v, want_f = plain(x, tau, y, project_layer=1)
+        got_v, got_f = fast(x, tau, y, project_layer=1)
+        want_h = plain(x, tau_teacher, y, hidden_layer=1)
+        got_h = fast(x, tau_teacher, y, hidden_layer=1)
+    assert rel(got_v, want_v) < 1e-5 and rel(got_f, want_f) < 1e-5 and rel(got_h, want_h) < 1e-5
