@@ -1,0 +1,34 @@
+"""Training Self-Flow: the objective (dual-timestep scheduling, EMA self-distillation) and a
+faster training forward pass with the model's parameters.
+
+The objective is a set of plain functions over tensors and any network called like
+:class:`~selfflow.model.SelfFlowDiT`; the trainer (loop, checkpoints, processes) builds on it.
+"""
+
+from __future__ import annotations
+
+from selfflow.train.fast import (
+    FastTrainingDiT,
+    split_times,
+    straightforward_loss,
+    train_step_flops,
+    training_optimizer,
+)
+from selfflow.train.objective import (
+    dual_timesteps,
+    noised_input,
+    representation_loss,
+    self_flow_loss,
+)
+
+__all__ = [
+    "FastTrainingDiT",
+    "dual_timesteps",
+    "noised_input",
+    "representation_loss",
+    "self_flow_loss",
+    "split_times",
+    "straightforward_loss",
+    "train_step_flops",
+    "training_optimizer",
+]
