@@ -114,22 +114,47 @@ def ref_block(sd: dict, prefix: str, x: np.ndarray, c: np.ndarray, heads: int) -
     return x
 
 
-def ref_forward(
-    sd: dict, cfg: ModelConfig, latent: np.ndarray, t_net: np.ndarray, label: int
-) -> np.ndarray:
-    """SiT-convention velocity for one sample; t_net holds one network time per token."""
+def ref_hidden_states(
+    sd: dict,
+    cfg: ModelConfig,
+    latent: np.ndarray,
+    t_net: np.ndarray,
+    label: int,
+    stop: int | None = None,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Outputs of blocks 1..stop (all by default) for one sample, and its conditioning c (T, D)."""
     x = ref_tokens(latent) @ sd["x_embedder.proj.weight"].T + sd["x_embedder.proj.bias"]
     x = x + sd["pos_embed"][0]
     temb = np.stack([ref_time_features(t) for t in t_net])
     temb = linear(sd, "t_embedder.mlp.2", silu(linear(sd, "t_embedder.mlp.0", temb)))
     c = temb + sd["y_embedder.embedding_table.weight"][label]
-    for i in range(cfg.depth):
+    states = []
+    for i in range(cfg.depth if stop is None else stop):
         x = ref_block(sd, f"blocks.{i}", x, c, cfg.num_heads)
+        states.append(x)
+    return states, c
+
+
+def ref_final(sd: dict, cfg: ModelConfig, x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Final layer on the last block's output: SiT-convention velocity (keep, H, W)."""
     mod = linear(sd, "final_layer.adaLN_modulation.1", silu(c))
     d = cfg.hidden_size
     shift, scale = mod[:, :d], mod[:, d:]
     out = linear(sd, "final_layer.linear", layer_norm(x) * (1 + scale) + shift)
     return ref_untokens(out, cfg.patch_size, cfg.out_channels, cfg.in_channels)
+
+
+def ref_projector(sd: dict, h: np.ndarray) -> np.ndarray:
+    """The self-distillation head: Linear → SiLU → Linear."""
+    return linear(sd, "projector.linear2", silu(linear(sd, "projector.linear1", h)))
+
+
+def ref_forward(
+    sd: dict, cfg: ModelConfig, latent: np.ndarray, t_net: np.ndarray, label: int
+) -> np.ndarray:
+    """SiT-convention velocity for one sample; t_net holds one network time per token."""
+    states, c = ref_hidden_states(sd, cfg, latent, t_net, label)
+    return ref_final(sd, cfg, states[-1], c)
 
 
 def numpy_state(model: SelfFlowDiT) -> dict:

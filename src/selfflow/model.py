@@ -72,6 +72,11 @@ class ModelConfig:
         return asdict(self)
 
     @property
+    def null_class(self) -> int:
+        """Label of the unconditional ("null") row: the last row of the label table."""
+        return self.num_classes
+
+    @property
     def grid_size(self) -> int:
         return self.input_size // self.patch_size
 
@@ -294,8 +299,9 @@ class SelfFlowDiT(nn.Module):
 
     Call ``model(x, tau, y)``: latents ``x (B, C, H, W)``, paper time ``tau`` (1 = noise,
     0 = data) of shape ``(B,)`` or per token ``(B, num_tokens)`` in row-major token order,
-    labels ``y (B,)`` int64 with ``NULL_CLASS`` (1000) for unconditional. Returns the paper's
-    velocity ``ε − x_data``, shaped like ``x``.
+    labels ``y (B,)`` int64 with ``config.null_class`` (1000 for the released model, i.e.
+    ``NULL_CLASS``) for unconditional. Returns the paper's velocity ``ε − x_data``, shaped like
+    ``x``; see :meth:`forward` for the hidden states training asks for.
     """
 
     def __init__(self, config: ModelConfig | None = None) -> None:
@@ -333,9 +339,49 @@ class SelfFlowDiT(nn.Module):
 
     # -- conventions --------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, tau: Tensor, y: Tensor) -> Tensor:
-        """Paper convention: ``tau`` = 1 is noise; returns ``ε − x_data``."""
-        return -self.forward_sit(x, 1.0 - tau, y)
+    def forward(
+        self,
+        x: Tensor,
+        tau: Tensor,
+        y: Tensor,
+        *,
+        project_layer: int | None = None,
+        hidden_layer: int | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Paper convention: ``tau`` = 1 is noise; returns ``ε − x_data``.
+
+        Training needs a block's hidden state as well, and it is asked for here rather than
+        through separate methods so that DDP's and FSDP's hooks see every call:
+
+        - ``project_layer=l`` (1-based) returns ``(velocity, projector(h_l))``, where ``h_l``
+          ``(B, T, D)`` is the output of block ``l``: the student's self-distillation features;
+        - ``hidden_layer=l`` returns the raw ``h_l`` and runs only blocks ``1..l`` (neither the
+          later blocks nor the final layer): the teacher's features, at the cost of ``l`` blocks.
+        """
+        if project_layer is not None and hidden_layer is not None:
+            raise ValueError(
+                "pass project_layer or hidden_layer, not both: the first returns the velocity "
+                "and projected features, the second stops at a block and returns its raw output"
+            )
+        for name, layer in (("project_layer", project_layer), ("hidden_layer", hidden_layer)):
+            if layer is not None:
+                self._check_layer(name, layer)
+        t = 1.0 - tau
+        self._check_inputs(x, t, y)
+        c = self.conditioning(t, y)
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        stop = hidden_layer if hidden_layer is not None else len(self.blocks)
+        features = None
+        for index, block in enumerate(self.blocks[:stop], start=1):
+            h = block(h, c)
+            if index == project_layer:
+                features = h
+        if hidden_layer is not None:
+            return h
+        velocity = -self._velocity(h, c)
+        if project_layer is not None:
+            return velocity, self.projector(features)
+        return velocity
 
     def forward_sit(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """Network (SiT) convention: ``t`` = 0 is noise; returns ``v = x_data − ε``."""
@@ -344,9 +390,21 @@ class SelfFlowDiT(nn.Module):
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         for block in self.blocks:
             h = block(h, c)
+        return self._velocity(h, c)
+
+    def _velocity(self, h: Tensor, c: Tensor) -> Tensor:
+        """Final layer on the last block's output: the SiT velocity ``x_data − ε``, like ``x``."""
         out = self.final_layer(h, c)
         cfg = self.config
         return unpatchify(out, cfg.patch_size, cfg.out_channels, cfg.in_channels)
+
+    def _check_layer(self, name: str, layer: object) -> None:
+        depth = len(self.blocks)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= depth:
+            raise ValueError(
+                f"{name} must be a block number in 1..{depth} (1-based, this model has "
+                f"{depth} blocks); got {layer!r}"
+            )
 
     def conditioning(self, t: Tensor, y: Tensor) -> Tensor:
         """``c = t_emb + y_emb``: ``(B, 1, D)`` for a per-sample t, ``(B, T, D)`` per token."""

@@ -19,7 +19,7 @@ import torch
 
 from selfflow import seeds, transport, vae
 from selfflow.errors import ConfigurationError
-from selfflow.model import NULL_CLASS, SelfFlowDiT
+from selfflow.model import SelfFlowDiT
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -181,7 +181,7 @@ class SelfFlowPipeline:
             labels.to(self.device),
             cfg_scale=settings.cfg_scale,
             guidance_interval=settings.guidance_interval,
-            null_label=NULL_CLASS,
+            null_label=self.model.config.null_class,
         )
 
     @torch.no_grad()
