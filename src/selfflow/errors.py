@@ -25,3 +25,7 @@ class ConfigurationError(SelfFlowError, ValueError):
 
 class EvaluationError(SelfFlowError, ValueError):
     """A metric cannot be computed from the given features or statistics."""
+
+
+class DatasetError(SelfFlowError):
+    """A training dataset folder is missing, incomplete, damaged, or not a dataset at all."""

@@ -1,0 +1,159 @@
+"""Read-only random access to a dataset folder (see :mod:`selfflow.data.store` for the format).
+
+:class:`LatentDataset` memory-maps the shard arrays and never writes, so any number of training
+processes (and their data-loader workers) can read one folder at once. The trainer calls
+:meth:`LatentDataset.get_batch` every step with a random global batch: it groups the indices by
+shard and reads each shard's rows with one vectorised fancy-index on its memory map.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from selfflow.data.store import LABELS_NAME, STORED_DTYPES, read_manifest
+from selfflow.errors import DatasetError
+
+# Memory maps kept open at once; with more shards the least recently used are closed and
+# re-opened on demand (each open map holds a file descriptor).
+MAX_OPEN_SHARDS = 512
+
+
+class LatentDataset:
+    """A dataset written by ``selfflow prepare`` or :func:`selfflow.data.write_dataset`.
+
+    ``ds[i]`` is ``(mean, std, label)``: float32 tensors ``(C, H, W)`` and an int. For data
+    stored without a posterior (``has_std`` False) ``std`` is a tensor of zeros, so sampling
+    ``mean + std·n`` gives the data itself. Stored float16 is returned as float32. The trainer
+    multiplies latents by :attr:`scale` (the VAE's scaling factor, 1.0 for raw data).
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.manifest: dict[str, Any] = read_manifest(self.root)
+        m = self.manifest
+        self.class_names: list[str] = [str(name) for name in m["class_names"]]
+        self.num_classes: int = len(self.class_names)
+        self.latent_shape: tuple[int, int, int] = tuple(int(v) for v in m["latent_shape"])
+        self.has_std: bool = bool(m["has_std"])
+        self.scale: float = float(m["scale"])
+        self.vae: str | None = m["vae"]
+        self.identity: str = m["identity"]
+        self.dtype: str = m["dtype"]
+        if self.dtype not in STORED_DTYPES or len(self.latent_shape) != 3:
+            raise DatasetError(
+                f"{self.root}: stored dtype {self.dtype!r} / shape {self.latent_shape} are not "
+                f"one of {STORED_DTYPES} / (C, H, W)"
+            )
+        counts = np.asarray([int(s["count"]) for s in m["shards"]], dtype=np.int64)
+        self._paths = [self.root / s["file"] for s in m["shards"]]
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.labels = self._read_labels(int(m["num_images"]))
+        if self._starts[-1] != len(self.labels):
+            raise DatasetError(
+                f"{self.root}: the shards hold {self._starts[-1]} images, the labels "
+                f"{len(self.labels)}; the manifest is damaged"
+            )
+
+    def _read_labels(self, count: int) -> np.ndarray:
+        path = self.root / LABELS_NAME
+        try:
+            labels = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise DatasetError(f"{path} is missing or unreadable ({error})") from error
+        if labels.shape != (count,) or labels.dtype != np.int64:
+            raise DatasetError(
+                f"{path} holds {labels.dtype} {labels.shape}; expected int64 ({count},)"
+            )
+        if count and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise DatasetError(f"{path} holds labels outside 0..{self.num_classes - 1}")
+        return labels
+
+    def _shard(self, shard_id: int) -> np.ndarray:
+        """The memory map of one shard array, opened (and its header checked) on first use."""
+        array = self._maps.get(shard_id)
+        if array is not None:
+            self._maps.move_to_end(shard_id)
+            return array
+        path = self._paths[shard_id]
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise DatasetError(f"shard {path} is missing or unreadable ({error})") from error
+        expected = (
+            int(self._starts[shard_id + 1] - self._starts[shard_id]),
+            2 if self.has_std else 1,
+            *self.latent_shape,
+        )
+        if array.shape != expected or array.dtype != np.dtype(self.dtype):
+            raise DatasetError(
+                f"shard {path} holds {array.dtype} {array.shape}; the manifest says "
+                f"{self.dtype} {expected}"
+            )
+        self._maps[shard_id] = array
+        while len(self._maps) > MAX_OPEN_SHARDS:
+            self._maps.popitem(last=False)
+        return array
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"dataset index must be an int; got {type(index).__name__}")
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} is out of range for {len(self)} images")
+        shard_id = int(np.searchsorted(self._starts, index, side="right") - 1)
+        row = np.asarray(self._shard(shard_id)[index - self._starts[shard_id]], dtype=np.float32)
+        mean = torch.from_numpy(row[0].copy())
+        std = torch.from_numpy(row[1].copy()) if self.has_std else torch.zeros_like(mean)
+        return mean, std, int(self.labels[index])
+
+    def get_batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(means, stds or None, labels)`` for any 1-D array of indices, in their order.
+
+        Indices are grouped by shard; each shard's rows are read in ascending order (one
+        fancy-index on the memory map, which the page cache serves best) and scattered back to
+        the positions asked for. Repeated indices are allowed.
+        """
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise TypeError(f"indices must be a 1-D integer array; got {idx.dtype} {idx.shape}")
+        idx = idx.astype(np.int64, copy=False)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            bad = idx[(idx < 0) | (idx >= len(self))][0]
+            raise IndexError(f"index {bad} is out of range for {len(self)} images")
+        n = idx.shape[0]
+        means = np.empty((n, *self.latent_shape), dtype=np.float32)
+        stds = np.empty_like(means) if self.has_std else None
+        shard_ids = np.searchsorted(self._starts, idx, side="right") - 1
+        order = np.argsort(shard_ids, kind="stable")
+        bounds = np.flatnonzero(np.diff(shard_ids[order])) + 1
+        for group in np.split(order, bounds) if n else []:
+            shard_id = int(shard_ids[group[0]])
+            local, inverse = np.unique(idx[group] - self._starts[shard_id], return_inverse=True)
+            rows = self._shard(shard_id)[local]
+            means[group] = rows[inverse, 0]
+            if stds is not None:
+                stds[group] = rows[inverse, 1]
+        labels = torch.from_numpy(self.labels[idx].copy())
+        return (
+            torch.from_numpy(means),
+            None if stds is None else torch.from_numpy(stds),
+            labels,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"LatentDataset({str(self.root)!r}: {len(self)} images {self.latent_shape} "
+            f"{self.dtype}, {self.num_classes} classes, identity {self.identity})"
+        )
