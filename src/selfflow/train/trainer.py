@@ -147,17 +147,17 @@ class Trainer:
         from selfflow.batch.runner import ReportedOnRankZero
 
         try:
-            self._prepare()
-        except SelfFlowError as error:
-            failed = distributed.all_gather_objects(self.context, str(error))
-            if self.context.is_main:
-                raise
-            raise ReportedOnRankZero(failed[0]) from error
-        else:
-            failed = distributed.all_gather_objects(self.context, None)
-            if any(failed):
-                raise ReportedOnRankZero(next(f for f in failed if f))
-        try:
+            try:
+                self._prepare()
+            except SelfFlowError as error:
+                failed = distributed.all_gather_objects(self.context, str(error))
+                if self.context.is_main:
+                    raise
+                raise ReportedOnRankZero(failed[0]) from error
+            else:
+                failed = distributed.all_gather_objects(self.context, None)
+                if any(failed):
+                    raise ReportedOnRankZero(next(f for f in failed if f))
             return self._train()
         finally:
             if self.lock is not None:
@@ -365,7 +365,7 @@ class Trainer:
             )
         draws = draw_step(self._spec, self._order, step)
         mine = process_rows(draws, self.context.rank, self.context.world_size)
-        null = self.resolved.model.num_classes  # the label table's last row
+        null = self.resolved.model.null_class  # the label table's last row
         batches = [
             materialise(part, self.dataset, null)
             for part in micro_batches(mine, self.resolved.settings.batch_size)

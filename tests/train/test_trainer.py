@@ -1,0 +1,362 @@
+"""The trainer in one process on the CPU: same maths for any split, exact resume, checkpoints,
+exports, bad input. (Several processes and killed runs: test_trainer_processes.py.)"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from selfflow import cli
+from selfflow.checkpoint import load_model, save_model
+from selfflow.errors import CheckpointError, ConfigurationError, SelfFlowError
+from selfflow.model import ModelConfig, SelfFlowDiT
+from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
+from selfflow.train import state as run_state
+from selfflow.train.config import TrainConfig, choose_layers
+from selfflow.train.ema import make_ema, plain_ema_update, update_ema
+from selfflow.train.streams import DataOrder, StreamSpec, draw_step, micro_batches, process_rows
+from selfflow.train.trainer import NonFiniteLossError, train
+
+from .helpers import (
+    assert_states_close,
+    assert_states_equal,
+    final_state,
+    make_dataset,
+    tiny_config,
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data) -> Path:
+    """Four steps, global batch 8 in one micro-batch: what the other splits must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    train(tiny_config(data, out))
+    return out
+
+
+# -- settings --------------------------------------------------------------------------------------
+
+
+def test_layers_default_to_three_and_seven_tenths_of_the_depth():
+    assert choose_layers(28, None, None, True)[:2] == (8, 20)  # the paper's XL/2
+    assert choose_layers(12, None, None, True)[:2] == (4, 8)
+    assert choose_layers(24, None, None, True)[:2] == (7, 17)
+
+
+def test_coinciding_default_layers_move_the_teacher_one_block_deeper_and_say_so():
+    student, teacher, note = choose_layers(2, None, None, True)
+    assert (student, teacher) == (1, 2)
+    assert note and "teacher layer 2" in note
+
+
+def test_a_teacher_layer_not_deeper_than_the_student_is_refused():
+    with pytest.raises(ConfigurationError, match="deeper than the student"):
+        choose_layers(12, 5, 5, True)
+    with pytest.raises(ConfigurationError, match="depth-1 model has no two blocks"):
+        choose_layers(1, None, None, True)
+    with pytest.raises(ConfigurationError, match="not a block"):
+        choose_layers(12, 13, None, True)
+    assert choose_layers(1, None, None, False)[:2] == (1, 1)  # flow: layers unused
+
+
+def test_method_flow_is_plain_flow_matching_and_refuses_selfflow_settings():
+    resolved = TrainConfig(data="d", output_dir="o", steps=1, model="tiny", method="flow").resolve(
+        (4, 8, 8), 10
+    )
+    assert resolved.settings.mask_ratio == 0 and resolved.settings.rep_weight == 0
+    with pytest.raises(ConfigurationError, match="--method flow"):
+        TrainConfig(data="d", output_dir="o", steps=1, method="flow", mask_ratio=0.25).validate()
+
+
+def test_sizes_come_from_the_presets_and_the_data():
+    resolved = TrainConfig(data="d", output_dir="o", steps=1, model="B/2").resolve((3, 16, 16), 7)
+    m = resolved.model
+    assert (m.hidden_size, m.depth, m.num_heads) == (768, 12, 12)
+    assert (m.in_channels, m.input_size, m.num_classes, m.null_class) == (3, 16, 7, 7)
+
+
+@pytest.mark.parametrize(
+    ("global_batch", "batch", "world", "message"),
+    [(10, None, 4, "does not divide over 4 processes"), (8, 3, 2, "does not divide the 4")],
+)
+def test_batch_sizes_that_do_not_divide_are_refused(global_batch, batch, world, message):
+    config = TrainConfig(
+        data="d", output_dir="o", steps=1, model="tiny", global_batch_size=global_batch,
+        batch_size=batch,
+    )  # fmt: skip
+    with pytest.raises(ConfigurationError, match=message):
+        config.resolve((4, 8, 8), 10, world_size=world)
+
+
+# -- the streams -----------------------------------------------------------------------------------
+
+
+def spec(**overrides) -> StreamSpec:
+    base = StreamSpec(3, 12, (4, 8, 8), 16, 0.25, 0.1, True)
+    return replace(base, **overrides)
+
+
+def test_each_epoch_visits_every_image_once_in_a_seeded_order():
+    order = DataOrder(5, 10)
+    first_two = order.indices(0, 20)
+    assert sorted(first_two[:10]) == list(range(10)) == sorted(first_two[10:])
+    assert not np.array_equal(first_two[:10], first_two[10:])  # a new permutation per epoch
+    assert np.array_equal(DataOrder(5, 10).indices(7, 6), first_two[7:13])  # straddles epochs
+    assert not np.array_equal(DataOrder(6, 10).indices(0, 10), first_two[:10])
+
+
+def test_a_process_and_micro_batch_split_sees_the_global_batch_s_numbers():
+    whole = draw_step(spec(), DataOrder(3, 40), step=5)
+    parts = [mb for rank in range(3) for mb in micro_batches(process_rows(whole, rank, 3), 2)]
+    assert len(parts) == 6
+    assert np.array_equal(np.concatenate([p.indices for p in parts]), whole.indices)
+    for name in ("posterior", "noise", "tau", "tau_teacher", "drop"):
+        joined = torch.cat([getattr(p, name) for p in parts])
+        assert torch.equal(joined, getattr(whole, name)), name
+    again = draw_step(spec(), DataOrder(3, 40), step=5)
+    assert torch.equal(again.noise, whole.noise)  # a function of (seed, step) alone
+    other = draw_step(spec(), DataOrder(3, 40), step=6)
+    assert not torch.equal(other.noise, whole.noise)
+
+
+def test_label_drops_follow_the_dropout_probability():
+    drops = torch.cat(
+        [draw_step(spec(global_batch=500), DataOrder(3, 40), k).drop for k in range(20)]
+    ).float()
+    # 10 000 Bernoulli(0.1) draws: standard error 0.003
+    assert abs(float(drops.mean()) - 0.1) < 0.012
+
+
+# -- the same maths for any split ------------------------------------------------------------------
+
+
+def test_gradient_accumulation_gives_the_same_weights(tmp_path, data, reference):
+    out = tmp_path / "accumulated"
+    train(tiny_config(data, out, batch_size=2))  # four micro-batches per step
+    a, b = final_state(reference), final_state(out)
+    assert_states_close(a, b)
+
+
+def test_training_moves_the_weights_and_the_ema_follows(reference, data, tmp_path):
+    # the initial weights: one step with a negligible learning rate (Adam moves each weight
+    # by about lr)
+    train(tiny_config(data, tmp_path / "zero", steps=1, lr=1e-12))
+    initial = final_state(tmp_path / "zero", 1)["model"]
+    trained = final_state(reference)
+    moved = [k for k in initial if not torch.allclose(initial[k], trained["model"][k])]
+    assert len(moved) > len(initial) // 2
+    ema_moved = [k for k in initial if not torch.allclose(initial[k], trained["ema"][k])]
+    assert ema_moved
+
+
+def test_stopping_and_rerunning_continues_bit_identically(tmp_path, data, reference):
+    out = tmp_path / "resumed"
+    train(tiny_config(data, out, steps=2))
+    result = train(tiny_config(data, out))  # same command with more steps: resumes at 2
+    assert result.step == 4
+    assert_states_equal(final_state(reference), final_state(out))
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # nothing replayed, nothing skipped
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_used(
+    tmp_path, data, reference, capsys
+):
+    out = tmp_path / "damaged"
+    train(tiny_config(data, out, steps=3, checkpoint_every=1, keep_last=5))
+    newest = run_state.checkpoint_path(out, 3)
+    raw = bytearray(newest.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 8] = bytes(8)  # inside the tensor data
+    newest.write_bytes(bytes(raw))
+    lines: list[str] = []
+    result = train(tiny_config(data, out), log=lines.append)
+    assert any("step_000000003.pt is damaged" in line for line in lines), lines
+    assert any("resuming from" in line and "step_000000002.pt" in line for line in lines)
+    assert result.step == 4
+    assert_states_equal(final_state(reference), final_state(out))
+
+
+def test_old_checkpoints_are_pruned_keeping_milestones(tmp_path, data):
+    out = tmp_path / "pruned"
+    train(tiny_config(data, out, steps=6, checkpoint_every=1, keep_last=2, keep_every=3))
+    assert [s for s, _ in run_state.list_checkpoints(out)] == [3, 5, 6]
+    exports = sorted(p.name for p in (out / "checkpoints").glob("*-ema.pt"))
+    assert exports == [f"step_{s:09d}-ema.pt" for s in (3, 5, 6)]
+
+
+def test_ema_starts_as_an_exact_copy_and_follows_the_formula():
+    model = SelfFlowDiT(ModelConfig.tiny())
+    ema = make_ema(model)
+    for a, b in zip(ema.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b) and not a.requires_grad
+    reference = make_ema(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    update_ema(ema, model, 0.9)
+    plain_ema_update(reference, model, 0.9)
+    for a, b in zip(ema.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def test_export_is_the_ema_and_loads_strictly_and_samples(tmp_path, reference):
+    out = tmp_path / "ema.pt"
+    assert cli.main(["export", str(reference), str(out)]) == 0
+    model = load_model(out)
+    state = final_state(reference)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state["ema"][key]), key
+    beside = load_model(run_state.export_path(reference, 4))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in beside.state_dict().items())
+    pipe = SelfFlowPipeline(model)
+    latents = pipe.sample_latents(
+        torch.tensor([0, 9, 10]), [0, 1, 2], 0, SamplerSettings(num_steps=4, mode="sde")
+    )  # label 10 is this 10-class model's null row
+    assert latents.shape == (3, 4, 8, 8) and bool(torch.isfinite(latents).all())
+
+
+def test_export_of_a_folder_without_checkpoints_says_so(tmp_path):
+    with pytest.raises(CheckpointError, match="no intact training checkpoint"):
+        from selfflow.train.export import export_run
+
+        export_run(tmp_path, tmp_path / "x.pt")
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_missing_and_foreign_dataset_folders_are_refused(tmp_path):
+    with pytest.raises(SelfFlowError, match="missing"):
+        train(tiny_config(tmp_path / "nothing", tmp_path / "run"))
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "cat.jpg").write_bytes(b"jpeg")
+    with pytest.raises(SelfFlowError):
+        train(tiny_config(tmp_path / "foreign", tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_the_model_cannot_patch_is_refused(tmp_path):
+    data = make_dataset(tmp_path / "odd", n=8, shape=(4, 7, 7))
+    with pytest.raises(ConfigurationError, match="multiple of the patch size"):
+        train(tiny_config(data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_a_file_with_other_shapes_names_the_keys(tmp_path, data):
+    other = tmp_path / "other.pt"
+    save_model(SelfFlowDiT(replace(ModelConfig.tiny(), num_classes=5)), other)
+    with pytest.raises(CheckpointError, match="y_embedder.embedding_table.weight"):
+        train(tiny_config(data, tmp_path / "run", init_from=str(other)))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_init_from_an_export_starts_from_its_weights(tmp_path, data, reference):
+    source = run_state.export_path(reference, 4)
+    out = tmp_path / "finetune"
+    train(tiny_config(data, out, steps=1, lr=1e-12, init_from=str(source)))
+    start = final_state(out)["model"]
+    exported = load_model(source).state_dict()
+    for key, value in exported.items():
+        torch.testing.assert_close(start[key], value, rtol=1e-6, atol=1e-6)
+
+
+def test_a_run_folder_with_another_configuration_is_refused_naming_it(tmp_path, data):
+    out = tmp_path / "run"
+    train(tiny_config(data, out, steps=1))
+    with pytest.raises(ConfigurationError, match=r"lr: 0\.001 → 0\.002"):
+        train(tiny_config(data, out, steps=2, lr=2e-3))
+    # settings that only say how the run is computed may change
+    result = train(tiny_config(data, out, steps=2, batch_size=4, checkpoint_every=5))
+    assert result.step == 2
+
+
+def test_a_full_disk_is_refused_before_any_work(tmp_path, data, monkeypatch):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+    with pytest.raises(run_state.DiskFullError, match="MiB free"):
+        train(tiny_config(data, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_disk_filling_up_while_saving_leaves_nothing_half_written(tmp_path, data, monkeypatch):
+    import errno
+
+    def full(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(run_state.DiskFullError, match="no space left"):
+        train(tiny_config(data, tmp_path / "run"))
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_the_checkpoint(tmp_path, data, monkeypatch):
+    from selfflow.train import trainer
+
+    real = trainer.self_flow_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, parts = real(*args, **kwargs)
+        return (loss * math.nan if calls["n"] == 3 else loss), parts
+
+    monkeypatch.setattr(trainer, "self_flow_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"step 3.*step_000000002\.pt"):
+        train(tiny_config(data, out))
+    assert [s for s, _ in run_state.list_checkpoints(out)] == [2]
+
+
+def test_evaluation_of_a_pixel_dataset_is_refused_before_training(tmp_path, data):
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(b"x")
+    with pytest.raises(ConfigurationError, match="stored without one"):
+        train(tiny_config(data, tmp_path / "run", eval_every=2, eval_ref=str(ref)))
+    with pytest.raises(ConfigurationError, match="needs --eval-ref"):
+        train(tiny_config(data, tmp_path / "run", eval_every=2))
+
+
+def test_logs_and_sample_grid(tmp_path, data):
+    out = tmp_path / "run"
+    train(tiny_config(data, out, steps=2, sample_every=2))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("loss", "flow", "rep", "grad_norm", "lr", "images_per_s", "steps_per_s"):
+        assert all(math.isfinite(r[key]) for r in records), key
+    assert all(abs(r["loss"] - (r["flow"] + 0.8 * r["rep"])) < 1e-5 for r in records)
+    assert (out / "samples" / "step_000000002.png").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for option in (
+        "--data", "--output-dir", "--model", "--hidden-size", "--depth", "--num-heads",
+        "--global-batch-size", "--batch-size", "--steps", "--lr", "--ema-decay", "--mask-ratio",
+        "--rep-weight", "--label-dropout", "--grad-clip", "--seed", "--device", "--dtype",
+        "--checkpoint-every", "--init-from", "--method", "--fsdp", "--keep-last", "--keep-every",
+        "--eval-every", "--eval-samples", "--eval-ref", "--sample-every", "--student-layer",
+        "--teacher-layer",
+    ):  # fmt: skip
+        assert option in text, option
