@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 from selfflow.options import add_options
@@ -23,26 +24,26 @@ EXAMPLE = (
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``selfflow train`` (shared by the subcommand and ``train.py``)."""
-    run = parser.add_argument_group("data and run")
-    run.add_argument(
+    where = parser.add_argument_group("data and run")
+    where.add_argument(
         "--data",
         required=True,
         metavar="DIR",
         help="dataset folder (selfflow prepare or selfflow.data.write_dataset)",
     )
-    run.add_argument(
+    where.add_argument(
         "--output-dir",
         required=True,
         metavar="RUN",
         help="run folder: checkpoints, exports, log.jsonl, tensorboard/, samples/",
     )
-    run.add_argument(
+    where.add_argument(
         "--steps",
         type=int,
         required=True,
         help="train until this many optimiser steps (a resume may raise it)",
     )
-    run.add_argument(
+    where.add_argument(
         "--init-from",
         default=None,
         metavar="CKPT",
@@ -208,8 +209,11 @@ def run(args: argparse.Namespace) -> int:
     except ReportedOnRankZero:
         return 1
     except StoppedBySignal as stop:
-        print(f"selfflow train: {stop}", flush=True)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"selfflow train: {stop}", flush=True)
         return 128 + int(stop.signum)
+    if result.rank != 0:
+        return 0
     print(
         f"selfflow train: at step {result.step}; checkpoint {result.checkpoint}, "
         f"EMA export {result.export}",

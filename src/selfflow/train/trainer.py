@@ -76,6 +76,7 @@ class TrainResult:
     export: Path | None
     seconds: float
     last_metrics: dict[str, float]
+    rank: int = 0  # the process that returned it (only rank 0 reports)
 
 
 def train(
@@ -300,7 +301,7 @@ class Trainer:
         end = settings.steps
         if step >= end:
             self.log(f"{self.run_dir} is already at step {step} of {end}; nothing to do")
-            return TrainResult(step, self.last_checkpoint, None, 0.0, {})
+            return TrainResult(step, self.last_checkpoint, None, 0.0, {}, self.context.rank)
         self.log(self._describe(step))
         watch = Watch(self, step)
         prefetch = Prefetcher(self._make_batches, step, end)
@@ -332,6 +333,7 @@ class Trainer:
             self.last_export,
             time.perf_counter() - started,
             metrics,
+            self.context.rank,
         )
 
     def _describe(self, step: int) -> str:
