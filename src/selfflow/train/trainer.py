@@ -417,6 +417,11 @@ class Trainer:
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.config.fsdp and self.context.is_distributed:
+            # FSDP2 keeps a root module's parameters gathered after a forward without backward
+            # (the teacher's); shard both again so the EMA update pairs shard with shard
+            self.student.reshard()
+            self.teacher.reshard()
         update_ema(self.ema, self.model, s.ema_decay)
         return {
             "loss": loss,
