@@ -1,4 +1,4 @@
-"""The `selfflow` command: sample | evaluate | download | generate | train | export.
+"""The `selfflow` command: sample | evaluate | download | generate | prepare | train | export.
 
 Each subcommand lives next to the code it drives and registers itself through an
 ``add_parser(subparsers)`` function that sets ``func`` on its parser; this module only
@@ -20,6 +20,7 @@ _SUBCOMMANDS: tuple[str, ...] = (
     "selfflow.eval.cli",
     "selfflow.download",
     "selfflow.generate",
+    "selfflow.data.cli",
     "selfflow.train.cli",
 )
 

@@ -74,3 +74,42 @@ def decode(vae, latents: torch.Tensor) -> np.ndarray:
     param = next(vae.parameters())
     images = vae.decode((latents / LATENT_SCALE).to(device=param.device, dtype=param.dtype)).sample
     return to_uint8(images)
+
+
+@torch.no_grad()
+def encode_posterior(vae, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's posterior ``(mean, std)`` of uint8 NHWC images, as float32 NCHW on the CPU.
+
+    Images are mapped to [-1, 1] by ``x / 127.5 − 1`` in float32 on the VAE's device (bytes
+    travel to the GPU, not floats), then cast to the VAE's dtype. Training stores both moments and draws
+    ``mean + std·n`` afresh every step, rather than freezing one posterior sample forever.
+    """
+    pixels = torch.as_tensor(images)
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
+        raise ValueError(
+            f"expected uint8 images (B, H, W, 3); got {pixels.dtype} {tuple(pixels.shape)}"
+        )
+    param = next(vae.parameters())
+    x = pixels.to(param.device).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
+    posterior = vae.encode(x.to(param.dtype)).latent_dist
+    return posterior.mean.float().cpu(), posterior.std.float().cpu()
+
+
+def encoder_identity(vae) -> str:
+    """sha256 of the weights that shape the posterior (encoder and quant_conv), in float32.
+
+    Computed from the loaded tensors, not from a file, so a hub id and a local copy of the same
+    VAE agree, and VAEs that differ only in their decoder (sd-vae-ft-ema and sd-vae-ft-mse
+    share the encoder) give the same latents and the same identity.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    state = vae.state_dict()
+    for name in sorted(state):
+        if not name.startswith(("encoder.", "quant_conv.")):
+            continue
+        tensor = state[name].detach().to(device="cpu", dtype=torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -149,3 +150,40 @@ def test_write_dataset_checks_its_inputs(tmp_path):
         write_dataset(tmp_path / "e", means, labels)
     write_dataset(tmp_path / "e", means[:2], labels[:2], overwrite=True)
     assert len(LatentDataset(tmp_path / "e")) == 2
+
+
+def test_pickling_sends_no_array_data(tmp_path):
+    """A data-loader worker gets the dataset pickled: the maps must not travel as arrays."""
+    means, stds, labels = arrays(n=3000)  # 1.4 MB of mean and std
+    write_dataset(tmp_path, means, labels, stds=stds, shard_size=500)
+    ds = LatentDataset(tmp_path)
+    ds.get_batch(np.arange(3000))  # every shard mapped
+    payload = pickle.dumps(ds)
+    assert len(payload) < 100_000  # labels (24 kB) and the manifest only
+    clone = pickle.loads(payload)
+    assert np.array_equal(clone.get_batch(np.array([2999, 1]))[0].numpy(), means[[2999, 1]])
+
+
+def test_verify_finds_a_changed_byte(posterior):
+    ds, *_ = posterior
+    ds.verify()
+    shard = ds.root / "shards" / "shard_00002.npy"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="shard_00002.npy is damaged"):
+        LatentDataset(ds.root).verify()
+
+
+def test_many_shards_beyond_the_open_map_limit(tmp_path, monkeypatch):
+    from selfflow.data import dataset
+
+    monkeypatch.setattr(dataset, "MAX_OPEN_SHARDS", 3)
+    means, stds, labels = arrays(n=40)
+    write_dataset(tmp_path, means, labels, stds=stds, shard_size=2)
+    ds = LatentDataset(tmp_path)
+    order = np.random.default_rng(2).permutation(40)
+    got_means, got_stds, _ = ds.get_batch(order)
+    assert np.array_equal(got_means.numpy(), means[order])
+    assert np.array_equal(got_stds.numpy(), stds[order])
+    assert len(ds._maps) <= 3

@@ -36,8 +36,15 @@ class FolderBusyError(ConfigurationError):
 class FolderLock:
     """An exclusive, non-blocking lock on ``folder/.lock`` (use as a context manager)."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        command: str = "selfflow sample",
+        option: str = "--output-dir",
+    ) -> None:
         self.folder = Path(folder)
+        self.command = command  # named in the refusal, with the option that picks the folder
+        self.option = option
         self.path = self.folder / LOCK_NAME
         self._fd: int | None = None
 
@@ -56,8 +63,8 @@ class FolderLock:
                 holder = _read_holder(fd)
                 os.close(fd)
                 raise FolderBusyError(
-                    f"another selfflow sample run (pid {holder}) is using {self.folder}; wait "
-                    f"for it to finish or choose another --output-dir"
+                    f"another {self.command} run (pid {holder}) is using {self.folder}; wait "
+                    f"for it to finish or choose another {self.option}"
                 ) from None
             except BaseException:
                 os.close(fd)
@@ -73,6 +80,15 @@ class FolderLock:
         os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
         self._fd = fd
         return self
+
+    def drop_in_child(self, *_: object) -> None:
+        """In a forked child (a data-loader worker): close the inherited descriptor, keeping
+        the parent's lock. A child that outlives a killed parent would otherwise hold the
+        lock until it exits, and refuse the restart."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
 
     def release(self) -> None:
         if self._fd is None:

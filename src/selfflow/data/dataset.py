@@ -122,8 +122,8 @@ class LatentDataset:
         """``(means, stds or None, labels)`` for any 1-D array of indices, in their order.
 
         Indices are grouped by shard; each shard's rows are read in ascending order (one
-        fancy-index on the memory map, which the page cache serves best) and scattered back to
-        the positions asked for. Repeated indices are allowed.
+        fancy-index on the memory map, which the page cache and the disk serve best) and
+        written straight to the positions asked for. Repeated indices are allowed.
         """
         idx = np.asarray(indices)
         if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
@@ -140,17 +140,42 @@ class LatentDataset:
         bounds = np.flatnonzero(np.diff(shard_ids[order])) + 1
         for group in np.split(order, bounds) if n else []:
             shard_id = int(shard_ids[group[0]])
-            local, inverse = np.unique(idx[group] - self._starts[shard_id], return_inverse=True)
-            rows = self._shard(shard_id)[local]
-            means[group] = rows[inverse, 0]
+            local = idx[group] - self._starts[shard_id]
+            ascending = np.argsort(local, kind="stable")
+            rows = self._shard(shard_id)[local[ascending]]  # one read, in file order
+            targets = group[ascending]
+            means[targets] = rows[:, 0]
             if stds is not None:
-                stds[group] = rows[inverse, 1]
+                stds[targets] = rows[:, 1]
         labels = torch.from_numpy(self.labels[idx].copy())
         return (
             torch.from_numpy(means),
             None if stds is None else torch.from_numpy(stds),
             labels,
         )
+
+    def verify(self) -> None:
+        """Re-hash every shard against the manifest's sha256 (reads the whole dataset once);
+        raises :class:`DatasetError` naming the first shard that differs."""
+        from selfflow.files import file_sha256
+
+        for path, entry in zip(self._paths, self.manifest["shards"], strict=True):
+            try:
+                digest = file_sha256(path)
+            except OSError as error:
+                raise DatasetError(f"shard {path} is unreadable ({error})") from error
+            if digest != entry["sha256"]:
+                raise DatasetError(
+                    f"shard {path} is damaged: sha256 {digest[:16]}..., the manifest says "
+                    f"{entry['sha256'][:16]}...; rerun the `selfflow prepare` command that made it"
+                )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Memory maps are re-opened in the process that unpickles (a data-loader worker);
+        # pickling them would copy the shards' contents.
+        state = dict(self.__dict__)
+        state["_maps"] = OrderedDict()
+        return state
 
     def __repr__(self) -> str:
         return (

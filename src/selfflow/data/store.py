@@ -188,7 +188,8 @@ def finalize(out_dir: Path, header: dict[str, Any], records: Sequence[dict[str, 
         "shards": [
             {"file": r["file"], "count": r["count"], "sha256": r["sha256"]} for r in records
         ],
-        "skipped": [entry for r in records for entry in r.get("skipped", [])],
+        "skipped": list(header.get("skipped", []))
+        + [entry for r in records for entry in r.get("skipped", [])],
         "upscaled": int(sum(r.get("upscaled", 0) for r in records)),
     }
     manifest["identity"] = dataset_identity(manifest)
@@ -337,7 +338,12 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
             f"{path} has format version {manifest.get('format_version')!r}; this selfflow "
             f"reads version {FORMAT_VERSION}"
         )
-    missing = [name for name in IDENTITY_FIELDS + ("identity", "complete") if name not in manifest]
+    if manifest.get("complete") is not True:
+        raise DatasetError(
+            f"{out_dir} holds an unfinished `selfflow prepare`: rerun the same command to "
+            f"complete it"
+        )
+    missing = [name for name in IDENTITY_FIELDS + ("identity",) if name not in manifest]
     if missing:
         raise DatasetError(f"{path} is damaged: missing fields {missing}")
     if manifest["identity"] != dataset_identity(manifest):

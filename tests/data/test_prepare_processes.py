@@ -1,0 +1,102 @@
+"""`selfflow prepare` as users run it: a command, torchrun with two processes, a SIGKILL.
+
+Every run here is a subprocess with the same thread settings (OMP_NUM_THREADS=1), the same
+--batch-size and --shard-size, so "the same bytes" is a fair demand: each image's posterior is
+computed in the same batch whichever process computes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.data.trees import files_in, write_tree
+
+HERE = Path(__file__).resolve().parent
+
+
+def env() -> dict[str, str]:
+    variables = dict(os.environ)
+    variables["OMP_NUM_THREADS"] = "1"
+    return variables
+
+
+def prepare_args(tree: Path, out: Path, vae: str) -> list[str]:
+    return [
+        str(tree), str(out), "--vae", vae, "--image-size", "16", "--shard-size", "4",
+        "--batch-size", "2", "--num-workers", "1",
+    ]  # fmt: skip
+
+
+def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return write_tree(tmp_path_factory.mktemp("tree") / "train", per_class=8)
+
+
+@pytest.fixture(scope="module")
+def reference(tree, tiny_vae_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "latents"
+    done = run(
+        [sys.executable, "-m", "selfflow.cli", "prepare", *prepare_args(tree, out, tiny_vae_dir)]
+    )
+    assert "24 images" in done.stdout and "on 1 process" in done.stdout
+    assert "img/s" in done.stderr  # the progress bar shows the rate
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_writes_the_same_files(reference, tree, tiny_vae_dir, tmp_path):
+    out = tmp_path / "latents"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "selfflow.cli", "prepare", *prepare_args(tree, out, tiny_vae_dir),
+    ]  # fmt: skip
+    done = run(command)
+    assert "on 2 processes" in done.stdout
+    assert "24/24" in done.stderr  # rank 0's bar counts both ranks' images
+    assert files_in(out) == files_in(reference)
+
+
+@pytest.mark.slow
+def test_sigkill_half_way_then_the_same_command_gives_the_same_files(
+    reference, tree, tiny_vae_dir, tmp_path
+):
+    out = tmp_path / "latents"
+    command = [
+        sys.executable,
+        str(HERE / "slow_prepare.py"),
+        "0.4",
+        *prepare_args(tree, out, tiny_vae_dir),
+    ]
+    log = tmp_path / "victim.log"
+    with open(log, "w") as handle:
+        victim = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env())
+        deadline = time.monotonic() + 240
+        while len(list((out / "shards").glob("*.json"))) < 2 if (out / "shards").is_dir() else True:
+            assert victim.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.02)
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait() == -signal.SIGKILL
+    finished = len(list((out / "shards").glob("*.json")))
+    assert 2 <= finished < 6, "the run was not interrupted half way"
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+
+    done = run(
+        [sys.executable, "-m", "selfflow.cli", "prepare", *prepare_args(tree, out, tiny_vae_dir)]
+    )
+    assert f"({finished} of 6 already done)" in done.stderr  # it continued, it did not start over
+    assert files_in(out) == files_in(reference)
