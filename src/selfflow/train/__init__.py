@@ -1,4 +1,5 @@
-"""Training Self-Flow: the objective (dual-timestep scheduling, EMA self-distillation).
+"""Training Self-Flow: the objective (dual-timestep scheduling, EMA self-distillation) and a
+faster training forward pass with the model's parameters.
 
 The objective is a set of plain functions over tensors and any network called like
 :class:`~selfflow.model.SelfFlowDiT`; the trainer (loop, checkpoints, processes) builds on it:
@@ -10,6 +11,13 @@ from __future__ import annotations
 
 from selfflow.train.config import TrainConfig
 from selfflow.train.export import export_run
+from selfflow.train.fast import (
+    FastTrainingDiT,
+    split_times,
+    straightforward_loss,
+    train_step_flops,
+    training_optimizer,
+)
 from selfflow.train.objective import (
     dual_timesteps,
     noised_input,
@@ -19,6 +27,7 @@ from selfflow.train.objective import (
 from selfflow.train.trainer import TrainResult, train
 
 __all__ = [
+    "FastTrainingDiT",
     "TrainConfig",
     "TrainResult",
     "export_run",
@@ -26,5 +35,9 @@ __all__ = [
     "noised_input",
     "representation_loss",
     "self_flow_loss",
+    "split_times",
+    "straightforward_loss",
     "train",
+    "train_step_flops",
+    "training_optimizer",
 ]

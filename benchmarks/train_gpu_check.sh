@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The one device check of the fast training step (issue 12), for a lent H100 or H200.
+#
+#   bash benchmarks/train_gpu_check.sh      # from the repository root; under 8 minutes on an H200
+#
+# Needs python3 with CUDA PyTorch (the package need not be installed: src/ goes on PYTHONPATH).
+# Stops at once, exit status 2, when CUDA is not available. Runs, each time-boxed so that the
+# whole script ends within $BUDGET seconds (compilation included), in order of importance:
+#   1. train: benchmarks/train_throughput.py on SiT-XL/2 with random weights: the straightforward
+#      step and the fast step at per-GPU batch 32, 64 and 128 (images/s, MFU, peak memory), then
+#      both trained 20 steps from the same weights and batches against the float32 reference
+#      (losses and gradient norms) at batch 32;
+#   2. eager: the fast step without torch.compile at batch 64 (what compiling buys), if time is left.
+# Writes $OUT/nvidia-smi.txt and NAME.log, NAME.json per run. The JSON is rewritten after every
+# figure, so a run stopped at its time limit keeps what it measured. A CPU dry run:
+#   BENCH_ARGS="--tiny --device cpu --batches 4 8" ALLOW_CPU=1 bash benchmarks/train_gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/train_gpu_check_out}"
+BUDGET="${BUDGET:-450}"
+PY="${PYTHON:-python3}"
+read -r -a EXTRA <<<"${BENCH_ARGS:-}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+left() { echo $((BUDGET - SECONDS)); }
+
+(nvidia-smi || echo "nvidia-smi not available") 2>&1 | tee "$OUT/nvidia-smi.txt"
+if ! "$PY" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); \
+sys.exit(0 if torch.cuda.is_available() else 1)" 2>&1 | tee -a "$OUT/nvidia-smi.txt"; then
+	if [ -z "${ALLOW_CPU:-}" ]; then
+		echo "=== no CUDA device: nothing to measure (set ALLOW_CPU=1 for a dry run) ==="
+		exit 2
+	fi
+fi
+
+bench() { # bench NAME SECONDS ARGS...: one time-boxed benchmarks/train_throughput.py run
+	local name=$1 limit=$2
+	shift 2
+	echo "=== $name (limit ${limit} s, $(left) s left) ==="
+	timeout --kill-after=10 "$limit" "$PY" benchmarks/train_throughput.py "$@" "${EXTRA[@]}" \
+		--out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
+	local rc=${PIPESTATUS[0]}
+	[ "$rc" = 124 ] && echo "=== $name stopped at its ${limit} s limit ==="
+	return "$rc"
+}
+
+bench train 330 --batches 32 64 128 --paths straightforward fast --compare-steps 20 \
+	--compare-batch 32
+status=$?
+
+limit=$(($(left) - 10))
+if [ "$limit" -ge 60 ]; then
+	bench eager "$limit" --batches 64 --paths fast-eager --compare-steps 0 || status=1
+else
+	echo "=== eager skipped: $(left) s left ==="
+fi
+
+echo "=== summary ($SECONDS s) ==="
+for name in train eager; do
+	[ -f "$OUT/$name.log" ] && sed -n '/^## Training throughput/,$p' "$OUT/$name.log"
+done
+exit "$status"

@@ -1,0 +1,401 @@
+"""Training throughput: a straightforward Self-Flow step against the fast one.
+
+One process, random weights with the released shapes (no data or checkpoint needed). Paths:
+
+* ``straightforward``: written the way the released model and SiT/REPA-style loops are:
+  float32 weights under bf16 autocast, the plain :class:`~selfflow.model.SelfFlowDiT` with the
+  adaLN modulation computed for every token, the EMA teacher run through all its blocks (and its
+  final layer) with a hook catching its block, eager, PyTorch's default (unfused) AdamW, EMA
+  updated parameter by parameter (:func:`selfflow.train.fast.straightforward_loss`);
+* ``fast``: :class:`selfflow.train.fast.FastTrainingDiT` (modulation for each sample's two times,
+  teacher stopped at its block, the block function compiled on CUDA) with
+  :func:`selfflow.train.self_flow_loss`, fused AdamW on CUDA, one multi-tensor EMA update;
+* ``fast-eager``: the same without ``torch.compile`` (what compiling buys).
+
+Each step is the whole optimiser step: loss, backward, gradient clipping at norm 1, AdamW, EMA.
+For every path and ``--batches`` size it reports the median step time over ``--repeats`` steps
+after ``--warmup``, images/s, peak memory, and the model FLOP utilisation: the useful work of
+a step (``selfflow.train.train_step_flops``, ≈ 889 GFLOP per image for XL/2) over a matmul peak
+measured in the same run. Then, from the same weights and the same ``--compare-steps`` batches,
+it trains a float32 reference (the plain model, no autocast, TF32 off) and each path, and
+reports their losses and gradient norms step by step: the bf16 paths should stay within bf16
+rounding of the reference. On CUDA it also counts the synchronising calls of one warm step
+(PyTorch's sync debug mode): the fast step should make none.
+
+    python benchmarks/train_throughput.py                      # XL/2 on the GPU: 32 64 128
+    python benchmarks/train_throughput.py --tiny --device cpu  # seconds, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sampling benchmark's helpers
+try:
+    import selfflow  # noqa: F401
+except ImportError:  # run from a checkout that is not installed (e.g. on a lent GPU machine)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from throughput import device_name, matmul_peak, realistic_random_, sync  # noqa: E402
+
+from selfflow.model import ModelConfig, SelfFlowDiT  # noqa: E402
+from selfflow.train import (  # noqa: E402
+    FastTrainingDiT,
+    dual_timesteps,
+    self_flow_loss,
+    straightforward_loss,
+    train_step_flops,
+    training_optimizer,
+)
+
+PATHS = ("straightforward", "fast", "fast-eager")
+LR, EMA_DECAY, GRAD_CLIP = 1e-4, 0.9999, 1.0
+
+Step = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
+
+
+def log(message: str) -> None:
+    print(f"[train_throughput] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny model (CI) instead of SiT-XL/2")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda, cuda:N or cpu (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="per-GPU batch sizes (default: 32 64 128; 4 8 with --tiny)",
+    )
+    p.add_argument(
+        "--paths",
+        nargs="+",
+        choices=PATHS,
+        default=None,
+        help="steps to time (default: straightforward fast; fast is eager off CUDA anyway)",
+    )
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (default: %(default)s)")
+    p.add_argument(
+        "--repeats", type=int, default=10, help="timed steps, median taken (default: %(default)s)"
+    )
+    p.add_argument(
+        "--compare-steps",
+        type=int,
+        default=20,
+        help="steps of the loss comparison against float32 (0: skip; default: %(default)s)",
+    )
+    p.add_argument(
+        "--compare-batch",
+        type=int,
+        default=None,
+        help="batch of the loss comparison (default: the first of --batches)",
+    )
+    p.add_argument(
+        "--peak-size",
+        type=int,
+        default=None,
+        help="square bf16 matmul size for the peak (default: 8192 on CUDA, 1024 on the CPU)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: 1 for --tiny on the CPU, whose ops are too small to split "
+        "and stall on a busy machine; else PyTorch's default)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="weights and data (default: 0)")
+    p.add_argument("--out", "--json", type=Path, default=None, help="write all figures as JSON")
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.batches is None:
+        args.batches = [4, 8] if args.tiny else [32, 64, 128]
+    if args.paths is None:
+        args.paths = ["straightforward", "fast"]
+    args.paths = sorted(set(args.paths), key=PATHS.index)  # the baseline first
+    if args.compare_batch is None:
+        args.compare_batch = args.batches[0]
+    if min(args.batches + [args.repeats, args.compare_batch]) < 1 or args.warmup < 0:
+        p.error("batch sizes and --repeats must be >= 1, --warmup >= 0")
+    if args.compare_steps < 0:
+        p.error("--compare-steps must be >= 0")
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available; use --device cpu")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and steps
+
+
+def make_batches(config: ModelConfig, batch: int, count: int, seed: int, device) -> list[dict]:
+    """``count`` training batches drawn on the CPU from one seeded generator, moved to device."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, config.in_channels, config.input_size, config.input_size)
+    out = []
+    for _ in range(count):
+        x0 = torch.randn(shape, generator=gen)
+        noise = torch.randn(shape, generator=gen)
+        y = torch.randint(config.num_classes + 1, (batch,), generator=gen)
+        tau, tau_teacher = dual_timesteps(batch, config.num_tokens, generator=gen)
+        values = dict(x0=x0, y=y, noise=noise, tau=tau, tau_teacher=tau_teacher)
+        out.append({k: v.to(device, non_blocking=True) for k, v in values.items()})
+    return out
+
+
+def layers(config: ModelConfig) -> dict:
+    """The recipe's blocks: 0.3 and 0.7 of the depth (8 and 20 for XL/2)."""
+    return dict(student_layer=round(0.3 * config.depth), teacher_layer=round(0.7 * config.depth))
+
+
+def build_step(path: str, initial: SelfFlowDiT, device: torch.device) -> Step:
+    """One optimiser step of ``path`` on copies of ``initial``: returns (loss, grad norm)."""
+    kw = layers(initial.config)
+    if path == "reference":  # float32 throughout, the plain model
+        student, loss_fn, autocast = copy.deepcopy(initial), self_flow_loss, None
+        opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)
+    elif path == "straightforward":
+        student, loss_fn, autocast = copy.deepcopy(initial), straightforward_loss, torch.bfloat16
+        opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)
+    else:
+        compile = None if path == "fast" else False  # None: on CUDA only
+        student = FastTrainingDiT.from_model(initial, dtype=torch.bfloat16, compile=compile)
+        loss_fn, autocast = self_flow_loss, None  # the module runs its own bf16 autocast
+        opt = training_optimizer(student.parameters())
+    student.train().requires_grad_(True)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    params, ema = list(student.parameters()), list(teacher.parameters())
+    multi_tensor = path.startswith("fast")
+
+    def step(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            loss, _ = loss_fn(student, teacher, batch["x0"], batch["y"], **_rest(batch), **kw)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP, foreach=multi_tensor or None)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            if multi_tensor:
+                torch._foreach_lerp_(ema, params, 1.0 - EMA_DECAY)
+            else:
+                for averaged, current in zip(ema, params, strict=True):
+                    averaged.mul_(EMA_DECAY).add_(current, alpha=1.0 - EMA_DECAY)
+        return loss.detach(), norm.detach()
+
+    return step
+
+
+def _rest(batch: dict) -> dict:
+    return {k: batch[k] for k in ("noise", "tau", "tau_teacher")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements
+
+
+def time_step(step: Step, batches: list[dict], args, device: torch.device) -> dict:
+    """Median seconds per step after warm-up (the first call, compilation included, apart)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    step(batches[0])
+    sync(device)
+    first = time.perf_counter() - start
+    for i in range(1, args.warmup):
+        step(batches[i % len(batches)])
+    sync(device)
+    times = []
+    for i in range(args.repeats):
+        start = time.perf_counter()
+        step(batches[i % len(batches)])
+        sync(device)
+        times.append(time.perf_counter() - start)
+    row = {"first_step_s": first, "step_s": statistics.median(times), "times_s": times}
+    if device.type == "cuda":
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["host_syncs"] = count_host_syncs(step, batches[0])
+    return row
+
+
+def count_host_syncs(step: Step, batch: dict) -> int:
+    """Synchronising CUDA calls in one (warm) step, as PyTorch's sync debug mode reports them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def compare_losses(initial: SelfFlowDiT, paths: list[str], args, device) -> dict:
+    """Each path trained ``--compare-steps`` steps from the same weights on the same batches,
+    against the float32 reference: losses and gradient norms per step."""
+    config = initial.config
+    batches = make_batches(config, args.compare_batch, args.compare_steps, args.seed + 1, device)
+    out = {}
+    for path in ["reference", *paths]:
+        matmul = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # the reference must be float32
+        try:
+            step = build_step(path, initial, device)
+            losses, norms = [], []
+            for batch in batches:
+                loss, norm = step(batch)
+                losses.append(float(loss))
+                norms.append(float(norm))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul
+        del step
+        out[path] = {"loss": losses, "grad_norm": norms}
+        log(f"compare {path}: loss {losses[-1]:.5f}, grad norm {norms[-1]:.5f} after {len(losses)}")
+    ref = out["reference"]
+    for path in paths:
+        row = out[path]
+        row["loss_rel_diff"] = [
+            abs(a - b) / abs(b) for a, b in zip(row["loss"], ref["loss"], strict=True)
+        ]
+        row["grad_norm_rel_diff"] = [
+            abs(a - b) / abs(b) for a, b in zip(row["grad_norm"], ref["grad_norm"], strict=True)
+        ]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    threads = args.threads or (1 if args.tiny and device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    wall = time.perf_counter()
+    config = ModelConfig.tiny() if args.tiny else ModelConfig.xl_2()
+    flops = train_step_flops(config, teacher_layer=layers(config)["teacher_layer"])
+    log(f"device {device_name(device)}, torch {torch.__version__}")
+    peak_size = args.peak_size or (8192 if device.type == "cuda" else 1024)
+    peak = matmul_peak(device, torch.bfloat16, peak_size)
+    log(f"bf16 matmul peak {peak / 1e12:.3f} TFLOP/s ({peak_size}³)")
+    with torch.device(device):
+        initial = realistic_random_(SelfFlowDiT(config), args.seed)
+    report = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "model": "tiny" if args.tiny else "XL/2",
+        "config": config.to_dict(),
+        "layers": layers(config),
+        "peak_flops": peak,
+        "peak_size": peak_size,
+        "useful_flops_per_image": flops,
+        "rows": [],
+        "compare": {},
+        "failures": {},
+        "wall_s": 0.0,
+    }
+
+    def save() -> None:
+        """Written after every figure, so a run stopped by a time limit keeps what it measured."""
+        report["wall_s"] = time.perf_counter() - wall
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2))
+
+    for batch in args.batches:
+        data = make_batches(config, batch, min(args.repeats, 4), args.seed, device)
+        base = None
+        for path in args.paths:
+            if path in report["failures"]:
+                continue
+            try:
+                row = time_step(build_step(path, initial, device), data, args, device)
+            except Exception as error:  # one broken path must not lose the others' figures
+                report["failures"][path] = f"{type(error).__name__}: {error}"
+                log(f"{path} batch {batch}: {report['failures'][path]}")
+                save()
+                continue
+            base = row["step_s"] if path == "straightforward" else base
+            row.update(path=path, batch=batch, images_per_s=batch / row["step_s"])
+            row["mfu"] = flops * batch / row["step_s"] / peak
+            row["speedup"] = base / row["step_s"] if base else None
+            report["rows"].append(row)
+            save()
+            log(
+                f"{path:>16} batch {batch:4d}: {row['step_s'] * 1e3:9.2f} ms/step, "
+                f"{row['images_per_s']:.1f} images/s, MFU {row['mfu']:.3f} "
+                f"(first step {row['first_step_s']:.1f} s)"
+            )
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if args.compare_steps:
+        log(f"loss comparison: {args.compare_steps} steps at batch {args.compare_batch}")
+        report["compare"] = compare_losses(initial, args.paths, args, device)
+    save()
+    print(format_report(report))
+    if args.out is not None:
+        log(f"wrote {args.out}")
+    return 1 if report["failures"] else 0
+
+
+def format_report(report: dict) -> str:
+    peak, flops = report["peak_flops"], report["useful_flops_per_image"]
+    lines = [
+        f"## Training throughput: {report['model']} on {report['device']} (torch {report['torch']})",
+        "",
+        f"bf16 matmul peak {peak / 1e12:.3g} TFLOP/s; useful work {flops / 1e9:.4g} GFLOP per "
+        f"image per step (student forward + backward with projector, teacher to block "
+        f"{report['layers']['teacher_layer']}); at peak {peak / flops:.4g} images/s.",
+        "",
+        "| path | batch | ms / step | images/s | MFU | peak memory (GiB) | host syncs | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        speedup = f"{r['speedup']:.2f}×" if r["speedup"] else "–"
+        memory = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "–"
+        syncs = r.get("host_syncs", "–")
+        lines.append(
+            f"| {r['path']} | {r['batch']} | {r['step_s'] * 1e3:.1f} | {r['images_per_s']:.4g} | "
+            f"{r['mfu']:.3f} | {memory} | {syncs} | {speedup} |"
+        )
+    compare = report["compare"]
+    if compare:
+        ref = compare["reference"]
+        n = len(ref["loss"])
+        lines += [
+            "",
+            f"After {n} steps from the same weights and batches (float32 reference: loss "
+            f"{ref['loss'][-1]:.5f}, gradient norm {ref['grad_norm'][-1]:.5f}):",
+            "",
+            "| path | loss | rel. diff | max rel. diff (all steps) | grad norm | rel. diff |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for path, c in compare.items():
+            if path == "reference":
+                continue
+            lines.append(
+                f"| {path} | {c['loss'][-1]:.5f} | {c['loss_rel_diff'][-1]:.2e} | "
+                f"{max(c['loss_rel_diff']):.2e} | {c['grad_norm'][-1]:.5f} | "
+                f"{c['grad_norm_rel_diff'][-1]:.2e} |"
+            )
+    for name, message in report["failures"].items():
+        lines.append(f"\nFAILED {name}: {message}")
+    lines.append(f"\n({report['wall_s']:.0f} s in all)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The training benchmark's CPU smoke run: it runs, and its comparisons say what they should."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "train_throughput.py"
+
+
+def test_train_throughput_tiny_cpu(tmp_path):
+    out = tmp_path / "train.json"
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        *("--tiny", "--device", "cpu", "--batches", "4", "6", "--warmup", "1", "--repeats", "2"),
+        *("--paths", "straightforward", "fast", "fast-eager", "--compare-steps", "4"),
+        *("--out", str(out)),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (
+        "| path | batch | ms / step | images/s | MFU | peak memory (GiB) | host syncs |"
+        in done.stdout
+    )
+    report = json.loads(out.read_text())
+    assert report["failures"] == {}
+    assert [(r["path"], r["batch"]) for r in report["rows"]] == [
+        (path, batch) for batch in (4, 6) for path in ("straightforward", "fast", "fast-eager")
+    ]
+    assert all(r["step_s"] > 0 and 0 < r["mfu"] < 1 for r in report["rows"])
+    assert all(r["speedup"] == 1.0 for r in report["rows"] if r["path"] == "straightforward")
+    compare = report["compare"]
+    assert set(compare) == {"reference", "straightforward", "fast", "fast-eager"}
+    ref = compare["reference"]
+    assert len(ref["loss"]) == 4 and len(set(ref["loss"])) == 4  # it trains on new batches
+    for path in ("straightforward", "fast", "fast-eager"):
+        # bf16 rounding of the float32 reference, step by step (not equal: bf16 does run)
+        assert 0 < max(compare[path]["loss_rel_diff"]) < 2e-2, path
+        assert max(compare[path]["grad_norm_rel_diff"]) < 5e-2, path
+    # off CUDA nothing is compiled, so fast and fast-eager are the same computation
+    assert compare["fast"]["loss"] == compare["fast-eager"]["loss"]
+
+
+def test_train_throughput_help():
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0
+    for flag in ("--tiny", "--batches", "--compare-steps", "--out"):
+        assert flag in done.stdout
