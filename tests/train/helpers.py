@@ -58,6 +58,8 @@ def cli_args(config: TrainConfig) -> list[str]:
         args += ["--batch-size", str(config.batch_size)]
     if config.method != "selfflow":
         args += ["--method", config.method]
+    if config.fsdp:
+        args += ["--fsdp"]
     return args
 
 

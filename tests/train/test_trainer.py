@@ -148,6 +148,28 @@ def test_gradient_accumulation_gives_the_same_weights(tmp_path, data, reference)
     assert_states_close(a, b)
 
 
+def test_the_fast_network_trains_the_same_weights_as_the_plain_model(tmp_path, data, reference):
+    # the reference run uses the default fast network (FastTrainingDiT); its twin is the model
+    out = tmp_path / "plain"
+    train(tiny_config(data, out, network="plain"))
+    assert_states_close(final_state(reference), final_state(out))
+
+
+def test_method_flow_trains_without_teacher_and_keeps_the_projector(tmp_path, data):
+    out = tmp_path / "flow"
+    result = train(tiny_config(data, out, steps=2, method="flow"))
+    state = final_state(out)
+    train(tiny_config(data, tmp_path / "flow0", steps=1, method="flow", lr=1e-12))
+    initial = final_state(tmp_path / "flow0")["model"]
+    assert torch.equal(
+        state["model"]["projector.linear1.weight"], initial["projector.linear1.weight"]
+    )
+    assert not torch.allclose(
+        state["model"]["final_layer.linear.weight"], initial["final_layer.linear.weight"]
+    )
+    assert result.last_metrics["rep"] == 0.0
+
+
 def test_training_moves_the_weights_and_the_ema_follows(reference, data, tmp_path):
     # the initial weights: one step with a negligible learning rate (Adam moves each weight
     # by about lr)

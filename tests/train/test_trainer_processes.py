@@ -60,6 +60,20 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path, data, one_process
 
 
 @pytest.mark.slow
+def test_two_processes_with_fsdp_train_the_same_weights_as_one(tmp_path, data, one_process):
+    out = tmp_path / "fsdp"
+    done = torchrun(tiny_config(data, out, steps=4, fsdp=True), nproc=2)
+    assert "with FSDP" in done.stdout
+    assert_states_close(final_state(one_process), final_state(out))
+
+
+@pytest.mark.slow
+def test_the_flow_baseline_runs_under_ddp_with_its_projector_frozen(tmp_path, data):
+    torchrun(tiny_config(data, tmp_path / "flow", steps=2, method="flow"), nproc=2)
+    assert final_state(tmp_path / "flow")["step"] == 2
+
+
+@pytest.mark.slow
 def test_resuming_on_another_process_count_continues_the_same_run(tmp_path, data, one_process):
     out = tmp_path / "switch"
     torchrun(tiny_config(data, out, steps=2), nproc=2)

@@ -138,6 +138,14 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="compute precision: bfloat16 autocast (weights, optimiser and EMA stay float32) or float32 (default: bfloat16 on CUDA, float32 on CPU)",
     )
     optim.add_argument(
+        "--network",
+        choices=("fast", "plain"),
+        default="fast",
+        help="fast: the training forward that computes each block's modulation once per distinct "
+        "time (selfflow.train.FastTrainingDiT, compiled on CUDA); plain: the model itself, its "
+        "tested reference twin. Same parameters and checkpoints (default: fast)",
+    )
+    optim.add_argument(
         "--fsdp",
         action="store_true",
         help="shard parameters, gradients and optimiser state over the processes (FSDP2 fully_shard), for models that outgrow one GPU",

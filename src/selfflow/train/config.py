@@ -32,6 +32,7 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
 }
 METHODS = ("selfflow", "flow")
 DTYPES = ("bfloat16", "float32")
+NETWORKS = ("fast", "plain")
 
 # Settings a resume may change: they alter where and how fast the run is computed, or what is
 # written besides it, but not which weights step k produces (up to float rounding).
@@ -44,6 +45,7 @@ RESUMABLE_CHANGES = frozenset(
         "device",
         "dtype",
         "fsdp",
+        "network",
         "checkpoint_every",
         "keep_last",
         "keep_every",
@@ -90,6 +92,7 @@ class TrainConfig:
     init_from: str | None = None
     method: str = "selfflow"
     fsdp: bool = False
+    network: str = "fast"  # fast: FastTrainingDiT; plain: the model itself (reference twin)
     keep_last: int = 3
     keep_every: int | None = None
     eval_every: int = 0
@@ -147,6 +150,8 @@ class TrainConfig:
                     f"--method flow is plain flow matching (SiT): mask ratio 0 and no "
                     f"representation loss; it cannot take {clash}. Use --method selfflow."
                 )
+        if self.network not in NETWORKS:
+            raise ConfigurationError(f"--network must be fast or plain; got {self.network!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigurationError(f"--dtype must be one of {DTYPES}; got {self.dtype!r}")
         if self.eval_every and self.eval_ref is None:

@@ -40,6 +40,7 @@ from selfflow.seeds import stream_seed
 from selfflow.train import state as run_state
 from selfflow.train.config import ResolvedConfig, TrainConfig
 from selfflow.train.ema import make_ema, update_ema
+from selfflow.train.fast import FastTrainingDiT, training_optimizer
 from selfflow.train.objective import self_flow_loss
 from selfflow.train.streams import (
     DataOrder,
@@ -231,16 +232,21 @@ class Trainer:
             # no representation loss: the projector gets no gradient, so it must not be a
             # trained parameter (DDP would wait for its gradient forever)
             model.projector.requires_grad_(False)
+        if self.config.network == "fast":
+            # same parameters and state dict, modulation computed once per distinct time
+            model, ema = FastTrainingDiT.from_model(model), FastTrainingDiT.from_model(ema)
         device = self.context.device
         self.model, self.ema = model.to(device), ema.to(device)
         self.student, self.teacher = self._wrap(self.model, self.ema)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
+        sharded = self.config.fsdp and self.context.is_distributed
+        self.optimizer = training_optimizer(
             params,
             lr=self.config.lr,
             betas=ADAM_BETAS,
             eps=ADAM_EPS,
             weight_decay=WEIGHT_DECAY,
+            fused=False if sharded else None,  # fused on CUDA, unless the parameters are DTensors
         )
         if restored is not None:
             self._load_optimizer(restored[0]["optimizer"])
@@ -347,7 +353,7 @@ class Trainer:
             f"{s.rep_weight}, layers {s.student_layer}→{s.teacher_layer}), from step {step} to "
             f"{s.steps}; global batch {s.global_batch_size} = {self.context.world_size} "
             f"process(es) × {r.accumulation} micro-batch(es) × {s.batch_size}; "
-            f"{self.dtype} on {self.context.device}"
+            f"{self.dtype} on {self.context.device}, {s.network} network"
             + (" with FSDP" if s.fsdp and self.context.is_distributed else "")
         )
 
