@@ -382,3 +382,49 @@ def test_help_lists_every_option(capsys):
         "--teacher-layer",
     ):  # fmt: skip
         assert option in text, option
+
+
+@pytest.mark.slow
+def test_periodic_evaluation_runs_the_fid_batch_on_the_ema_and_logs_the_metrics(
+    tmp_path, tiny_vae_dir, monkeypatch
+):
+    import importlib.machinery
+    import sys
+    import types
+
+    from selfflow.data import LatentDataset
+
+    # a latent dataset of the tiny VAE's shape and ImageNet's 1000 classes, encoded by that VAE
+    data = make_dataset(tmp_path / "latents", n=16, classes=1000)
+    real_init = LatentDataset.__init__
+
+    def with_vae(self, root):
+        real_init(self, root)
+        self.vae = tiny_vae_dir
+
+    monkeypatch.setattr(LatentDataset, "__init__", with_vae)
+    seen = {}
+    fake = types.ModuleType("selfflow.eval.evaluator")
+    fake.__spec__ = importlib.machinery.ModuleSpec("selfflow.eval.evaluator", None)
+
+    def evaluate(ref_path, sample_path, out_dir=None, inception=None, device=None, batch_size=64):
+        with np.load(sample_path) as npz:
+            seen[Path(out_dir).name] = npz["arr_0"].shape
+        return {"fid": 12.5, "inception_score": 3.0}
+
+    fake.evaluate = evaluate
+    fake.format_report = lambda metrics: f"FID: {metrics['fid']}"
+    monkeypatch.setitem(sys.modules, "selfflow.eval.evaluator", fake)
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(b"x")
+    out = tmp_path / "run"
+    config = tiny_config(
+        data, out, steps=2, eval_every=2, eval_samples=4, eval_ref=str(ref), sample_every=2
+    )
+    train(config)
+    assert seen == {"step_000000002": (4, 16, 16, 3)}  # 4 images decoded by the tiny VAE
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    assert evals == [evals[0]] and evals[0]["step"] == 2 and evals[0]["fid"] == 12.5
+    assert (out / "samples" / "step_000000002.png").is_file()  # the grid, decoded by the VAE
+    assert not (out / "eval" / "step_000000002" / "samples_4.npz").exists()  # scored, removed

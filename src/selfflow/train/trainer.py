@@ -102,7 +102,8 @@ def _print(message: str) -> None:
 
 
 class _SignalFlag:
-    """Remembers SIGTERM/SIGINT instead of dying mid-step; restores the handlers on exit."""
+    """Remembers SIGTERM/SIGINT instead of dying mid-step (the run checkpoints after the step
+    and stops); a second Ctrl-C stops at once. Restores the handlers on exit."""
 
     def __init__(self) -> None:
         self.signum = 0
@@ -115,6 +116,8 @@ class _SignalFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
