@@ -428,3 +428,16 @@ def test_periodic_evaluation_runs_the_fid_batch_on_the_ema_and_logs_the_metrics(
     assert evals == [evals[0]] and evals[0]["step"] == 2 and evals[0]["fid"] == 12.5
     assert (out / "samples" / "step_000000002.png").is_file()  # the grid, decoded by the VAE
     assert not (out / "eval" / "step_000000002" / "samples_4.npz").exists()  # scored, removed
+
+
+def test_export_of_a_given_step_and_of_a_checkpoint_file(tmp_path, reference):
+    from selfflow.train.export import export_run
+
+    by_step = export_run(reference, tmp_path / "a.pt", step=2)
+    by_file = export_run(run_state.checkpoint_path(reference, 2), tmp_path / "b.pt")
+    ema = final_state(reference, 2)["ema"]
+    for path in (by_step, by_file):
+        state = load_model(path).state_dict()
+        assert all(torch.equal(state[k], ema[k]) for k in state)
+    with pytest.raises(CheckpointError, match="no checkpoint of step 3"):
+        export_run(reference, tmp_path / "c.pt", step=3)

@@ -22,8 +22,7 @@ EXAMPLE = (
 )
 
 
-def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``selfflow train`` (shared by the subcommand and ``train.py``)."""
+def _data_options(parser: argparse.ArgumentParser) -> None:
     where = parser.add_argument_group("data and run")
     where.add_argument(
         "--data",
@@ -49,6 +48,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="CKPT",
         help="start from these weights (the released checkpoint or any export), checked key by key; a resume ignores it",
     )
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
@@ -59,6 +61,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--hidden-size", type=int, default=None, help="override the width")
     model.add_argument("--depth", type=int, default=None, help="override the number of blocks")
     model.add_argument("--num-heads", type=int, default=None, help="override the attention heads")
+
+
+def _objective_options(parser: argparse.ArgumentParser) -> None:
     objective = parser.add_argument_group("objective")
     objective.add_argument(
         "--method",
@@ -96,6 +101,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=0.1,
         help="probability a label is replaced by the null class, for student and teacher alike (default: 0.1)",
     )
+
+
+def _optimisation_options(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument(
         "--global-batch-size",
@@ -150,6 +158,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="shard parameters, gradients and optimiser state over the processes (FSDP2 fully_shard), for models that outgrow one GPU",
     )
+
+
+def _checkpoint_options(parser: argparse.ArgumentParser) -> None:
     save = parser.add_argument_group("checkpoints")
     save.add_argument(
         "--checkpoint-every",
@@ -166,6 +177,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="also keep every checkpoint whose step is a multiple of N (milestones)",
     )
+
+
+def _watch_options(parser: argparse.ArgumentParser) -> None:
     watch = parser.add_argument_group("watching")
     watch.add_argument(
         "--log-every",
@@ -194,6 +208,16 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     watch.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bar"
     )
+
+
+def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``selfflow train`` (shared by the subcommand and ``train.py``)."""
+    _data_options(parser)
+    _model_options(parser)
+    _objective_options(parser)
+    _optimisation_options(parser)
+    _checkpoint_options(parser)
+    _watch_options(parser)
     parser.set_defaults(func=run)
     return parser
 
