@@ -8,7 +8,9 @@ Read top to bottom, :func:`train` does:
    space, and every rank learns the outcome before any work.
 2. **Build** the model from a seed-keyed initialisation (or ``--init-from``), the EMA as its
    exact float32 copy, and restore the newest intact checkpoint if there is one (model, EMA,
-   optimiser, step). Then wrap: DDP (NCCL on GPUs, gloo on CPUs) or FSDP2 ``fully_shard``.
+   optimiser, step). Both become :class:`~selfflow.train.fast.FastTrainingDiT` (same
+   parameters, each block's modulation computed once per distinct time) unless
+   ``--network plain``; then wrap: DDP (NCCL on GPUs, gloo on CPUs) or FSDP2 ``fully_shard``.
 3. **Loop** over steps. Step k's global batch comes from keyed streams
    (:mod:`selfflow.train.streams`), prepared one step ahead on a thread; each process takes its
    rows and splits them into micro-batches (gradient accumulation); the loss of each is scaled
@@ -163,6 +165,8 @@ class Trainer:
                 failed = distributed.all_gather_objects(self.context, None)
                 if any(failed):
                     raise ReportedOnRankZero(next(f for f in failed if f))
+            # rank 0 writes the checkpoints every process resumes from: one shared folder
+            distributed.check_shared_folder(self.context, self.run_dir)
             return self._train()
         finally:
             if self.lock is not None:
