@@ -10,7 +10,9 @@ One process, random weights with the released shapes (no data or checkpoint need
 * ``fast``: :class:`selfflow.train.fast.FastTrainingDiT` (modulation for each sample's two times,
   teacher stopped at its block, the block function compiled on CUDA) with
   :func:`selfflow.train.self_flow_loss`, fused AdamW on CUDA, one multi-tensor EMA update;
-* ``fast-eager``: the same without ``torch.compile`` (what compiling buys).
+* ``fast-eager``: the same without ``torch.compile`` (what compiling buys);
+* ``fast-float32``: the fast step in float32 (compiled on CUDA): its losses must follow the
+  float32 reference to float32 rounding, which checks the compiled maths on the device.
 
 Each step is the whole optimiser step: loss, backward, gradient clipping at norm 1, AdamW, EMA.
 For every path and ``--batches`` size it reports the median step time over ``--repeats`` steps
@@ -58,7 +60,7 @@ from selfflow.train import (  # noqa: E402
     training_optimizer,
 )
 
-PATHS = ("straightforward", "fast", "fast-eager")
+PATHS = ("straightforward", "fast", "fast-eager", "fast-float32")
 LR, EMA_DECAY, GRAD_CLIP = 1e-4, 0.9999, 1.0
 
 Step = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
@@ -173,8 +175,9 @@ def build_step(path: str, initial: SelfFlowDiT, device: torch.device) -> Step:
         student, loss_fn, autocast = copy.deepcopy(initial), straightforward_loss, torch.bfloat16
         opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)
     else:
-        compile = None if path == "fast" else False  # None: on CUDA only
-        student = FastTrainingDiT.from_model(initial, dtype=torch.bfloat16, compile=compile)
+        compile = False if path == "fast-eager" else None  # None: on CUDA only
+        dtype = torch.float32 if path == "fast-float32" else torch.bfloat16
+        student = FastTrainingDiT.from_model(initial, dtype=dtype, compile=compile)
         loss_fn, autocast = self_flow_loss, None  # the module runs its own bf16 autocast
         opt = training_optimizer(student.parameters())
     student.train().requires_grad_(True)
@@ -277,6 +280,52 @@ def compare_losses(initial: SelfFlowDiT, paths: list[str], args, device) -> dict
     return out
 
 
+def time_batch(batch: int, initial: SelfFlowDiT, report: dict, args, device, save) -> None:
+    """Time every path at ``batch``; a failing path is recorded and not tried again."""
+    config, flops, peak = initial.config, report["useful_flops_per_image"], report["peak_flops"]
+    data = make_batches(config, batch, min(args.repeats, 4), args.seed, device)
+    base = None
+    for path in args.paths:
+        if path in report["failures"]:
+            continue
+        try:
+            row = time_step(build_step(path, initial, device), data, args, device)
+        except Exception as error:  # one broken path must not lose the others' figures
+            report["failures"][path] = f"{type(error).__name__}: {error}"
+            log(f"{path} batch {batch}: {report['failures'][path]}")
+            save()
+            continue
+        base = row["step_s"] if path == "straightforward" else base
+        row.update(path=path, batch=batch, images_per_s=batch / row["step_s"])
+        row["mfu"] = flops * batch / row["step_s"] / peak
+        row["speedup"] = base / row["step_s"] if base else None
+        report["rows"].append(row)
+        save()
+        log(
+            f"{path:>16} batch {batch:4d}: {row['step_s'] * 1e3:9.2f} ms/step, "
+            f"{row['images_per_s']:.1f} images/s, MFU {row['mfu']:.3f} "
+            f"(first step {row['first_step_s']:.1f} s)"
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def compare(initial: SelfFlowDiT, report: dict, args, device, save) -> None:
+    """The loss comparison, once; a failure is recorded without losing the timings."""
+    if not args.compare_steps or report["compare"] or "compare" in report["failures"]:
+        return
+    log(f"loss comparison: {args.compare_steps} steps at batch {args.compare_batch}")
+    paths = [p for p in args.paths if p not in report["failures"]]
+    try:
+        report["compare"] = compare_losses(initial, paths, args, device)
+    except Exception as error:
+        report["failures"]["compare"] = f"{type(error).__name__}: {error}"
+        log(f"compare: {report['failures']['compare']}")
+    save()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -316,34 +365,10 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(report, indent=2))
 
     for batch in args.batches:
-        data = make_batches(config, batch, min(args.repeats, 4), args.seed, device)
-        base = None
-        for path in args.paths:
-            if path in report["failures"]:
-                continue
-            try:
-                row = time_step(build_step(path, initial, device), data, args, device)
-            except Exception as error:  # one broken path must not lose the others' figures
-                report["failures"][path] = f"{type(error).__name__}: {error}"
-                log(f"{path} batch {batch}: {report['failures'][path]}")
-                save()
-                continue
-            base = row["step_s"] if path == "straightforward" else base
-            row.update(path=path, batch=batch, images_per_s=batch / row["step_s"])
-            row["mfu"] = flops * batch / row["step_s"] / peak
-            row["speedup"] = base / row["step_s"] if base else None
-            report["rows"].append(row)
-            save()
-            log(
-                f"{path:>16} batch {batch:4d}: {row['step_s'] * 1e3:9.2f} ms/step, "
-                f"{row['images_per_s']:.1f} images/s, MFU {row['mfu']:.3f} "
-                f"(first step {row['first_step_s']:.1f} s)"
-            )
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    if args.compare_steps:
-        log(f"loss comparison: {args.compare_steps} steps at batch {args.compare_batch}")
-        report["compare"] = compare_losses(initial, args.paths, args, device)
+        time_batch(batch, initial, report, args, device, save)
+        if batch == args.compare_batch:  # while its graphs are compiled, before the next size
+            compare(initial, report, args, device, save)
+    compare(initial, report, args, device, save)  # a --compare-batch outside --batches
     save()
     print(format_report(report))
     if args.out is not None:

@@ -358,14 +358,7 @@ class SelfFlowDiT(nn.Module):
         - ``hidden_layer=l`` returns the raw ``h_l`` and runs only blocks ``1..l`` (neither the
           later blocks nor the final layer): the teacher's features, at the cost of ``l`` blocks.
         """
-        if project_layer is not None and hidden_layer is not None:
-            raise ValueError(
-                "pass project_layer or hidden_layer, not both: the first returns the velocity "
-                "and projected features, the second stops at a block and returns its raw output"
-            )
-        for name, layer in (("project_layer", project_layer), ("hidden_layer", hidden_layer)):
-            if layer is not None:
-                self._check_layer(name, layer)
+        self._check_layers(project_layer, hidden_layer)
         t = 1.0 - tau
         self._check_inputs(x, t, y)
         c = self.conditioning(t, y)
@@ -398,13 +391,22 @@ class SelfFlowDiT(nn.Module):
         cfg = self.config
         return unpatchify(out, cfg.patch_size, cfg.out_channels, cfg.in_channels)
 
-    def _check_layer(self, name: str, layer: object) -> None:
-        depth = len(self.blocks)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= depth:
+    def _check_layers(self, project_layer: object, hidden_layer: object) -> None:
+        """The training options of :meth:`forward`: at most one, a 1-based block number."""
+        if project_layer is not None and hidden_layer is not None:
             raise ValueError(
-                f"{name} must be a block number in 1..{depth} (1-based, this model has "
-                f"{depth} blocks); got {layer!r}"
+                "pass project_layer or hidden_layer, not both: the first returns the velocity "
+                "and projected features, the second stops at a block and returns its raw output"
             )
+        depth = len(self.blocks)
+        for name, layer in (("project_layer", project_layer), ("hidden_layer", hidden_layer)):
+            if layer is None:
+                continue
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= depth:
+                raise ValueError(
+                    f"{name} must be a block number in 1..{depth} (1-based, this model has "
+                    f"{depth} blocks); got {layer!r}"
+                )
 
     def conditioning(self, t: Tensor, y: Tensor) -> Tensor:
         """``c = t_emb + y_emb``: ``(B, 1, D)`` for a per-sample t, ``(B, T, D)`` per token."""

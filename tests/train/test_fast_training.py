@@ -135,6 +135,8 @@ def test_outputs_match_for_every_call_form():
                 strict=True,
             ):
                 assert rel(g, w) < 1e-5, options
+        for t in (1 - tau, 1 - tau_teacher):  # the inherited SiT-convention call, any times
+            assert rel(fast.forward_sit(x0, t, y), student.forward_sit(x0, t, y)) < 1e-5
 
 
 def test_every_block_is_called_and_the_teacher_stops_at_its_layer():
@@ -283,6 +285,36 @@ def test_ddp_wrapped_fast_student_gives_the_same_loss_and_gradients(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module:UserWarning")
+def test_fsdp2_sharded_fast_student_gives_the_same_loss_and_gradients(tmp_path):
+    """``fully_shard`` per block and at the root, as the trainer's ``--fsdp`` does: each block's
+    hooks gather its weights only if the fast forward calls the block module itself."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        student, teacher = pair(seed=7)
+        fast_teacher = FastTrainingDiT.from_model(teacher, dtype=torch.float32)
+        plain = FastTrainingDiT.from_model(student, dtype=torch.float32)
+        sharded = FastTrainingDiT.from_model(student, dtype=torch.float32)
+        for block in sharded.blocks:
+            fully_shard(block)
+        fully_shard(sharded)
+        for seed in (8, 9):
+            x0, y, kwargs = data(seed=seed)
+            want, _, want_grads = loss_and_grads(plain, fast_teacher, x0, y, kwargs)
+            sharded.zero_grad(set_to_none=True)
+            got, _ = self_flow_loss(sharded, fast_teacher, x0, y, **kwargs, **LAYERS)
+            got.backward()
+            assert got.item() == pytest.approx(want.item(), rel=1e-6)
+            for name, param in sharded.named_parameters():
+                assert rel(param.grad.full_tensor(), want_grads[name]) < 1e-6, name
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_compiled_fast_path_matches_the_plain_model():
     """torch.compile of the block function (the CUDA default), here on the CPU in float32:
@@ -296,3 +328,20 @@ def test_compiled_fast_path_matches_the_plain_model():
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     for name, grad in want_grads.items():
         assert rel(got_grads[name], grad) < 1e-5, name
+
+
+def test_fast_forward_matches_the_plain_model_at_xl2_width():
+    """XL/2's block (1152 wide, 16 heads of 72, 256 tokens, projector 2304), one deep, float32."""
+    cfg = ModelConfig(depth=1)
+    plain = randomize_(SelfFlowDiT(cfg), seed=12)
+    fast = FastTrainingDiT.from_model(plain, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 4, 32, 32, generator=gen)
+    tau, tau_teacher = dual_timesteps(2, cfg.num_tokens, generator=gen)
+    y = torch.tensor([207, NULL_CLASS])
+    with torch.no_grad():
+        want_v, want_f = plain(x, tau, y, project_layer=1)
+        got_v, got_f = fast(x, tau, y, project_layer=1)
+        want_h = plain(x, tau_teacher, y, hidden_layer=1)
+        got_h = fast(x, tau_teacher, y, hidden_layer=1)
+    assert rel(got_v, want_v) < 1e-5 and rel(got_f, want_f) < 1e-5 and rel(got_h, want_h) < 1e-5

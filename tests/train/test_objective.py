@@ -263,6 +263,7 @@ def test_noised_input_spreads_each_token_time_over_its_patch():
     [
         (dict(rep_weight=-1.0), "rep_weight"),
         (dict(rep_weight=float("nan")), "rep_weight"),
+        (dict(rep_weight=True), "rep_weight"),
         (dict(tau=torch.rand(2, 15)), "does not tile"),
         (dict(tau_teacher=torch.rand(2, 16)), "tau_teacher"),
         (dict(noise=torch.randn(2, 4, 8, 6)), "one shape"),

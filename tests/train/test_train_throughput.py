@@ -17,7 +17,8 @@ def test_train_throughput_tiny_cpu(tmp_path):
         sys.executable,
         str(SCRIPT),
         *("--tiny", "--device", "cpu", "--batches", "4", "6", "--warmup", "1", "--repeats", "2"),
-        *("--paths", "straightforward", "fast", "fast-eager", "--compare-steps", "4"),
+        *("--paths", "straightforward", "fast", "fast-eager", "fast-float32"),
+        *("--compare-steps", "4"),
         *("--out", str(out)),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -29,18 +30,23 @@ def test_train_throughput_tiny_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["failures"] == {}
     assert [(r["path"], r["batch"]) for r in report["rows"]] == [
-        (path, batch) for batch in (4, 6) for path in ("straightforward", "fast", "fast-eager")
+        (path, batch)
+        for batch in (4, 6)
+        for path in ("straightforward", "fast", "fast-eager", "fast-float32")
     ]
     assert all(r["step_s"] > 0 and 0 < r["mfu"] < 1 for r in report["rows"])
     assert all(r["speedup"] == 1.0 for r in report["rows"] if r["path"] == "straightforward")
     compare = report["compare"]
-    assert set(compare) == {"reference", "straightforward", "fast", "fast-eager"}
+    assert set(compare) == {"reference", "straightforward", "fast", "fast-eager", "fast-float32"}
     ref = compare["reference"]
     assert len(ref["loss"]) == 4 and len(set(ref["loss"])) == 4  # it trains on new batches
     for path in ("straightforward", "fast", "fast-eager"):
         # bf16 rounding of the float32 reference, step by step (not equal: bf16 does run)
         assert 0 < max(compare[path]["loss_rel_diff"]) < 2e-2, path
         assert max(compare[path]["grad_norm_rel_diff"]) < 5e-2, path
+    # the fast step in float32 follows the reference to float32 rounding, far closer than bf16
+    assert max(compare["fast-float32"]["loss_rel_diff"]) < 1e-5
+    assert max(compare["fast-float32"]["loss_rel_diff"]) < max(compare["fast"]["loss_rel_diff"])
     # off CUDA nothing is compiled, so fast and fast-eager are the same computation
     assert compare["fast"]["loss"] == compare["fast-eager"]["loss"]
 

@@ -147,7 +147,8 @@ class FastTrainingDiT(SelfFlowDiT):
     """:class:`SelfFlowDiT` with a faster training forward pass; see the module docstring.
 
     Build it like the model (``FastTrainingDiT(config, dtype=..., compile=...)``) or from one
-    (:meth:`from_model`). ``forward_sit`` is inherited unchanged (the plain per-token path).
+    (:meth:`from_model`). ``forward_sit`` is inherited: it gives the blocks the plain model's
+    conditioning (one row per sample or per token), which their functional twin also accepts.
     """
 
     def __init__(
@@ -193,14 +194,7 @@ class FastTrainingDiT(SelfFlowDiT):
         hidden_layer: int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Same call and results as :meth:`SelfFlowDiT.forward` (paper convention)."""
-        if project_layer is not None and hidden_layer is not None:
-            raise ValueError(
-                "pass project_layer or hidden_layer, not both: the first returns the velocity "
-                "and projected features, the second stops at a block and returns its raw output"
-            )
-        for name, layer in (("project_layer", project_layer), ("hidden_layer", hidden_layer)):
-            if layer is not None:
-                self._check_layer(name, layer)
+        self._check_layers(project_layer, hidden_layer)
         self._check_inputs(x, tau, y)
         times, select = split_times(tau)
         with self._precision(x.device.type):

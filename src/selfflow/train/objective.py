@@ -53,7 +53,9 @@ def dual_timesteps(
     for name, value in (("batch_size", batch_size), ("num_tokens", num_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigurationError(f"{name} must be a positive integer; got {value!r}")
-    if not (isinstance(mask_ratio, (int, float)) and 0.0 <= mask_ratio <= 1.0):
+    if isinstance(mask_ratio, bool) or not (
+        isinstance(mask_ratio, (int, float)) and 0.0 <= mask_ratio <= 1.0
+    ):
         raise ConfigurationError(f"mask_ratio must be a number in [0, 1]; got {mask_ratio!r}")
     draw_device = generator.device if generator is not None else torch.device("cpu")
     t = torch.rand(batch_size, generator=generator, device=draw_device)
@@ -121,9 +123,12 @@ def self_flow_loss(
     per-token times ``(B, T)`` (or ``(B,)``), ``tau_teacher`` ``(B,)``. The patch size follows
     from the latent size and ``T``. Losses are reduced in at least float32 (a bf16 network's
     outputs are upcast first). The parts are detached scalars; ``"rep"`` is 0 when
-    ``rep_weight == 0``, and then the teacher is never called (it may be None).
+    ``rep_weight == 0``, and then the teacher is never called (it may be None) and the student
+    is called without ``project_layer``, so its projector gets no gradient (freeze it under DDP,
+    which otherwise waits for that gradient).
     """
-    if not (isinstance(rep_weight, (int, float)) and math.isfinite(rep_weight) and rep_weight >= 0):
+    finite = isinstance(rep_weight, (int, float)) and math.isfinite(rep_weight)
+    if isinstance(rep_weight, bool) or not (finite and rep_weight >= 0):
         raise ConfigurationError(f"rep_weight must be a finite number >= 0; got {rep_weight!r}")
     patch = _patch_size(x0, tau)
     x_tau = noised_input(x0, noise, tau, patch)
