@@ -1,4 +1,5 @@
-"""SD-VAE decoding: latents → uint8 NHWC images, exactly as the official sampler does.
+"""SD-VAE: decoding latents → uint8 NHWC images exactly as the official sampler does, and
+encoding images → the posterior (mean, std) that training data stores.
 
 The official code decodes ``z / 0.18215`` with diffusers' ``AutoencoderKL`` in bf16 and maps
 ``[-1, 1]`` to bytes with ``floor(255 · clamp((x + 1) / 2, 0, 1))`` (FACTS §2) on the decoder's
@@ -81,8 +82,8 @@ def encode_posterior(vae, images: np.ndarray | torch.Tensor) -> tuple[torch.Tens
     """The encoder's posterior ``(mean, std)`` of uint8 NHWC images, as float32 NCHW on the CPU.
 
     Images are mapped to [-1, 1] by ``x / 127.5 − 1`` in float32 on the VAE's device (bytes
-    travel to the GPU, not floats), then cast to the VAE's dtype. Training stores both moments and draws
-    ``mean + std·n`` afresh every step, rather than freezing one posterior sample forever.
+    travel to the GPU, not floats), then cast to the VAE's dtype. Training stores both moments
+    and draws ``mean + std·n`` afresh every step, rather than freezing one posterior sample.
     """
     pixels = torch.as_tensor(images)
     if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:

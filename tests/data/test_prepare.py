@@ -200,6 +200,16 @@ def test_float16_storage_is_the_float32_values_rounded(prepared, tree, tiny_vae_
     ).stat().st_size
 
 
+def test_a_second_run_in_the_same_folder_is_refused(tree, tiny_vae_dir, tmp_path):
+    from selfflow.batch.lock import FolderBusyError, FolderLock
+
+    (tmp_path / "out").mkdir()
+    with FolderLock(tmp_path / "out"), pytest.raises(FolderBusyError) as caught:
+        prepare(tree, tmp_path / "out", tiny_vae_dir)
+    assert "another selfflow prepare run" in str(caught.value) and "OUT_DIR" in str(caught.value)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_an_unfinished_folder_is_not_read_as_a_dataset(prepared, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(prepared, out)
@@ -245,7 +255,10 @@ def test_a_truncated_image_stops_the_run_naming_it(tiny_vae_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert str(victim) in err and "--skip-bad-images" in err
     assert cli_prepare(tree, tmp_path / "out", tiny_vae_dir, "--skip-bad-images") == 0
-    assert "skipped 1 bad files" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipped 1 bad files" in out
+    upscaled = json.loads((tmp_path / "out" / "manifest.json").read_text())["upscaled"]
+    assert upscaled > 0 and f"{upscaled} images were smaller than the crop" in out
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [entry["file"] for entry in manifest["skipped"]] == [f"bee/{victim.name}"]
     ds = LatentDataset(tmp_path / "out")
@@ -307,6 +320,9 @@ def test_bad_options_are_refused_before_work(tiny_vae_dir, tmp_path, options, me
 
 
 def test_help_names_the_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "prepare" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["prepare", "--help"])
     text = capsys.readouterr().out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,31 @@ def test_torchrun_with_two_processes_writes_the_same_files(reference, tree, tiny
     done = run(command)
     assert "on 2 processes" in done.stdout
     assert "24/24" in done.stderr  # rank 0's bar counts both ranks' images
+    assert files_in(out) == files_in(reference)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_what_one_left_and_redo_a_damaged_shard(
+    reference, tree, tiny_vae_dir, tmp_path
+):
+    """The finished shards are checked by both ranks (split between them), a damaged one and
+    the missing ones are encoded again, and the files end up those of one uninterrupted run."""
+    out = tmp_path / "latents"
+    shutil.copytree(reference, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    (out / "labels.npy").unlink()
+    for shard in (1, 4):
+        (out / "shards" / f"shard_{shard:05d}.npy").unlink()
+    damaged = out / "shards" / "shard_00002.npy"
+    damaged.write_bytes(damaged.read_bytes()[:-3] + b"xyz")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "selfflow.cli", "prepare", *prepare_args(tree, out, tiny_vae_dir),
+    ]  # fmt: skip
+    done = run(command)
+    assert "3 damaged or unfinished shards will be redone" in done.stderr
+    assert "(3 of 6 already done)" in done.stderr
     assert files_in(out) == files_in(reference)
 
 

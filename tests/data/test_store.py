@@ -61,8 +61,9 @@ def test_get_batch_matches_indexing_for_any_order_and_repeats(posterior):
 
 def test_data_without_std_gives_zero_std_and_no_batch_std(tmp_path):
     means, _, labels = arrays(n=7)
-    write_dataset(tmp_path, torch.from_numpy(means), torch.from_numpy(labels))
-    ds = LatentDataset(tmp_path)
+    written = write_dataset(tmp_path / "raw", torch.from_numpy(means), torch.from_numpy(labels))
+    assert written == tmp_path / "raw"
+    ds = LatentDataset(written)
     assert not ds.has_std and ds.scale == 1.0
     assert ds.class_names == [str(k) for k in range(labels.max() + 1)]
     mean, std, _ = ds[3]
@@ -122,6 +123,15 @@ def test_bad_folders_are_refused_with_the_reason(tmp_path, posterior):
     with pytest.raises(DatasetError, match="identity"):
         LatentDataset(ds.root)
     assert issubclass(DatasetError, SelfFlowError)
+
+
+def test_changed_labels_are_reported(posterior):
+    ds, _, _, labels = posterior
+    changed = labels.copy()
+    changed[3] = (changed[3] + 1) % 4
+    np.save(ds.root / "labels.npy", changed)
+    with pytest.raises(DatasetError, match="labels.npy is damaged"):
+        LatentDataset(ds.root)
 
 
 def test_a_truncated_shard_is_reported(posterior):
@@ -187,3 +197,28 @@ def test_many_shards_beyond_the_open_map_limit(tmp_path, monkeypatch):
     assert np.array_equal(got_means.numpy(), means[order])
     assert np.array_equal(got_stds.numpy(), stds[order])
     assert len(ds._maps) <= 3
+
+
+def test_an_empty_shard_is_stepped_over(tmp_path):
+    """A shard whose images were all skipped holds no rows; indices run on past it."""
+    from selfflow.data import store
+
+    means, stds, labels = arrays(n=5)
+    rows = np.stack([means, stds], axis=1)
+    records = [
+        store.write_shard(tmp_path, 0, rows[:3], labels[:3]),
+        store.write_shard(tmp_path, 1, rows[:0], labels[:0], {"skipped": [{"file": "x"}]}),
+        store.write_shard(tmp_path, 2, rows[3:], labels[3:]),
+    ]
+    header = {
+        "latent_shape": [4, 3, 5], "dtype": "float32", "has_std": True, "scale": 1.0,
+        "vae": None, "vae_identity": None, "image_size": None, "crop": None,
+        "class_names": list("abcd"), "files_digest": None, "shard_size": 3,
+    }  # fmt: skip
+    store.finalize(tmp_path, header, records)
+    ds = LatentDataset(tmp_path)
+    assert len(ds) == 5 and ds.manifest["skipped"] == [{"file": "x"}]
+    got_means, got_stds, got_labels = ds.get_batch(np.array([4, 2, 3, 0]))
+    assert np.array_equal(got_means.numpy(), means[[4, 2, 3, 0]])
+    assert np.array_equal(got_labels.numpy(), labels[[4, 2, 3, 0]])
+    assert np.array_equal(ds[3][1].numpy(), stds[3])

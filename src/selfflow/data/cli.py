@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from selfflow.data.store import DEFAULT_SHARD_SIZE
 from selfflow.options import add_options
@@ -26,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "prepare",
         help="encode an ImageFolder tree (ImageNet train) into SD-VAE latent shards for training",
-        description=DESCRIPTION,
+        description=textwrap.fill(DESCRIPTION, 88, break_on_hyphens=False),
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfflow.data.store import LABELS_NAME, STORED_DTYPES, read_manifest
+from selfflow.data.store import LABELS_NAME, STORED_DTYPES, labels_sha256, read_manifest
 from selfflow.errors import DatasetError
 
 # Memory maps kept open at once; with more shards the least recently used are closed and
@@ -71,6 +71,8 @@ class LatentDataset:
             raise DatasetError(
                 f"{path} holds {labels.dtype} {labels.shape}; expected int64 ({count},)"
             )
+        if labels_sha256(labels) != self.manifest["labels_sha256"]:
+            raise DatasetError(f"{path} is damaged: its sha256 differs from the manifest's")
         if count and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise DatasetError(f"{path} holds labels outside 0..{self.num_classes - 1}")
         return labels

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,6 @@ class _Plan:
     header: dict[str, Any]
     finished: list[int]  # shards with a record, to verify
     complete: bool = False
-    notes: list[str] = field(default_factory=list)
 
     @property
     def num_shards(self) -> int:
@@ -368,7 +367,9 @@ class _Job:
         buffer: _ShardBuffer | None = None
         for batch in self._loader(plan, shards):
             shard_id = batch[0].index // shard_size
-            buffer = buffer or _ShardBuffer(shard_id)
+            if buffer is None:
+                capacity = len(plan.shard_range(shard_id))
+                buffer = _ShardBuffer(shard_id, capacity, plan.header)
             good = [item for item in batch if self._accept(plan, item, buffer)]
             if good:
                 mean, std = encode_posterior(self.vae, np.stack([item.pixels for item in good]))
@@ -379,7 +380,7 @@ class _Job:
                 buffer.upscaled += sum(item.upscaled for item in good)
             bar.advance(len(batch))
             if batch[-1].index == plan.shard_range(shard_id)[-1]:
-                buffer.write(self.out, plan.header)
+                buffer.write(self.out)
                 buffer = None
 
     def _accept(self, plan: _Plan, item: Any, buffer: _ShardBuffer) -> bool:
@@ -424,33 +425,28 @@ class _Job:
         )
 
 
-@dataclass
 class _ShardBuffer:
-    """One shard's encoded rows until its last batch is in (at most --shard-size images)."""
+    """One shard's encoded rows until its last batch is in: one array of ``--shard-size``
+    rows in the stored dtype, filled in place, so a process holds one shard and no copies."""
 
-    id: int
-    means: list[np.ndarray] = field(default_factory=list)
-    stds: list[np.ndarray] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    upscaled: int = 0
+    def __init__(self, shard_id: int, capacity: int, header: dict[str, Any]) -> None:
+        self.id = shard_id
+        self.rows = np.empty((capacity, 2, *header["latent_shape"]), dtype=header["dtype"])
+        self.count = 0
+        self.labels: list[int] = []
+        self.skipped: list[dict[str, str]] = []
+        self.upscaled = 0
 
     def add(self, mean: np.ndarray, std: np.ndarray, labels: list[int]) -> None:
-        self.means.append(mean)
-        self.stds.append(std)
+        stop = self.count + len(labels)
+        self.rows[self.count : stop, 0] = mean  # float16 storage: rounded to nearest here
+        self.rows[self.count : stop, 1] = std
+        self.count = stop
         self.labels += labels
 
-    def write(self, out: Path, header: dict[str, Any]) -> None:
-        shape = (0, 2, *header["latent_shape"])
-        rows = (
-            np.stack([np.concatenate(self.means), np.concatenate(self.stds)], axis=1)
-            if self.means
-            else np.zeros(shape, dtype=np.float32)
-        )
+    def write(self, out: Path) -> None:
         extra = {"skipped": self.skipped, "upscaled": self.upscaled}
-        store.write_shard(
-            out, self.id, rows.astype(header["dtype"]), np.asarray(self.labels), extra
-        )
+        store.write_shard(out, self.id, self.rows[: self.count], np.asarray(self.labels), extra)
 
 
 class _Progress:

@@ -196,7 +196,7 @@ def finalize(out_dir: Path, header: dict[str, Any], records: Sequence[dict[str, 
     return write_json(out_dir / MANIFEST_NAME, manifest)
 
 
-def _as_numpy(name: str, value: Any) -> np.ndarray:
+def _as_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     return np.asarray(value)
@@ -250,11 +250,12 @@ def write_dataset(
     data is used as it is: the trainer applies no posterior sampling and no scaling
     (``scale`` 1.0), which suits pixel-space experiments, small data sets and tests. With
     ``stds`` the pair is stored like ``selfflow prepare``'s posterior. Refuses a folder that
-    already holds a dataset unless ``overwrite``. Returns the manifest's path.
+    already holds a dataset unless ``overwrite``. Returns ``out_dir`` (what
+    :class:`~selfflow.data.LatentDataset` opens).
     """
     out_dir = Path(out_dir)
-    means_np, labels_np = _as_numpy("means", means), _as_numpy("labels", labels)
-    stds_np = None if stds is None else _as_numpy("stds", stds)
+    means_np, labels_np = _as_numpy(means), _as_numpy(labels)
+    stds_np = None if stds is None else _as_numpy(stds)
     names = _check_arrays(
         means_np, labels_np, stds_np, None if class_names is None else list(class_names)
     )
@@ -286,7 +287,8 @@ def write_dataset(
         "source": None,
         "shard_size": shard_size,
     }
-    return finalize(out_dir, header, records)
+    finalize(out_dir, header, records)
+    return out_dir
 
 
 def clear_dataset(out_dir: Path) -> None:
