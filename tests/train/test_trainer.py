@@ -155,6 +155,20 @@ def test_the_fast_network_trains_the_same_weights_as_the_plain_model(tmp_path, d
     assert_states_close(final_state(reference), final_state(out))
 
 
+def test_bf16_autocast_trains_close_to_float32(tmp_path, data, reference):
+    out = tmp_path / "bf16"
+    lines: list[str] = []
+    train(tiny_config(data, out, dtype="bfloat16"), log=lines.append)
+    assert any("bfloat16 on cpu" in line for line in lines)
+    state = final_state(out)
+    assert state["model"]["blocks.0.attn.qkv.weight"].dtype == torch.float32  # weights stay fp32
+    bf16 = [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()]
+    fp32 = [json.loads(x)["loss"] for x in (reference / "log.jsonl").read_text().splitlines()]
+    # same batches, bf16 rounding only
+    assert all(abs(a - b) < 0.05 * abs(b) for a, b in zip(bf16, fp32, strict=True))
+    assert bf16 != fp32  # autocast did change the arithmetic
+
+
 def test_method_flow_trains_without_teacher_and_keeps_the_projector(tmp_path, data):
     out = tmp_path / "flow"
     result = train(tiny_config(data, out, steps=2, method="flow"))

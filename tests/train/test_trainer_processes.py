@@ -62,8 +62,9 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path, data, one_process
 @pytest.mark.slow
 def test_two_processes_with_fsdp_train_the_same_weights_as_one(tmp_path, data, one_process):
     out = tmp_path / "fsdp"
-    done = torchrun(tiny_config(data, out, steps=4, fsdp=True), nproc=2)
-    assert "with FSDP" in done.stdout
+    # two micro-batches per process: gradient sync only on the last (FSDP2's own switch)
+    done = torchrun(tiny_config(data, out, steps=4, fsdp=True, batch_size=2), nproc=2)
+    assert "with FSDP" in done.stdout and "2 process(es) × 2 micro-batch(es) × 2" in done.stdout
     assert_states_close(final_state(one_process), final_state(out))
 
 
@@ -76,8 +77,9 @@ def test_the_flow_baseline_runs_under_ddp_with_its_projector_frozen(tmp_path, da
 @pytest.mark.slow
 def test_resuming_on_another_process_count_continues_the_same_run(tmp_path, data, one_process):
     out = tmp_path / "switch"
-    torchrun(tiny_config(data, out, steps=2), nproc=2)
-    result = train(tiny_config(data, out, steps=4, batch_size=2))  # 1 process, 4 micro-batches
+    # 2 processes × 2 micro-batches (DDP's no_sync), then 1 process × 4 micro-batches
+    torchrun(tiny_config(data, out, steps=2, batch_size=2), nproc=2)
+    result = train(tiny_config(data, out, steps=4, batch_size=2))
     assert result.step == 4
     assert_states_close(final_state(one_process), final_state(out))
 

@@ -360,7 +360,8 @@ class Trainer:
             f"{s.rep_weight}, layers {s.student_layer}→{s.teacher_layer}), from step {step} to "
             f"{s.steps}; global batch {s.global_batch_size} = {self.context.world_size} "
             f"process(es) × {r.accumulation} micro-batch(es) × {s.batch_size}; "
-            f"{self.dtype} on {self.context.device}, {s.network} network"
+            f"{str(self.dtype).removeprefix('torch.')} on {self.context.device}, "
+            f"{s.network} network"
             + (" with FSDP" if s.fsdp and self.context.is_distributed else "")
         )
 
