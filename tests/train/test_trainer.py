@@ -455,3 +455,20 @@ def test_export_of_a_given_step_and_of_a_checkpoint_file(tmp_path, reference):
         assert all(torch.equal(state[k], ema[k]) for k in state)
     with pytest.raises(CheckpointError, match="no checkpoint of step 3"):
         export_run(reference, tmp_path / "c.pt", step=3)
+
+
+def test_loop_benchmark_smoke(capsys):
+    import importlib.util
+
+    from .helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("train_loop", REPO / "benchmarks/train_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--steps", "3", "--batch", "8"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    table = capsys.readouterr().out
+    assert table.count("| ") >= 4 and "ms per step" in table
