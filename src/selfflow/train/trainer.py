@@ -477,17 +477,28 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def full_states(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """Full (unsharded) CPU state dicts of model, EMA and optimiser; a collective under FSDP."""
+    def full_states(
+        self, ema_only: bool = False
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Full (unsharded) CPU state dicts of model, EMA and optimiser, on rank 0.
+
+        A collective under FSDP (every rank holds a shard; rank 0 receives the whole). Without
+        sharding the other ranks return empty dicts instead of copying what rank 0 writes.
+        """
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
         )
 
+        sharded = self.config.fsdp and self.context.is_distributed
+        if not (sharded or self.context.is_main):
+            return {}, {}, {}
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model = get_model_state_dict(self.model, options=options)
         ema = get_model_state_dict(self.ema, options=options)
+        if ema_only:
+            return {}, ema, {}
+        model = get_model_state_dict(self.model, options=options)
         optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         return model, ema, optimizer
 

@@ -209,7 +209,7 @@ class Watch:
         export = run_state.export_path(trainer.run_dir, step)
         if not export.is_file():
             export = folder / "ema.pt"
-            _, ema, _ = trainer.full_states()
+            _, ema, _ = trainer.full_states(ema_only=True)
             if self.main:
                 write_export(trainer.resolved.model, ema, export)
         distributed.barrier(trainer.context)
