@@ -46,7 +46,7 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         "--init-from",
         default=None,
         metavar="CKPT",
-        help="start from these weights (the released checkpoint or any export), checked key by key; a resume ignores it",
+        help="start from these weights (the released checkpoint or any export), checked key by key before any work; recorded with the run, and a resume takes every weight from its checkpoint",
     )
 
 
