@@ -472,3 +472,28 @@ def test_loop_benchmark_smoke(capsys):
         torch.set_num_threads(threads)
     table = capsys.readouterr().out
     assert table.count("| ") >= 4 and "ms per step" in table
+
+
+def test_progress_bar_shows_steps_per_second_images_per_second_and_eta(tmp_path, data, capsys):
+    train(tiny_config(data, tmp_path / "run", steps=3, progress=True))
+    err = capsys.readouterr().err
+    assert "training" in err and "3/3" in err
+    assert "step/s" in err or "s/step" in err  # tqdm's rate
+    assert "img/s" in err and "<" in err  # images/s and tqdm's elapsed<remaining
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--student-layer", "2", "--teacher-layer", "2"], "teacher layer deeper than the student"),
+        (["--global-batch-size", "8", "--batch-size", "3"], "does not divide"),
+        (["--method", "flow", "--rep-weight", "0.8"], "--method flow"),
+    ],
+)
+def test_bad_options_get_one_clear_line_and_exit_status_1(tmp_path, data, capsys, extra, message):
+    args = ["train", "--data", str(data), "--output-dir", str(tmp_path / "run"), "--steps", "2",
+            "--model", "tiny", "--device", "cpu", "--no-progress", *extra]  # fmt: skip
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("selfflow train: error:") and message in err[0]
+    assert not (tmp_path / "run").exists()
