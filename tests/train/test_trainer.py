@@ -20,7 +20,14 @@ from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
 from selfflow.train import state as run_state
 from selfflow.train.config import TrainConfig, choose_layers
 from selfflow.train.ema import make_ema, plain_ema_update, update_ema
-from selfflow.train.streams import DataOrder, StreamSpec, draw_step, micro_batches, process_rows
+from selfflow.train.streams import (
+    DataOrder,
+    StreamSpec,
+    draw_step,
+    materialise,
+    micro_batches,
+    process_rows,
+)
 from selfflow.train.trainer import NonFiniteLossError, train
 
 from .helpers import (
@@ -497,3 +504,45 @@ def test_bad_options_get_one_clear_line_and_exit_status_1(tmp_path, data, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("selfflow train: error:") and message in err[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_vae_dir) -> Path:
+    """A `selfflow prepare` dataset: tiny-VAE posteriors (mean, std) of a small image tree."""
+    from selfflow.data.prepare import PrepareConfig, prepare_dataset
+    from tests.data.trees import write_tree
+
+    tree = write_tree(tmp_path_factory.mktemp("tree") / "train")
+    out = tmp_path_factory.mktemp("prepared") / "latents"
+    config = PrepareConfig(
+        tree, out, vae=tiny_vae_dir, image_size=16, batch_size=4, shard_size=5, num_workers=0
+    )
+    prepare_dataset(config, progress=False, log=lambda m: None)
+    return out
+
+
+def test_each_step_draws_a_fresh_posterior_sample_scaled_by_the_vae_factor(prepared):
+    from selfflow.data import LatentDataset
+
+    ds = LatentDataset(prepared)
+    assert ds.has_std and ds.scale == pytest.approx(0.18215)
+    spec_ = StreamSpec(0, 6, tuple(ds.latent_shape), 16, 0.25, 0.0, True)
+    draws = draw_step(spec_, DataOrder(0, len(ds)), 2)
+    batch = materialise(draws, ds, null_class=ds.num_classes)
+    for row, index in enumerate(draws.indices):
+        mean, std, label = ds[int(index)]
+        expected = 0.18215 * (mean.double() + std.double() * draws.posterior[row].double())
+        torch.testing.assert_close(batch.x0[row].double(), expected, rtol=1e-6, atol=1e-7)
+        assert int(batch.y[row]) == label  # label dropout 0: every label kept
+    other = materialise(draw_step(spec_, DataOrder(0, len(ds)), 3), ds, ds.num_classes)
+    assert not torch.equal(other.x0, batch.x0)
+
+
+def test_a_prepared_dataset_trains_and_its_grid_is_decoded_by_its_vae(tmp_path, prepared):
+    out = tmp_path / "run"
+    train(tiny_config(prepared, out, steps=2, sample_every=2))
+    from PIL import Image
+
+    with Image.open(out / "samples" / "step_000000002.png") as grid:
+        # 16 samples of 16 × 16 RGB (the tiny VAE's 8 × 8 latents decoded) in a 4 × 4 grid
+        assert grid.mode == "RGB" and grid.size == (4 * 16 + 3 * 2, 4 * 16 + 3 * 2)
