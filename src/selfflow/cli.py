@@ -1,4 +1,4 @@
-"""The `selfflow` command: sample | evaluate | download | generate | classes | prepare.
+"""The `selfflow` command: sample | evaluate | download | generate | classes | prepare | train | export.
 
 Each subcommand lives next to the code it drives and registers itself through an
 ``add_parser(subparsers)`` function that sets ``func`` on its parser; this module only
@@ -24,6 +24,7 @@ _SUBCOMMANDS: tuple[str, ...] = (
     "selfflow.generate",
     "selfflow.classes",
     "selfflow.data.cli",
+    "selfflow.train.cli",
 )
 
 

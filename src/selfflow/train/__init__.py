@@ -2,11 +2,15 @@
 faster training forward pass with the model's parameters.
 
 The objective is a set of plain functions over tensors and any network called like
-:class:`~selfflow.model.SelfFlowDiT`; the trainer (loop, checkpoints, processes) builds on it.
+:class:`~selfflow.model.SelfFlowDiT`; the trainer (loop, checkpoints, processes) builds on it:
+``train(TrainConfig(...))`` is what ``selfflow train`` runs, ``export_run`` what
+``selfflow export`` runs.
 """
 
 from __future__ import annotations
 
+from selfflow.train.config import TrainConfig
+from selfflow.train.export import export_run
 from selfflow.train.fast import (
     FastTrainingDiT,
     split_times,
@@ -20,15 +24,20 @@ from selfflow.train.objective import (
     representation_loss,
     self_flow_loss,
 )
+from selfflow.train.trainer import TrainResult, train
 
 __all__ = [
     "FastTrainingDiT",
+    "TrainConfig",
+    "TrainResult",
+    "export_run",
     "dual_timesteps",
     "noised_input",
     "representation_loss",
     "self_flow_loss",
     "split_times",
     "straightforward_loss",
+    "train",
     "train_step_flops",
     "training_optimizer",
 ]

@@ -1,0 +1,293 @@
+"""``selfflow train`` (and the root ``train.py`` for torchrun) and ``selfflow export``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+from selfflow.options import add_options
+
+DESCRIPTION = (
+    "Train Self-Flow (dual-timestep scheduling + EMA self-distillation) or the SiT flow-matching "
+    "baseline on a `selfflow prepare` dataset, on one process or under torchrun (DDP; --fsdp "
+    "shards). Step k's global batch (images, posterior draws, times, masks, noise, label drops) "
+    "depends only on (seed, k), so any process count and any --batch-size split train the same "
+    "run. Rerunning the same command resumes from the newest intact checkpoint in "
+    "--output-dir; a folder holding another run is refused, naming the difference."
+)
+EXAMPLE = (
+    "example (ImageNet 256, 8 GPUs): torchrun --nproc_per_node=8 train.py --data latents/ "
+    "--output-dir runs/xl2 --model XL/2 --steps 4000000 --global-batch-size 256"
+)
+
+
+def _data_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_argument_group("data and run")
+    where.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR",
+        help="dataset folder (selfflow prepare or selfflow.data.write_dataset)",
+    )
+    where.add_argument(
+        "--output-dir",
+        required=True,
+        metavar="RUN",
+        help="run folder: checkpoints, exports, log.jsonl, tensorboard/, samples/",
+    )
+    where.add_argument(
+        "--steps",
+        type=int,
+        required=True,
+        help="train until this many optimiser steps (a resume may raise it)",
+    )
+    where.add_argument(
+        "--init-from",
+        default=None,
+        metavar="CKPT",
+        help="start from these weights (the released checkpoint or any export), checked key by key before any work; recorded with the run, and a resume takes every weight from its checkpoint",
+    )
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default="XL/2",
+        choices=("tiny", "S/2", "B/2", "L/2", "XL/2"),
+        help="SiT size: S/2 384/12/6, B/2 768/12/12, L/2 1024/24/16, XL/2 1152/28/16 (width/depth/heads), tiny = ModelConfig.tiny(); input shape and classes come from the data (default: XL/2)",
+    )
+    model.add_argument("--hidden-size", type=int, default=None, help="override the width")
+    model.add_argument("--depth", type=int, default=None, help="override the number of blocks")
+    model.add_argument("--num-heads", type=int, default=None, help="override the attention heads")
+
+
+def _objective_options(parser: argparse.ArgumentParser) -> None:
+    objective = parser.add_argument_group("objective")
+    objective.add_argument(
+        "--method",
+        default="selfflow",
+        choices=("selfflow", "flow"),
+        help="selfflow, or flow = plain flow matching (SiT baseline: mask ratio 0, no representation loss, projector frozen) (default: selfflow)",
+    )
+    objective.add_argument(
+        "--mask-ratio",
+        type=float,
+        default=None,
+        help="share of tokens noised at the second time s (default: 0.25; 0 with --method flow)",
+    )
+    objective.add_argument(
+        "--rep-weight",
+        type=float,
+        default=None,
+        help="weight gamma of the representation loss (default: 0.8; 0 with --method flow)",
+    )
+    objective.add_argument(
+        "--student-layer",
+        type=int,
+        default=None,
+        help="1-based block whose output the student projects (default: round(0.3*depth))",
+    )
+    objective.add_argument(
+        "--teacher-layer",
+        type=int,
+        default=None,
+        help="1-based EMA block the student aligns to, deeper than the student's (default: round(0.7*depth); for depths where it is not deeper, the student layer + 1; a given layer that is not deeper is refused)",
+    )
+    objective.add_argument(
+        "--label-dropout",
+        type=float,
+        default=0.1,
+        help="probability a label is replaced by the null class, for student and teacher alike (default: 0.1)",
+    )
+
+
+def _optimisation_options(parser: argparse.ArgumentParser) -> None:
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=256,
+        help="samples per optimiser step over all processes (default: 256)",
+    )
+    optim.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="micro-batch per process; smaller than global/processes means gradient accumulation, same maths (default: global/processes)",
+    )
+    optim.add_argument(
+        "--lr",
+        type=float,
+        default=1e-4,
+        help="AdamW learning rate, constant, no warm-up (default: 1e-4)",
+    )
+    optim.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.9999,
+        help="EMA decay; the EMA is the teacher and the sampled model (default: 0.9999)",
+    )
+    optim.add_argument(
+        "--grad-clip", type=float, default=1.0, help="gradient clipping max-norm (default: 1.0)"
+    )
+    optim.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="run seed: initial weights and every step's random numbers (default: 0)",
+    )
+    add_options(optim, "--device")
+    optim.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default=None,
+        help="compute precision: bfloat16 autocast (weights, optimiser and EMA stay float32) or float32 (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+    optim.add_argument(
+        "--network",
+        choices=("fast", "plain"),
+        default="fast",
+        help="fast: the training forward that computes each block's modulation once per distinct "
+        "time (selfflow.train.FastTrainingDiT, compiled on CUDA); plain: the model itself, its "
+        "tested reference twin. Same parameters and checkpoints (default: fast)",
+    )
+    optim.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard parameters, gradients and optimiser state over the processes (FSDP2 fully_shard), for models that outgrow one GPU",
+    )
+
+
+def _checkpoint_options(parser: argparse.ArgumentParser) -> None:
+    save = parser.add_argument_group("checkpoints")
+    save.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10_000,
+        help="checkpoint (and EMA export) every N steps; also on SIGTERM/SIGINT and at the end (default: 10000)",
+    )
+    save.add_argument(
+        "--keep-last", type=int, default=3, help="keep the newest N checkpoints (default: 3)"
+    )
+    save.add_argument(
+        "--keep-every",
+        type=int,
+        default=None,
+        help="also keep every checkpoint whose step is a multiple of N (milestones)",
+    )
+
+
+def _watch_options(parser: argparse.ArgumentParser) -> None:
+    watch = parser.add_argument_group("watching")
+    watch.add_argument(
+        "--log-every",
+        type=int,
+        default=100,
+        help="write averaged scalars to TensorBoard and log.jsonl every N steps (default: 100)",
+    )
+    watch.add_argument(
+        "--sample-every",
+        type=int,
+        default=10_000,
+        help="sample a grid from fixed labels and noise with the EMA every N steps; 0 = never (default: 10000)",
+    )
+    watch.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="every N steps sample --eval-samples images with the EMA (the FID batch, all processes) and score FID/sFID/IS/P/R; 0 = never (default)",
+    )
+    watch.add_argument(
+        "--eval-samples", type=int, default=10_000, help="images per evaluation (default: 10000)"
+    )
+    watch.add_argument(
+        "--eval-ref", default=None, metavar="REF.npz", help="ADM reference batch for --eval-every"
+    )
+    watch.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar"
+    )
+
+
+def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``selfflow train`` (shared by the subcommand and ``train.py``)."""
+    _data_options(parser)
+    _model_options(parser)
+    _objective_options(parser)
+    _optimisation_options(parser)
+    _checkpoint_options(parser)
+    _watch_options(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    from selfflow.train.config import TrainConfig
+
+    names = TrainConfig.__dataclass_fields__
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    values["data"] = str(values["data"])
+    values["output_dir"] = str(values["output_dir"])
+    return TrainConfig(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from selfflow.batch.runner import ReportedOnRankZero
+    from selfflow.train.trainer import StoppedBySignal, train
+
+    try:
+        result = train(config_from_args(args))
+    except ReportedOnRankZero:
+        return 1
+    except StoppedBySignal as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"selfflow train: {stop}", flush=True)
+        return 128 + int(stop.signum)
+    if result.rank != 0:
+        return 0
+    print(
+        f"selfflow train: at step {result.step}; checkpoint {result.checkpoint}, "
+        f"EMA export {result.export}",
+        flush=True,
+    )
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train Self-Flow (or the SiT baseline) on one process or under torchrun; resumable",
+        description=DESCRIPTION,
+        epilog=EXAMPLE,
+    )
+    configure(parser)
+    export = subparsers.add_parser(
+        "export",
+        help="write a run's EMA weights as a checkpoint that selfflow sample --ckpt loads",
+        description=(
+            "Export the EMA weights of a training run (its newest intact checkpoint, or --step) "
+            "or of one training checkpoint file, with the model's config, in the format "
+            "selfflow.load_model, SelfFlowPipeline and selfflow sample --ckpt load strictly."
+        ),
+    )
+    export.add_argument("run", metavar="RUN", help="run folder or training checkpoint file")
+    export.add_argument("out", metavar="OUT.pt", help="file to write (.pt or .safetensors)")
+    export.add_argument("--step", type=int, default=None, help="export this step's checkpoint")
+    export.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from selfflow.train.export import export_run
+
+    path = export_run(args.run, args.out, step=args.step)
+    print(f"selfflow export: wrote {path}", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int:
+    """Stand-alone entry point (the root ``train.py``): errors become one line, exit status 1."""
+    from selfflow.cli import run_reporting_errors
+
+    parser = configure(argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EXAMPLE))
+    return run_reporting_errors(parser.parse_args(argv), prog)

@@ -1,0 +1,223 @@
+"""The run folder: its settings record, checkpoints (written atomically, verified when read),
+resume from the newest good one, and pruning.
+
+Layout of ``RUN/``::
+
+    run.json                        identity settings + dataset identity, written on the first start
+    checkpoints/step_000001000.pt   training state: model, EMA, optimiser, step, config, dataset
+    checkpoints/step_000001000-ema.pt   the EMA weights alone, in the sampler's format (export)
+    log.jsonl, tensorboard/, samples/, eval/
+
+A checkpoint holds no RNG state: every random number of step k comes from streams keyed by
+(seed, k) (see :mod:`selfflow.train.streams`), so the step number is all a resume needs. Files
+are written to a temporary name, flushed to disk and renamed, so a checkpoint is either whole
+or absent; reading checks every archive entry's CRC-32 first
+(:func:`selfflow.checkpoint.verify_torch_archive`), and a damaged newest checkpoint is named and the previous one used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selfflow.checkpoint import verify_torch_archive
+from selfflow.errors import CheckpointError, ConfigurationError, SelfFlowError
+
+FORMAT = "selfflow-train"
+FORMAT_VERSION = 1
+RUN_FILE = "run.json"
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step_(\d{9})\.pt$")
+REQUIRED_KEYS = ("format", "version", "step", "model", "ema", "optimizer", "identity", "dataset")
+
+
+class DiskFullError(SelfFlowError):
+    """The run folder's filesystem has no room for the next file."""
+
+
+def checkpoint_path(run: Path, step: int) -> Path:
+    return Path(run) / CHECKPOINT_DIR / f"step_{step:09d}.pt"
+
+
+def export_path(run: Path, step: int) -> Path:
+    """The EMA export written beside each checkpoint."""
+    return Path(run) / CHECKPOINT_DIR / f"step_{step:09d}-ema.pt"
+
+
+def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every training checkpoint in the run, oldest first."""
+    folder = Path(run) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def atomic_save(obj: Any, path: Path, save: Callable[[Any, Path], None] | None = None) -> Path:
+    """``torch.save`` (or ``save``) to a temporary name, fsync, rename: never half a file.
+
+    A full disk raises :class:`DiskFullError` naming the file, and leaves no temporary behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with disk_full_guard(path):
+            (save or torch.save)(obj, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def disk_full_guard(path: Path) -> Iterator[None]:
+    """Turn "no space left on device" while writing ``path`` into a :class:`DiskFullError`."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(
+            f"no space left on the device of {path.parent} while writing {path.name}; nothing "
+            f"was half-written (the previous checkpoints are intact). Free space and rerun the "
+            f"same command to continue from the last checkpoint"
+        ) from error
+    except RuntimeError as error:  # torch.save reports a failed write as RuntimeError
+        if "No space left" not in str(error) and "file write failed" not in str(error):
+            raise
+        raise DiskFullError(
+            f"could not write {path} ({str(error).splitlines()[0]}); nothing was half-written "
+            f"(the previous checkpoints are intact). Free space and rerun the same command"
+        ) from error
+
+
+def check_free_space(run: Path, needed: int) -> None:
+    """Refuse to start when the run folder cannot hold the next checkpoint and its export."""
+    free = shutil.disk_usage(Path(run)).free
+    if free < needed:
+        raise DiskFullError(
+            f"{run} has {free / 2**20:.1f} MiB free; one checkpoint and its export need about "
+            f"{needed / 2**20:.1f} MiB. Free space or choose another --output-dir"
+        )
+
+
+def remove_temporaries(run: Path) -> int:
+    """Delete temporaries a killed run left (``.NAME.tmp-PID``); returns how many."""
+    count = 0
+    for folder in (Path(run), Path(run) / CHECKPOINT_DIR):
+        if folder.is_dir():
+            for path in folder.glob(".*.tmp-*"):
+                path.unlink(missing_ok=True)
+                count += 1
+    return count
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint, CRC-verified and checked for the entries a resume needs."""
+    state = _load_mapped(path)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a selfflow training checkpoint")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks the entries {missing}")
+    if state["version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} is training-checkpoint version {state['version']}; this selfflow reads "
+            f"version {FORMAT_VERSION}"
+        )
+    return state
+
+
+def _load_mapped(path: Path) -> object:
+    """``torch.load(weights_only=True, mmap=True)`` after the archive's CRC-32 check.
+
+    Memory-mapped because every process reads the checkpoint at a resume: eight processes
+    each loading an XL/2 state (11 GB: model, EMA, Adam moments) would hold 88 GB of copies;
+    mapped, they share the page cache.
+    """
+    verify_torch_archive(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many types for files that are not checkpoints
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise CheckpointError(
+            f"{path} is not a readable training checkpoint ({type(error).__name__}: {first})"
+        ) from error
+
+
+def load_latest(run: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint that reads back intact; damaged ones are named and skipped."""
+    for step, path in reversed(list_checkpoints(run)):
+        try:
+            state = read_checkpoint(path)
+        except CheckpointError as error:
+            log(f"warning: checkpoint {path} is damaged and is skipped ({error})")
+            continue
+        if int(state["step"]) != step:
+            log(f"warning: {path} records step {state['step']}; skipped")
+            continue
+        return state, path
+    return None
+
+
+def prune(run: Path, keep_last: int, keep_every: int | None) -> list[int]:
+    """Delete all but the newest ``keep_last`` checkpoints (and their exports), keeping every
+    multiple of ``keep_every`` as a milestone. Returns the steps removed."""
+    steps = [step for step, _ in list_checkpoints(run)]
+    keep = set(steps[-keep_last:])
+    if keep_every:
+        keep |= {step for step in steps if step % keep_every == 0}
+    removed = [step for step in steps if step not in keep]
+    for step in removed:
+        checkpoint_path(run, step).unlink(missing_ok=True)
+        export_path(run, step).unlink(missing_ok=True)
+    return removed
+
+
+def check_run_record(run: Path, record: dict[str, Any]) -> None:
+    """Write ``run.json`` on a first start; on a rerun refuse another run's folder.
+
+    ``record`` holds ``identity`` (the settings that define the maths) and ``dataset`` (its
+    identity digest). Settings that only say where and how fast the run is computed are not
+    in it, so a resume may change them (steps, device, precision, micro-batch, intervals).
+    """
+    from selfflow.train.config import differences
+
+    path = Path(run) / RUN_FILE
+    if not path.exists():
+        text = json.dumps(record, indent=1, sort_keys=True) + "\n"
+        atomic_save(text, path, save=lambda obj, tmp: Path(tmp).write_text(obj))
+        return
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(
+            f"{path} is unreadable ({error}); it is not a run folder"
+        ) from error
+    found = differences(stored.get("identity", {}), record["identity"])
+    if stored.get("dataset") != record["dataset"]:
+        found.append(f"dataset: {stored.get('dataset')!r} → {record['dataset']!r}")
+    if found:
+        raise ConfigurationError(
+            f"{run} holds a run with other settings ("
+            + "; ".join(found)
+            + "). Rerun with that run's settings to resume it, or choose another --output-dir"
+        )
+
+
+def state_bytes(num_parameters: int) -> int:
+    """About how large a checkpoint plus its export are: float32 model, EMA, two Adam moments,
+    and the EMA again, with a little slack."""
+    return int(num_parameters * 4 * 5 * 1.05) + (1 << 20)

@@ -1,0 +1,585 @@
+"""The training loop: one process or many under ``torchrun``, DDP or FSDP2, exact resume.
+
+Read top to bottom, :func:`train` does:
+
+1. **Check** the options (no file touched), open the dataset, resolve the model and batch split
+   from the data's shape and the process count; rank 0 then locks the run folder, compares it
+   with ``run.json`` (another run's folder is refused, naming the difference), checks the free
+   space, and every rank learns the outcome before any work.
+2. **Build** the model from a seed-keyed initialisation (or ``--init-from``), the EMA as its
+   exact float32 copy, and restore the newest intact checkpoint if there is one (model, EMA,
+   optimiser, step). Both become :class:`~selfflow.train.fast.FastTrainingDiT` (same
+   parameters, each block's modulation computed once per distinct time) unless
+   ``--network plain``; then wrap: DDP (NCCL on GPUs, gloo on CPUs) or FSDP2 ``fully_shard``.
+3. **Loop** over steps. Step k's global batch comes from keyed streams
+   (:mod:`selfflow.train.streams`), prepared one step ahead on a thread; each process takes its
+   rows and splits them into micro-batches (gradient accumulation); the loss of each is scaled
+   so the summed gradient is the global batch's mean, whatever the split. Then the gradient is
+   clipped, a non-finite loss or norm stops the run before the weights change, AdamW steps, and
+   the EMA follows. Checkpoints every ``--checkpoint-every`` steps, on SIGTERM/SIGINT and at the
+   end; TensorBoard, ``log.jsonl``, sample grids and FID evaluations as asked
+   (:mod:`selfflow.train.watch`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from selfflow import distributed
+from selfflow.errors import ConfigurationError, SelfFlowError
+from selfflow.model import SelfFlowDiT
+from selfflow.seeds import stream_seed
+from selfflow.train import state as run_state
+from selfflow.train.config import ResolvedConfig, TrainConfig
+from selfflow.train.ema import make_ema, update_ema
+from selfflow.train.fast import FastTrainingDiT, training_optimizer
+from selfflow.train.objective import self_flow_loss
+from selfflow.train.streams import (
+    DataOrder,
+    MicroBatch,
+    Prefetcher,
+    StreamSpec,
+    draw_step,
+    materialise,
+    micro_batches,
+    process_rows,
+)
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+WEIGHT_DECAY = 0.0
+
+
+class NonFiniteLossError(SelfFlowError):
+    """The loss or the gradient norm became NaN or infinite; the weights were not updated."""
+
+
+class StoppedBySignal(SelfFlowError):
+    """SIGTERM or SIGINT arrived; a checkpoint was written and the run can be resumed."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path | None
+    export: Path | None
+    seconds: float
+    last_metrics: dict[str, float]
+    rank: int = 0  # the process that returned it (only rank 0 reports)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    context: distributed.DistributedContext | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) the run ``config.output_dir``; returns where it stands at the end."""
+    config.validate()
+    own = context is None
+    context = context or distributed.setup(config.device)
+    try:
+        return Trainer(config, context, log or _print).run()
+    finally:
+        if own:
+            distributed.teardown(context)
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+class _SignalFlag:
+    """Remembers SIGTERM/SIGINT instead of dying mid-step (the run checkpoints after the step
+    and stops); a second Ctrl-C stops at once. Restores the handlers on exit."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalFlag:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class Trainer:
+    """One training run on this process (see the module docstring for the order of things)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        context: distributed.DistributedContext,
+        log: Callable[[str], None],
+    ) -> None:
+        self.config = config
+        self.context = context
+        self._log = log
+        self.run_dir = Path(config.output_dir)
+        self.lock = None
+        self.last_checkpoint: Path | None = None
+        self.last_export: Path | None = None
+
+    def log(self, message: str) -> None:
+        if self.context.is_main:
+            self._log(message)
+
+    # -- 1. check ---------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        from selfflow.batch.runner import ReportedOnRankZero
+
+        try:
+            try:
+                self._prepare()
+            except SelfFlowError as error:
+                failed = distributed.all_gather_objects(self.context, str(error))
+                if self.context.is_main:
+                    raise
+                raise ReportedOnRankZero(failed[0]) from error
+            else:
+                failed = distributed.all_gather_objects(self.context, None)
+                if any(failed):
+                    raise ReportedOnRankZero(next(f for f in failed if f))
+            # rank 0 writes the checkpoints every process resumes from: one shared folder
+            distributed.check_shared_folder(self.context, self.run_dir)
+            return self._train()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _prepare(self) -> None:
+        """Everything that can fail on the user's input, before any training work."""
+        from selfflow.data import LatentDataset
+        from selfflow.train.watch import check_watch_options
+
+        config = self.config
+        self.dataset = LatentDataset(config.data)
+        if len(self.dataset) == 0:
+            raise ConfigurationError(f"the dataset {config.data} holds no images")
+        self.resolved: ResolvedConfig = config.resolve(
+            tuple(self.dataset.latent_shape), self.dataset.num_classes, self.context.world_size
+        )
+        for note in self.resolved.notes:
+            self.log(f"note: {note}")
+        self.dtype = resolve_train_dtype(config.dtype, self.context.device)
+        check_watch_options(self.resolved, self.dataset)
+        self.init_state = read_init(self.resolved, config.init_from)
+        if config.fsdp and not self.context.is_distributed:
+            self.log("note: --fsdp with a single process shards nothing; training unsharded")
+        self.vae = None
+        if self.context.is_main:
+            self._claim_run_folder()
+            if self.resolved.settings.sample_every and self.dataset.vae is not None:
+                from selfflow.vae import load_vae  # the grid decodes with the data's own VAE
+
+                self.vae = load_vae(self.dataset.vae, device=self.context.device)
+
+    def _claim_run_folder(self) -> None:
+        from selfflow.batch.lock import FolderBusyError, FolderLock
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock = FolderLock(self.run_dir).acquire()
+        except FolderBusyError as error:
+            raise ConfigurationError(
+                f"another process is training in {self.run_dir} ({error}); wait for it to end "
+                f"or choose another --output-dir"
+            ) from None
+        run_state.check_run_record(self.run_dir, self.record())
+        removed = run_state.remove_temporaries(self.run_dir)
+        if removed:
+            self.log(f"removed {removed} temporary files of an interrupted run")
+        params = sum(p.numel() for p in SelfFlowDiT(self.resolved.model).parameters())
+        run_state.check_free_space(self.run_dir, run_state.state_bytes(params))
+
+    def record(self) -> dict[str, Any]:
+        return {"identity": self.resolved.identity(), "dataset": self.dataset.identity}
+
+    # -- 2. build -----------------------------------------------------------------------------
+
+    def _build(self) -> int:
+        """Model, EMA, optimiser on this process's device, restored when resuming; the step."""
+        restored = self._find_checkpoint()
+        # a resume takes every weight from the checkpoint; --init-from only seeds a new run
+        model = initial_model(self.resolved, None if restored else self.init_state)
+        ema = make_ema(model)  # an exact copy at step 0
+        step = 0
+        if restored is not None:
+            state, path = restored
+            model.load_state_dict(state["model"], strict=True)
+            ema.load_state_dict(state["ema"], strict=True)
+            step = int(state["step"])
+            self.last_checkpoint = path
+        if self.resolved.settings.rep_weight == 0:
+            # no representation loss: the projector gets no gradient, so it must not be a
+            # trained parameter (DDP would wait for its gradient forever)
+            model.projector.requires_grad_(False)
+        if self.config.network == "fast":
+            # same parameters and state dict, modulation computed once per distinct time
+            model, ema = FastTrainingDiT.from_model(model), FastTrainingDiT.from_model(ema)
+        device = self.context.device
+        self.model, self.ema = model.to(device), ema.to(device)
+        self.student, self.teacher = self._wrap(self.model, self.ema)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        sharded = self.config.fsdp and self.context.is_distributed
+        self.optimizer = training_optimizer(
+            params,
+            lr=self.config.lr,
+            betas=ADAM_BETAS,
+            eps=ADAM_EPS,
+            weight_decay=WEIGHT_DECAY,
+            fused=False if sharded else None,  # fused on CUDA, unless the parameters are DTensors
+        )
+        if restored is not None:
+            self._load_optimizer(restored[0]["optimizer"])
+        return step
+
+    def _find_checkpoint(self) -> tuple[dict[str, Any], Path] | None:
+        found = None
+        if self.context.is_main:
+            found = run_state.load_latest(self.run_dir, self.log)
+        path = distributed.broadcast_object(self.context, None if found is None else str(found[1]))
+        if path is None:
+            return None
+        state = found[0] if found is not None else run_state.read_checkpoint(Path(path))
+        stored = state["identity"]
+        problems = run_state_differences(stored, self.record())
+        if problems:
+            raise ConfigurationError(f"{path} belongs to another run ({'; '.join(problems)})")
+        self.log(f"resuming from {path} (step {state['step']})")
+        return state, Path(path)
+
+    def _wrap(self, model: nn.Module, ema: nn.Module) -> tuple[nn.Module, nn.Module]:
+        if not self.context.is_distributed:
+            return model, ema
+        if self.config.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for module in (model, ema):
+                for block in module.blocks:
+                    fully_shard(block)
+                fully_shard(module)
+            return model, ema
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.context.device.index] if self.context.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids), ema
+
+    def _load_optimizer(self, optim_state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(
+            self.model,
+            self.optimizer,
+            optim_state,
+            options=StateDictOptions(full_state_dict=True),
+        )
+
+    # -- 3. loop ------------------------------------------------------------------------------
+
+    def _train(self) -> TrainResult:
+        from selfflow.train.watch import Watch
+
+        started = time.perf_counter()
+        step = self._build()
+        settings = self.resolved.settings
+        end = settings.steps
+        if step >= end:
+            self.log(f"{self.run_dir} is already at step {step} of {end}; nothing to do")
+            return TrainResult(step, self.last_checkpoint, None, 0.0, {}, self.context.rank)
+        self.log(self._describe(step))
+        watch = Watch(self, step)
+        prefetch = Prefetcher(self._make_batches, step, end)
+        metrics: dict[str, float] = {}
+        try:
+            with _SignalFlag() as flag:
+                while step < end:
+                    batches = prefetch.get(step)
+                    metrics = self._step(step, batches, flag)
+                    step += 1
+                    stop = metrics.pop("stop") > 0
+                    watch.after_step(step, metrics)
+                    if stop or step % settings.checkpoint_every == 0 or step == end:
+                        self.save(step)
+                    watch.periodic(step, end)
+                    if stop:
+                        raise StoppedBySignal(
+                            f"stopped by {signal.Signals(flag.signum or signal.SIGTERM).name} "
+                            f"after step {step}; checkpoint {self.last_checkpoint} written. "
+                            f"Rerun the same command to continue",
+                            flag.signum or signal.SIGTERM,
+                        )
+        finally:
+            prefetch.close()
+            watch.close()
+        return TrainResult(
+            step,
+            self.last_checkpoint,
+            self.last_export,
+            time.perf_counter() - started,
+            metrics,
+            self.context.rank,
+        )
+
+    def _describe(self, step: int) -> str:
+        r, s = self.resolved, self.resolved.settings
+        m = r.model
+        params = sum(p.numel() for p in self.model.parameters())
+        return (
+            f"training {s.model} ({m.hidden_size}/{m.depth}/{m.num_heads}, {params / 1e6:.2f} M "
+            f"parameters) on {m.in_channels}×{m.input_size}×{m.input_size} data, "
+            f"{m.num_classes} classes, method {s.method} (mask ratio {s.mask_ratio}, rep weight "
+            f"{s.rep_weight}, layers {s.student_layer}→{s.teacher_layer}), from step {step} to "
+            f"{s.steps}; global batch {s.global_batch_size} = {self.context.world_size} "
+            f"process(es) × {r.accumulation} micro-batch(es) × {s.batch_size}; "
+            f"{str(self.dtype).removeprefix('torch.')} on {self.context.device}, "
+            f"{s.network} network"
+            + (" with FSDP" if s.fsdp and self.context.is_distributed else "")
+        )
+
+    def _make_batches(self, step: int) -> list[MicroBatch]:
+        """This process's micro-batches of step ``step`` (runs on the prefetch thread)."""
+        if not hasattr(self, "_order"):
+            s, m = self.resolved.settings, self.resolved.model
+            self._order = DataOrder(s.seed, len(self.dataset))
+            self._spec = StreamSpec(
+                seed=s.seed,
+                global_batch=s.global_batch_size,
+                latent_shape=tuple(self.dataset.latent_shape),
+                num_tokens=m.num_tokens,
+                mask_ratio=s.mask_ratio,
+                label_dropout=s.label_dropout,
+                has_std=bool(self.dataset.has_std),
+            )
+        draws = draw_step(self._spec, self._order, step)
+        mine = process_rows(draws, self.context.rank, self.context.world_size)
+        null = self.resolved.model.null_class  # the label table's last row
+        batches = [
+            materialise(part, self.dataset, null)
+            for part in micro_batches(mine, self.resolved.settings.batch_size)
+        ]
+        if self.context.device.type == "cuda":
+            batches = [_pinned(b) for b in batches]
+        return batches
+
+    def _step(self, step: int, batches: list[MicroBatch], flag: _SignalFlag) -> dict[str, float]:
+        """One optimiser step on this process's micro-batches; returns global-mean metrics."""
+        s = self.resolved.settings
+        weight = 1.0 / len(batches)  # each micro-batch's share of this process's rows
+        totals = torch.zeros(3, dtype=torch.float64)
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.context.device)
+            with self._sync(i == len(batches) - 1), self._autocast():
+                loss, parts = self_flow_loss(
+                    self.student,
+                    self.teacher if s.rep_weight > 0 else None,
+                    batch.x0,
+                    batch.y,
+                    noise=batch.noise,
+                    tau=batch.tau,
+                    tau_teacher=batch.tau_teacher,
+                    rep_weight=s.rep_weight,
+                    student_layer=s.student_layer,
+                    teacher_layer=s.teacher_layer,
+                )
+            (loss * weight).backward()
+            values = torch.stack([loss.detach(), parts["flow"], parts["rep"]]).double().cpu()
+            totals += values * weight
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        summary = torch.cat([totals, torch.tensor([float(flag.signum != 0)], dtype=torch.float64)])
+        summary = self._all_mean(summary)
+        loss, flow, rep = (float(v) for v in summary[:3])
+        norm = float(grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"the loss is {loss} (flow {flow}, rep {rep}) with gradient norm {norm} at step "
+                f"{step + 1}; the weights were not updated. Return to "
+                f"{self.last_checkpoint or 'the start (no checkpoint yet)'} (rerunning resumes "
+                f"from it) and lower --lr, or check the data"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.config.fsdp and self.context.is_distributed:
+            # FSDP2 keeps a root module's parameters gathered after a forward without backward
+            # (the teacher's); shard both again so the EMA update pairs shard with shard
+            self.student.reshard()
+            self.teacher.reshard()
+        update_ema(self.ema, self.model, s.ema_decay)
+        return {
+            "loss": loss,
+            "flow": flow,
+            "rep": rep,
+            "grad_norm": norm,
+            "stop": float(summary[3]),
+        }
+
+    def _sync(self, last: bool):
+        """Gradient accumulation: reduce across processes only on the last micro-batch."""
+        if last or not self.context.is_distributed:
+            if self.config.fsdp and self.context.is_distributed:
+                self.student.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.config.fsdp:
+            self.student.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.student.no_sync()
+
+    def _autocast(self):
+        return torch.autocast(
+            self.context.device.type,
+            dtype=torch.bfloat16,
+            enabled=self.dtype == torch.bfloat16,
+        )
+
+    def _all_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over processes of the metrics (sum for the stop flag, which is > 0 if any)."""
+        if not self.context.is_distributed:
+            return values
+        import torch.distributed as dist
+
+        device = self.context.device
+        buffer = values.to(device=device, dtype=torch.float64)
+        dist.all_reduce(buffer)
+        buffer[:3] /= self.context.world_size
+        return buffer.cpu()
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def full_states(
+        self, ema_only: bool = False
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Full (unsharded) CPU state dicts of model, EMA and optimiser, on rank 0.
+
+        A collective under FSDP (every rank holds a shard; rank 0 receives the whole). Without
+        sharding the other ranks return empty dicts instead of copying what rank 0 writes.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        sharded = self.config.fsdp and self.context.is_distributed
+        if not (sharded or self.context.is_main):
+            return {}, {}, {}
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        ema = get_model_state_dict(self.ema, options=options)
+        if ema_only:
+            return {}, ema, {}
+        model = get_model_state_dict(self.model, options=options)
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        return model, ema, optimizer
+
+    def save(self, step: int) -> None:
+        """Checkpoint and EMA export of ``step`` (rank 0 writes), then prune; all ranks wait."""
+        from selfflow.train.export import write_export
+
+        model, ema, optimizer = self.full_states()
+        if self.context.is_main:
+            path = run_state.checkpoint_path(self.run_dir, step)
+            state = {
+                "format": run_state.FORMAT,
+                "version": run_state.FORMAT_VERSION,
+                "step": step,
+                "model": model,
+                "ema": ema,
+                "optimizer": optimizer,
+                "identity": self.resolved.identity(),
+                "dataset": self.dataset.identity,
+                "settings": self.resolved.to_dict(),
+                "images_seen": step * self.resolved.settings.global_batch_size,
+            }
+            run_state.atomic_save(state, path)
+            self.last_export = write_export(
+                self.resolved.model, ema, run_state.export_path(self.run_dir, step)
+            )
+            self.last_checkpoint = path
+            s = self.resolved.settings
+            run_state.prune(self.run_dir, s.keep_last, s.keep_every)
+        self.last_checkpoint = Path(
+            distributed.broadcast_object(self.context, str(self.last_checkpoint))
+        )
+        distributed.barrier(self.context)
+
+
+def run_state_differences(stored: dict[str, Any], record: dict[str, Any]) -> list[str]:
+    from selfflow.train.config import differences
+
+    return differences(stored, record["identity"])
+
+
+def resolve_train_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """bf16 autocast on CUDA by default (weights, optimiser and EMA stay float32); float32 on
+    CPUs, where bf16 matmuls are slow and float32 makes resumes bit-exact."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def read_init(resolved: ResolvedConfig, init_from: str | None) -> dict[str, torch.Tensor] | None:
+    """The weights of ``--init-from`` (the released checkpoint or any export), checked key by
+    key and shape by shape against the model being trained, before any work."""
+    if init_from is None:
+        return None
+    from selfflow.checkpoint import read_checkpoint, validate_state_dict
+
+    state, _, _, _ = read_checkpoint(init_from)
+    with torch.device("meta"):
+        model = SelfFlowDiT(resolved.model)
+    validate_state_dict(state, model, f"--init-from {init_from}")
+    return state
+
+
+def initial_model(
+    resolved: ResolvedConfig, init_state: dict[str, torch.Tensor] | None
+) -> SelfFlowDiT:
+    """DiT's initialisation drawn from a generator keyed by the seed (every process builds the
+    same weights), or the ``--init-from`` weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stream_seed(resolved.settings.seed, 0, "init"))
+        model = SelfFlowDiT(resolved.model)
+    if init_state is not None:
+        model.load_state_dict(init_state, strict=True)
+    return model.float().train()
+
+
+def _pinned(batch: MicroBatch) -> MicroBatch:
+    return MicroBatch(
+        batch.x0.pin_memory(),
+        batch.y.pin_memory(),
+        batch.noise.pin_memory(),
+        batch.tau.pin_memory(),
+        batch.tau_teacher.pin_memory(),
+    )

@@ -1,0 +1,253 @@
+"""What a researcher watches: TensorBoard, ``log.jsonl``, a progress bar, sample grids, FID.
+
+Rank 0 writes the scalars (loss, flow, rep, gradient norm, learning rate, images/s, steps/s)
+every ``--log-every`` steps, averaged over those steps, to TensorBoard (``RUN/tensorboard``)
+and as one JSON line to ``RUN/log.jsonl``; the bar shows steps/s, images/s and the ETA. A resumed
+run first drops the records of steps after its checkpoint (they are trained again), in both.
+
+Every ``--sample-every`` steps the EMA samples a grid from fixed labels and fixed start noise
+(the same images of the run at every step, so progress is visible): decoded with the dataset's
+VAE for latent data, shown as the arrays themselves for pixel data; saved to
+``RUN/samples/step_N.png`` and TensorBoard. Every ``--eval-every`` steps the EMA is exported
+and the FID batch's own entry, :func:`selfflow.batch.runner.generate_fid_batch`, samples
+``--eval-samples`` images on all processes and scores them with the package's evaluator.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from selfflow import distributed
+from selfflow.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from selfflow.train.config import ResolvedConfig
+    from selfflow.train.trainer import Trainer
+
+LOG_NAME = "log.jsonl"
+GRID_SAMPLES = 16
+GRID_STEPS = 250  # the paper's SDE protocol
+EVAL_CLASSES = 1000  # the FID batch draws ImageNet's labels uniformly
+
+
+def check_watch_options(resolved: ResolvedConfig, dataset) -> None:
+    """Refuse evaluation settings that cannot work, before training starts."""
+    s = resolved.settings
+    if not s.eval_every:
+        return
+    if s.eval_ref is None or not Path(s.eval_ref).is_file():
+        raise ConfigurationError(f"--eval-ref {s.eval_ref}: no such file")
+    if dataset.vae is None:
+        raise ConfigurationError(
+            f"--eval-every scores images decoded by the dataset's VAE, but {s.data} is stored "
+            f"without one (pixel or raw data); ADM's Inception metrics need VAE latents"
+        )
+    if dataset.num_classes != EVAL_CLASSES:
+        raise ConfigurationError(
+            f"--eval-every runs the FID batch, which draws ImageNet's {EVAL_CLASSES} labels; the "
+            f"dataset has {dataset.num_classes} classes"
+        )
+
+
+def to_pictures(arrays: torch.Tensor, min_size: int = 64) -> np.ndarray:
+    """Pixel-space arrays in about [-1, 1] → uint8 ``(N, H, W, 3)``: three channels as RGB,
+    others as the first channel in grey; small images enlarged (nearest) to ``min_size``."""
+    from selfflow.vae import to_uint8
+
+    x = arrays.float().cpu()
+    x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+    factor = max(1, -(-min_size // x.shape[-1]))
+    if factor > 1:
+        x = x.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    return to_uint8(x)
+
+
+def grid_labels(num_classes: int, count: int = GRID_SAMPLES) -> torch.Tensor:
+    """Labels spread evenly over the classes (ImageNet's first 16 would all be fish and birds)."""
+    return torch.tensor([(i * num_classes) // count for i in range(count)], dtype=torch.int64)
+
+
+class Watch:
+    """Logging, the progress bar, sample grids and evaluations of one run (see module doc)."""
+
+    def __init__(self, trainer: Trainer, step: int) -> None:
+        self.trainer = trainer
+        self.main = trainer.context.is_main
+        s = trainer.resolved.settings
+        self.settings = s
+        self.start_step = step
+        self.window: list[dict[str, float]] = []
+        self.window_started = time.perf_counter()
+        self.last = time.perf_counter()
+        self.writer = None
+        self.bar = None
+        self.vae = trainer.vae
+        if not self.main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        run = trainer.run_dir
+        _truncate_log(run / LOG_NAME, step)
+        # purge_step drops the events of steps after the checkpoint a resume starts from
+        self.writer = SummaryWriter(str(run / "tensorboard"), purge_step=step or None)
+        self.bar = tqdm(
+            total=s.steps,
+            initial=step,
+            unit="step",
+            desc="training",
+            disable=not s.progress,
+            dynamic_ncols=True,
+        )
+
+    def after_step(self, step: int, metrics: dict[str, float]) -> None:
+        now = time.perf_counter()
+        images = self.settings.global_batch_size / max(now - self.last, 1e-9)
+        self.last = now
+        self.window.append(metrics)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{images:.1f} img/s, loss {metrics['loss']:.4f}")
+        if step % self.settings.log_every == 0 or step == self.settings.steps:
+            self._write_scalars(step, now)
+
+    def _write_scalars(self, step: int, now: float) -> None:
+        count = len(self.window)
+        seconds = max(now - self.window_started, 1e-9)
+        record: dict[str, Any] = {"step": step}
+        for key in ("loss", "flow", "rep", "grad_norm"):
+            record[key] = sum(m[key] for m in self.window) / count
+        record["lr"] = self.settings.lr
+        record["steps_per_s"] = count / seconds
+        record["images_per_s"] = count * self.settings.global_batch_size / seconds
+        self.window, self.window_started = [], now
+        if self.main:
+            self.log_record(record)
+
+    def log_record(self, record: dict[str, Any], prefix: str = "train") -> None:
+        """One line in ``log.jsonl`` and the same scalars in TensorBoard (rank 0)."""
+        step = int(record["step"])
+        line = {"time": round(time.time(), 3), **record}
+        if prefix != "train":
+            line["kind"] = prefix
+        with open(self.trainer.run_dir / LOG_NAME, "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        self.writer.flush()
+
+    def periodic(self, step: int, end: int) -> None:
+        s = self.settings
+        if s.sample_every and (step % s.sample_every == 0 or step == end):
+            self.sample_grid(step)
+        if s.eval_every and (step % s.eval_every == 0 or step == end):
+            self.evaluate(step)
+
+    # -- samples ------------------------------------------------------------------------------
+
+    def _ema_module(self):
+        """A plain module holding the EMA weights (rank 0); a collective under FSDP."""
+        trainer = self.trainer
+        if not (trainer.config.fsdp and trainer.context.is_distributed):
+            return trainer.ema
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from selfflow.model import SelfFlowDiT
+
+        full = get_model_state_dict(
+            trainer.ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if not self.main:
+            return None
+        model = SelfFlowDiT(trainer.resolved.model)
+        model.load_state_dict(full)
+        return model.to(trainer.context.device).requires_grad_(False)
+
+    def sample_grid(self, step: int) -> None:
+        """Sample the fixed grid with the EMA and save it (rank 0 samples, the others wait)."""
+        from selfflow.images import image_grid, save_png
+        from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
+
+        ema = self._ema_module()
+        if self.main:
+            trainer = self.trainer
+            config = trainer.resolved.model
+            labels = grid_labels(config.num_classes)
+            pipe = SelfFlowPipeline(ema, self.vae, device=trainer.context.device)
+            latents = pipe.sample_latents(
+                labels,
+                list(range(len(labels))),
+                self.settings.seed,
+                SamplerSettings(num_steps=GRID_STEPS, mode="sde"),
+            )
+            pictures = pipe.decode(latents) if self.vae is not None else to_pictures(latents)
+            grid = image_grid(pictures, columns=int(len(labels) ** 0.5))
+            folder = trainer.run_dir / "samples"
+            folder.mkdir(exist_ok=True)
+            save_png(grid, folder / f"step_{step:09d}.png")
+            self.writer.add_image("samples", grid, step, dataformats="HWC")
+            self.writer.flush()
+        distributed.barrier(self.trainer.context)
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self, step: int) -> None:
+        """Export the EMA, run the FID batch on every process, log ADM's metrics (rank 0)."""
+        from selfflow.batch.runner import BatchConfig, generate_fid_batch
+        from selfflow.train import state as run_state
+        from selfflow.train.export import write_export
+
+        trainer = self.trainer
+        folder = trainer.run_dir / "eval" / f"step_{step:09d}"
+        export = run_state.export_path(trainer.run_dir, step)
+        if not export.is_file():
+            export = folder / "ema.pt"
+            _, ema, _ = trainer.full_states(ema_only=True)
+            if self.main:
+                write_export(trainer.resolved.model, ema, export)
+        distributed.barrier(trainer.context)
+        config = BatchConfig(
+            checkpoint=str(export),
+            output_dir=folder,
+            num_samples=self.settings.eval_samples,
+            batch_size=self.settings.batch_size,
+            seed=self.settings.seed,
+            vae=trainer.dataset.vae,
+            dtype="bfloat16" if trainer.dtype == torch.bfloat16 else "float32",
+            eval_ref=self.settings.eval_ref,
+        )
+        result = generate_fid_batch(
+            config, context=trainer.context, progress=self.main and self.settings.progress
+        )
+        if self.main and result is not None and result.metrics:
+            scalars = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+            self.log_record({"step": step, **scalars}, prefix="eval")
+            result.npz_path.unlink(missing_ok=True)  # 2 GB per 10 000 images; the scores stay
+        distributed.barrier(trainer.context)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` (a resume trains them again)."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)

@@ -1,0 +1,548 @@
+"""The trainer in one process on the CPU: same maths for any split, exact resume, checkpoints,
+exports, bad input. (Several processes and killed runs: test_trainer_processes.py.)"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from selfflow import cli
+from selfflow.checkpoint import load_model, save_model
+from selfflow.errors import CheckpointError, ConfigurationError, SelfFlowError
+from selfflow.model import ModelConfig, SelfFlowDiT
+from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
+from selfflow.train import state as run_state
+from selfflow.train.config import TrainConfig, choose_layers
+from selfflow.train.ema import make_ema, plain_ema_update, update_ema
+from selfflow.train.streams import (
+    DataOrder,
+    StreamSpec,
+    draw_step,
+    materialise,
+    micro_batches,
+    process_rows,
+)
+from selfflow.train.trainer import NonFiniteLossError, train
+
+from .helpers import (
+    assert_states_close,
+    assert_states_equal,
+    final_state,
+    make_dataset,
+    tiny_config,
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data) -> Path:
+    """Four steps, global batch 8 in one micro-batch: what the other splits must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    train(tiny_config(data, out))
+    return out
+
+
+# -- settings --------------------------------------------------------------------------------------
+
+
+def test_layers_default_to_three_and_seven_tenths_of_the_depth():
+    assert choose_layers(28, None, None, True)[:2] == (8, 20)  # the paper's XL/2
+    assert choose_layers(12, None, None, True)[:2] == (4, 8)
+    assert choose_layers(24, None, None, True)[:2] == (7, 17)
+
+
+def test_coinciding_default_layers_move_the_teacher_one_block_deeper_and_say_so():
+    student, teacher, note = choose_layers(2, None, None, True)
+    assert (student, teacher) == (1, 2)
+    assert note and "teacher layer 2" in note
+
+
+def test_a_teacher_layer_not_deeper_than_the_student_is_refused():
+    with pytest.raises(ConfigurationError, match="deeper than the student"):
+        choose_layers(12, 5, 5, True)
+    with pytest.raises(ConfigurationError, match="depth-1 model has no two blocks"):
+        choose_layers(1, None, None, True)
+    with pytest.raises(ConfigurationError, match="not a block"):
+        choose_layers(12, 13, None, True)
+    assert choose_layers(1, None, None, False)[:2] == (1, 1)  # flow: layers unused
+
+
+def test_method_flow_is_plain_flow_matching_and_refuses_selfflow_settings():
+    resolved = TrainConfig(data="d", output_dir="o", steps=1, model="tiny", method="flow").resolve(
+        (4, 8, 8), 10
+    )
+    assert resolved.settings.mask_ratio == 0 and resolved.settings.rep_weight == 0
+    with pytest.raises(ConfigurationError, match="--method flow"):
+        TrainConfig(data="d", output_dir="o", steps=1, method="flow", mask_ratio=0.25).validate()
+
+
+def test_sizes_come_from_the_presets_and_the_data():
+    resolved = TrainConfig(data="d", output_dir="o", steps=1, model="B/2").resolve((3, 16, 16), 7)
+    m = resolved.model
+    assert (m.hidden_size, m.depth, m.num_heads) == (768, 12, 12)
+    assert (m.in_channels, m.input_size, m.num_classes, m.null_class) == (3, 16, 7, 7)
+
+
+@pytest.mark.parametrize(
+    ("global_batch", "batch", "world", "message"),
+    [(10, None, 4, "does not divide over 4 processes"), (8, 3, 2, "does not divide the 4")],
+)
+def test_batch_sizes_that_do_not_divide_are_refused(global_batch, batch, world, message):
+    config = TrainConfig(
+        data="d", output_dir="o", steps=1, model="tiny", global_batch_size=global_batch,
+        batch_size=batch,
+    )  # fmt: skip
+    with pytest.raises(ConfigurationError, match=message):
+        config.resolve((4, 8, 8), 10, world_size=world)
+
+
+# -- the streams -----------------------------------------------------------------------------------
+
+
+def spec(**overrides) -> StreamSpec:
+    base = StreamSpec(3, 12, (4, 8, 8), 16, 0.25, 0.1, True)
+    return replace(base, **overrides)
+
+
+def test_each_epoch_visits_every_image_once_in_a_seeded_order():
+    order = DataOrder(5, 10)
+    first_two = order.indices(0, 20)
+    assert sorted(first_two[:10]) == list(range(10)) == sorted(first_two[10:])
+    assert not np.array_equal(first_two[:10], first_two[10:])  # a new permutation per epoch
+    assert np.array_equal(DataOrder(5, 10).indices(7, 6), first_two[7:13])  # straddles epochs
+    assert not np.array_equal(DataOrder(6, 10).indices(0, 10), first_two[:10])
+
+
+def test_a_process_and_micro_batch_split_sees_the_global_batch_s_numbers():
+    whole = draw_step(spec(), DataOrder(3, 40), step=5)
+    parts = [mb for rank in range(3) for mb in micro_batches(process_rows(whole, rank, 3), 2)]
+    assert len(parts) == 6
+    assert np.array_equal(np.concatenate([p.indices for p in parts]), whole.indices)
+    for name in ("posterior", "noise", "tau", "tau_teacher", "drop"):
+        joined = torch.cat([getattr(p, name) for p in parts])
+        assert torch.equal(joined, getattr(whole, name)), name
+    again = draw_step(spec(), DataOrder(3, 40), step=5)
+    assert torch.equal(again.noise, whole.noise)  # a function of (seed, step) alone
+    other = draw_step(spec(), DataOrder(3, 40), step=6)
+    assert not torch.equal(other.noise, whole.noise)
+
+
+def test_label_drops_follow_the_dropout_probability():
+    drops = torch.cat(
+        [draw_step(spec(global_batch=500), DataOrder(3, 40), k).drop for k in range(20)]
+    ).float()
+    # 10 000 Bernoulli(0.1) draws: standard error 0.003
+    assert abs(float(drops.mean()) - 0.1) < 0.012
+
+
+# -- the same maths for any split ------------------------------------------------------------------
+
+
+def test_gradient_accumulation_gives_the_same_weights(tmp_path, data, reference):
+    out = tmp_path / "accumulated"
+    train(tiny_config(data, out, batch_size=2))  # four micro-batches per step
+    a, b = final_state(reference), final_state(out)
+    assert_states_close(a, b)
+
+
+def test_the_fast_network_trains_the_same_weights_as_the_plain_model(tmp_path, data, reference):
+    # the reference run uses the default fast network (FastTrainingDiT); its twin is the model
+    out = tmp_path / "plain"
+    train(tiny_config(data, out, network="plain"))
+    assert_states_close(final_state(reference), final_state(out))
+
+
+def test_bf16_autocast_trains_close_to_float32(tmp_path, data, reference):
+    out = tmp_path / "bf16"
+    lines: list[str] = []
+    train(tiny_config(data, out, dtype="bfloat16"), log=lines.append)
+    assert any("bfloat16 on cpu" in line for line in lines)
+    state = final_state(out)
+    assert state["model"]["blocks.0.attn.qkv.weight"].dtype == torch.float32  # weights stay fp32
+    bf16 = [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()]
+    fp32 = [json.loads(x)["loss"] for x in (reference / "log.jsonl").read_text().splitlines()]
+    # same batches, bf16 rounding only
+    assert all(abs(a - b) < 0.05 * abs(b) for a, b in zip(bf16, fp32, strict=True))
+    assert bf16 != fp32  # autocast did change the arithmetic
+
+
+def test_method_flow_trains_without_teacher_and_keeps_the_projector(tmp_path, data):
+    out = tmp_path / "flow"
+    result = train(tiny_config(data, out, steps=2, method="flow"))
+    state = final_state(out)
+    train(tiny_config(data, tmp_path / "flow0", steps=1, method="flow", lr=1e-12))
+    initial = final_state(tmp_path / "flow0")["model"]
+    assert torch.equal(
+        state["model"]["projector.linear1.weight"], initial["projector.linear1.weight"]
+    )
+    assert not torch.allclose(
+        state["model"]["final_layer.linear.weight"], initial["final_layer.linear.weight"]
+    )
+    assert result.last_metrics["rep"] == 0.0
+
+
+def test_training_moves_the_weights_and_the_ema_follows(reference, data, tmp_path):
+    # the initial weights: one step with a negligible learning rate (Adam moves each weight
+    # by about lr)
+    train(tiny_config(data, tmp_path / "zero", steps=1, lr=1e-12))
+    initial = final_state(tmp_path / "zero", 1)["model"]
+    trained = final_state(reference)
+    moved = [k for k in initial if not torch.allclose(initial[k], trained["model"][k])]
+    assert len(moved) > len(initial) // 2
+    ema_moved = [k for k in initial if not torch.allclose(initial[k], trained["ema"][k])]
+    assert ema_moved
+
+
+def test_stopping_and_rerunning_continues_bit_identically(tmp_path, data, reference):
+    out = tmp_path / "resumed"
+    train(tiny_config(data, out, steps=2))
+    result = train(tiny_config(data, out))  # same command with more steps: resumes at 2
+    assert result.step == 4
+    assert_states_equal(final_state(reference), final_state(out))
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # nothing replayed, nothing skipped
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_used(
+    tmp_path, data, reference, capsys
+):
+    out = tmp_path / "damaged"
+    train(tiny_config(data, out, steps=3, checkpoint_every=1, keep_last=5))
+    newest = run_state.checkpoint_path(out, 3)
+    raw = bytearray(newest.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 8] = bytes(8)  # inside the tensor data
+    newest.write_bytes(bytes(raw))
+    lines: list[str] = []
+    result = train(tiny_config(data, out), log=lines.append)
+    assert any("step_000000003.pt is damaged" in line for line in lines), lines
+    assert any("resuming from" in line and "step_000000002.pt" in line for line in lines)
+    assert result.step == 4
+    assert_states_equal(final_state(reference), final_state(out))
+
+
+def test_old_checkpoints_are_pruned_keeping_milestones(tmp_path, data):
+    out = tmp_path / "pruned"
+    train(tiny_config(data, out, steps=6, checkpoint_every=1, keep_last=2, keep_every=3))
+    assert [s for s, _ in run_state.list_checkpoints(out)] == [3, 5, 6]
+    exports = sorted(p.name for p in (out / "checkpoints").glob("*-ema.pt"))
+    assert exports == [f"step_{s:09d}-ema.pt" for s in (3, 5, 6)]
+
+
+def test_ema_starts_as_an_exact_copy_and_follows_the_formula():
+    model = SelfFlowDiT(ModelConfig.tiny())
+    ema = make_ema(model)
+    for a, b in zip(ema.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b) and not a.requires_grad
+    reference = make_ema(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    update_ema(ema, model, 0.9)
+    plain_ema_update(reference, model, 0.9)
+    for a, b in zip(ema.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def test_export_is_the_ema_and_loads_strictly_and_samples(tmp_path, reference):
+    out = tmp_path / "ema.pt"
+    assert cli.main(["export", str(reference), str(out)]) == 0
+    model = load_model(out)
+    state = final_state(reference)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state["ema"][key]), key
+    beside = load_model(run_state.export_path(reference, 4))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in beside.state_dict().items())
+    pipe = SelfFlowPipeline(model)
+    latents = pipe.sample_latents(
+        torch.tensor([0, 9, 10]), [0, 1, 2], 0, SamplerSettings(num_steps=4, mode="sde")
+    )  # label 10 is this 10-class model's null row
+    assert latents.shape == (3, 4, 8, 8) and bool(torch.isfinite(latents).all())
+
+
+def test_export_of_a_folder_without_checkpoints_says_so(tmp_path):
+    with pytest.raises(CheckpointError, match="no intact training checkpoint"):
+        from selfflow.train.export import export_run
+
+        export_run(tmp_path, tmp_path / "x.pt")
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_missing_and_foreign_dataset_folders_are_refused(tmp_path):
+    with pytest.raises(SelfFlowError, match="missing"):
+        train(tiny_config(tmp_path / "nothing", tmp_path / "run"))
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "cat.jpg").write_bytes(b"jpeg")
+    with pytest.raises(SelfFlowError):
+        train(tiny_config(tmp_path / "foreign", tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_the_model_cannot_patch_is_refused(tmp_path):
+    data = make_dataset(tmp_path / "odd", n=8, shape=(4, 7, 7))
+    with pytest.raises(ConfigurationError, match="multiple of the patch size"):
+        train(tiny_config(data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_a_file_with_other_shapes_names_the_keys(tmp_path, data):
+    other = tmp_path / "other.pt"
+    save_model(SelfFlowDiT(replace(ModelConfig.tiny(), num_classes=5)), other)
+    with pytest.raises(CheckpointError, match="y_embedder.embedding_table.weight"):
+        train(tiny_config(data, tmp_path / "run", init_from=str(other)))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_init_from_an_export_starts_from_its_weights(tmp_path, data, reference):
+    source = run_state.export_path(reference, 4)
+    out = tmp_path / "finetune"
+    train(tiny_config(data, out, steps=1, lr=1e-12, init_from=str(source)))
+    start = final_state(out)["model"]
+    exported = load_model(source).state_dict()
+    for key, value in exported.items():
+        torch.testing.assert_close(start[key], value, rtol=1e-6, atol=1e-6)
+
+
+def test_a_run_folder_with_another_configuration_is_refused_naming_it(tmp_path, data):
+    out = tmp_path / "run"
+    train(tiny_config(data, out, steps=1))
+    with pytest.raises(ConfigurationError, match=r"lr: 0\.001 → 0\.002"):
+        train(tiny_config(data, out, steps=2, lr=2e-3))
+    # settings that only say how the run is computed may change
+    result = train(tiny_config(data, out, steps=2, batch_size=4, checkpoint_every=5))
+    assert result.step == 2
+
+
+def test_a_full_disk_is_refused_before_any_work(tmp_path, data, monkeypatch):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+    with pytest.raises(run_state.DiskFullError, match="MiB free"):
+        train(tiny_config(data, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_disk_filling_up_while_saving_leaves_nothing_half_written(tmp_path, data, monkeypatch):
+    import errno
+
+    def full(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(run_state.DiskFullError, match="no space left"):
+        train(tiny_config(data, tmp_path / "run"))
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_the_checkpoint(tmp_path, data, monkeypatch):
+    from selfflow.train import trainer
+
+    real = trainer.self_flow_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, parts = real(*args, **kwargs)
+        return (loss * math.nan if calls["n"] == 3 else loss), parts
+
+    monkeypatch.setattr(trainer, "self_flow_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"step 3.*step_000000002\.pt"):
+        train(tiny_config(data, out))
+    assert [s for s, _ in run_state.list_checkpoints(out)] == [2]
+
+
+def test_evaluation_of_a_pixel_dataset_is_refused_before_training(tmp_path, data):
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(b"x")
+    with pytest.raises(ConfigurationError, match="stored without one"):
+        train(tiny_config(data, tmp_path / "run", eval_every=2, eval_ref=str(ref)))
+    with pytest.raises(ConfigurationError, match="needs --eval-ref"):
+        train(tiny_config(data, tmp_path / "run", eval_every=2))
+
+
+def test_logs_and_sample_grid(tmp_path, data):
+    out = tmp_path / "run"
+    train(tiny_config(data, out, steps=2, sample_every=2))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("loss", "flow", "rep", "grad_norm", "lr", "images_per_s", "steps_per_s"):
+        assert all(math.isfinite(r[key]) for r in records), key
+    assert all(abs(r["loss"] - (r["flow"] + 0.8 * r["rep"])) < 1e-5 for r in records)
+    assert (out / "samples" / "step_000000002.png").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for option in (
+        "--data", "--output-dir", "--model", "--hidden-size", "--depth", "--num-heads",
+        "--global-batch-size", "--batch-size", "--steps", "--lr", "--ema-decay", "--mask-ratio",
+        "--rep-weight", "--label-dropout", "--grad-clip", "--seed", "--device", "--dtype",
+        "--checkpoint-every", "--init-from", "--method", "--fsdp", "--keep-last", "--keep-every",
+        "--eval-every", "--eval-samples", "--eval-ref", "--sample-every", "--student-layer",
+        "--teacher-layer",
+    ):  # fmt: skip
+        assert option in text, option
+
+
+@pytest.mark.slow
+def test_periodic_evaluation_runs_the_fid_batch_on_the_ema_and_logs_the_metrics(
+    tmp_path, tiny_vae_dir, monkeypatch
+):
+    import importlib.machinery
+    import sys
+    import types
+
+    from selfflow.data import LatentDataset
+
+    # a latent dataset of the tiny VAE's shape and ImageNet's 1000 classes, encoded by that VAE
+    data = make_dataset(tmp_path / "latents", n=16, classes=1000)
+    real_init = LatentDataset.__init__
+
+    def with_vae(self, root):
+        real_init(self, root)
+        self.vae = tiny_vae_dir
+
+    monkeypatch.setattr(LatentDataset, "__init__", with_vae)
+    seen = {}
+    fake = types.ModuleType("selfflow.eval.evaluator")
+    fake.__spec__ = importlib.machinery.ModuleSpec("selfflow.eval.evaluator", None)
+
+    def evaluate(ref_path, sample_path, out_dir=None, inception=None, device=None, batch_size=64):
+        with np.load(sample_path) as npz:
+            seen[Path(out_dir).name] = npz["arr_0"].shape
+        return {"fid": 12.5, "inception_score": 3.0}
+
+    fake.evaluate = evaluate
+    fake.format_report = lambda metrics: f"FID: {metrics['fid']}"
+    monkeypatch.setitem(sys.modules, "selfflow.eval.evaluator", fake)
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(b"x")
+    out = tmp_path / "run"
+    config = tiny_config(
+        data, out, steps=2, eval_every=2, eval_samples=4, eval_ref=str(ref), sample_every=2
+    )
+    train(config)
+    assert seen == {"step_000000002": (4, 16, 16, 3)}  # 4 images decoded by the tiny VAE
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    assert evals == [evals[0]] and evals[0]["step"] == 2 and evals[0]["fid"] == 12.5
+    assert (out / "samples" / "step_000000002.png").is_file()  # the grid, decoded by the VAE
+    assert not (out / "eval" / "step_000000002" / "samples_4.npz").exists()  # scored, removed
+
+
+def test_export_of_a_given_step_and_of_a_checkpoint_file(tmp_path, reference):
+    from selfflow.train.export import export_run
+
+    by_step = export_run(reference, tmp_path / "a.pt", step=2)
+    by_file = export_run(run_state.checkpoint_path(reference, 2), tmp_path / "b.pt")
+    ema = final_state(reference, 2)["ema"]
+    for path in (by_step, by_file):
+        state = load_model(path).state_dict()
+        assert all(torch.equal(state[k], ema[k]) for k in state)
+    with pytest.raises(CheckpointError, match="no checkpoint of step 3"):
+        export_run(reference, tmp_path / "c.pt", step=3)
+
+
+def test_loop_benchmark_smoke(capsys):
+    import importlib.util
+
+    from .helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("train_loop", REPO / "benchmarks/train_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--steps", "3", "--batch", "8"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    table = capsys.readouterr().out
+    assert table.count("| ") >= 4 and "ms per step" in table
+
+
+def test_progress_bar_shows_steps_per_second_images_per_second_and_eta(tmp_path, data, capsys):
+    train(tiny_config(data, tmp_path / "run", steps=3, progress=True))
+    err = capsys.readouterr().err
+    assert "training" in err and "3/3" in err
+    assert "step/s" in err or "s/step" in err  # tqdm's rate
+    assert "img/s" in err and "<" in err  # images/s and tqdm's elapsed<remaining
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--student-layer", "2", "--teacher-layer", "2"], "teacher layer deeper than the student"),
+        (["--global-batch-size", "8", "--batch-size", "3"], "does not divide"),
+        (["--method", "flow", "--rep-weight", "0.8"], "--method flow"),
+    ],
+)
+def test_bad_options_get_one_clear_line_and_exit_status_1(tmp_path, data, capsys, extra, message):
+    args = ["train", "--data", str(data), "--output-dir", str(tmp_path / "run"), "--steps", "2",
+            "--model", "tiny", "--device", "cpu", "--no-progress", *extra]  # fmt: skip
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("selfflow train: error:") and message in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_vae_dir) -> Path:
+    """A `selfflow prepare` dataset: tiny-VAE posteriors (mean, std) of a small image tree."""
+    from selfflow.data.prepare import PrepareConfig, prepare_dataset
+    from tests.data.trees import write_tree
+
+    tree = write_tree(tmp_path_factory.mktemp("tree") / "train")
+    out = tmp_path_factory.mktemp("prepared") / "latents"
+    config = PrepareConfig(
+        tree, out, vae=tiny_vae_dir, image_size=16, batch_size=4, shard_size=5, num_workers=0
+    )
+    prepare_dataset(config, progress=False, log=lambda m: None)
+    return out
+
+
+def test_each_step_draws_a_fresh_posterior_sample_scaled_by_the_vae_factor(prepared):
+    from selfflow.data import LatentDataset
+
+    ds = LatentDataset(prepared)
+    assert ds.has_std and ds.scale == pytest.approx(0.18215)
+    spec_ = StreamSpec(0, 6, tuple(ds.latent_shape), 16, 0.25, 0.0, True)
+    draws = draw_step(spec_, DataOrder(0, len(ds)), 2)
+    batch = materialise(draws, ds, null_class=ds.num_classes)
+    for row, index in enumerate(draws.indices):
+        mean, std, label = ds[int(index)]
+        expected = 0.18215 * (mean.double() + std.double() * draws.posterior[row].double())
+        torch.testing.assert_close(batch.x0[row].double(), expected, rtol=1e-6, atol=1e-7)
+        assert int(batch.y[row]) == label  # label dropout 0: every label kept
+    other = materialise(draw_step(spec_, DataOrder(0, len(ds)), 3), ds, ds.num_classes)
+    assert not torch.equal(other.x0, batch.x0)
+
+
+def test_a_prepared_dataset_trains_and_its_grid_is_decoded_by_its_vae(tmp_path, prepared):
+    out = tmp_path / "run"
+    train(tiny_config(prepared, out, steps=2, sample_every=2))
+    from PIL import Image
+
+    with Image.open(out / "samples" / "step_000000002.png") as grid:
+        # 16 samples of 16 × 16 RGB (the tiny VAE's 8 × 8 latents decoded) in a 4 × 4 grid
+        assert grid.mode == "RGB" and grid.size == (4 * 16 + 3 * 2, 4 * 16 + 3 * 2)
