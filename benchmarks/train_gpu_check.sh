@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one device check of the fast training step (issue 12), for a lent H100 or H200.
+# The one device check of the fast training step, for an H100 or H200.
 #
 #   bash benchmarks/train_gpu_check.sh      # from the repository root; under 8 minutes on an H200
 #

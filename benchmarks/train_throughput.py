@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sampling benchmark's helpers
 try:
     import selfflow  # noqa: F401
-except ImportError:  # run from a checkout that is not installed (e.g. on a lent GPU machine)
+except ImportError:  # run from a checkout that is not installed (e.g. a fresh GPU machine)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from throughput import device_name, matmul_peak, realistic_random_, sync  # noqa: E402

@@ -128,15 +128,16 @@ def verify_torch_archive(path: str | os.PathLike, chunk_size: int = 1 << 22) -> 
         ) from error
 
 
-def torch_load_verified(path: str | os.PathLike) -> object:
+def torch_load_verified(path: str | os.PathLike, *, mmap: bool = False) -> object:
     """``torch.load(weights_only=True)`` on the CPU after :func:`verify_torch_archive`.
 
     Every reader of ``.pt`` files in the package (models, training state) goes through here,
-    so damage is named, never loaded.
+    so damage is named, never loaded. ``mmap=True`` maps the tensors instead of copying them:
+    processes that read the same file (every rank at a training resume) share the page cache.
     """
     path = Path(path)
     verify_torch_archive(path)
-    return _torch_load(path)
+    return _torch_load(path, mmap=mmap)
 
 
 def _check_torch_file_kind(path: Path) -> None:
@@ -169,10 +170,10 @@ def _check_torch_file_kind(path: Path) -> None:
     )
 
 
-def _torch_load(path: Path) -> object:
+def _torch_load(path: Path, mmap: bool = False) -> object:
     _check_torch_file_kind(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         if "weights only" not in str(error).lower():  # not a pickle at all (text, garbage)
             raise CheckpointError(

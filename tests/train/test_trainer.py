@@ -438,6 +438,10 @@ def test_periodic_evaluation_runs_the_fid_batch_on_the_ema_and_logs_the_metrics(
     monkeypatch.setitem(sys.modules, "selfflow.eval.evaluator", fake)
     ref = tmp_path / "ref.npz"
     ref.write_bytes(b"x")
+    cache = tmp_path / "cache"  # the FID batch finds the Inception graph here: no download
+    cache.mkdir()
+    (cache / "classify_image_graph_def.pb").write_bytes(b"graph")
+    monkeypatch.setenv("SELFFLOW_CACHE", str(cache))
     out = tmp_path / "run"
     config = tiny_config(
         data, out, steps=2, eval_every=2, eval_samples=4, eval_ref=str(ref), sample_every=2

@@ -12,7 +12,7 @@ A checkpoint holds no RNG state: every random number of step k comes from stream
 (seed, k) (see :mod:`selfflow.train.streams`), so the step number is all a resume needs. Files
 are written to a temporary name, flushed to disk and renamed, so a checkpoint is either whole
 or absent; reading checks every archive entry's CRC-32 first
-(:func:`selfflow.checkpoint.verify_torch_archive`), and a damaged newest checkpoint is named and the previous one used.
+(:func:`selfflow.checkpoint.torch_load_verified`), and a damaged newest checkpoint is named and the previous one used.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from selfflow.checkpoint import verify_torch_archive
+from selfflow.checkpoint import torch_load_verified
 from selfflow.errors import CheckpointError, ConfigurationError, SelfFlowError
 
 FORMAT = "selfflow-train"
@@ -141,20 +141,13 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _load_mapped(path: Path) -> object:
-    """``torch.load(weights_only=True, mmap=True)`` after the archive's CRC-32 check.
+    """The checkpoint, CRC-checked and memory-mapped.
 
     Memory-mapped because every process reads the checkpoint at a resume: eight processes
     each loading an XL/2 state (11 GB: model, EMA, Adam moments) would hold 88 GB of copies;
     mapped, they share the page cache.
     """
-    verify_torch_archive(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # torch raises many types for files that are not checkpoints
-        first = str(error).splitlines()[0] if str(error) else ""
-        raise CheckpointError(
-            f"{path} is not a readable training checkpoint ({type(error).__name__}: {first})"
-        ) from error
+    return torch_load_verified(path, mmap=True)
 
 
 def load_latest(run: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
