@@ -45,8 +45,8 @@ except (
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from selfflow import distributed
-from selfflow.batch.bench import _random_checkpoint, _random_vae, random_model
-from selfflow.batch.runner import BatchConfig, generate_fid_batch
+from selfflow.batch import BatchConfig, generate_fid_batch
+from selfflow.batch.bench import random_checkpoint, random_model, random_vae
 from selfflow.eval.graphdef import TFGraph
 from selfflow.eval.inception import InceptionV3
 from selfflow.eval.metrics import full_fp32
@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     report["num_samples"] = args.num_samples
     with tempfile.TemporaryDirectory(prefix="selfflow-consistency-") as tmp:
         folder = Path(tmp)
-        _random_checkpoint(folder, args.tiny)
-        _random_vae(folder, args.tiny)
+        random_checkpoint(folder, args.tiny)
+        random_vae(folder, args.tiny)
         big, small = args.batch_sizes
         report["VAE decode, alone vs in a batch"] = decode_shapes(folder / "vae", args.device, big)
         log(f"VAE decode: {report['VAE decode, alone vs in a batch']}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from selfflow import cli
-from selfflow.batch import runner
+from selfflow.batch import progress, runner
 from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
 
 
@@ -66,7 +66,7 @@ def test_lower_case_modes_are_accepted(capsys):
 
 def test_a_long_batch_shows_its_step_count(tmp_path, tiny_checkpoint, tiny_vae_dir, monkeypatch,
                                            capsys):  # fmt: skip
-    monkeypatch.setattr(runner, "STEP_PROGRESS_AFTER", 0.0)  # every batch counts as long
+    monkeypatch.setattr(progress, "STEP_PROGRESS_AFTER", 0.0)  # every batch counts as long
     config = runner.BatchConfig(
         checkpoint=tiny_checkpoint, vae=tiny_vae_dir, output_dir=tmp_path / "s", num_samples=3,
         batch_size=2, num_steps=4,

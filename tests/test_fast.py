@@ -2,7 +2,7 @@
 
 References: the plain :class:`SelfFlowDiT` (float32, and float64 for the exactness check), the
 official sampler from ``selfflow.transport`` driven by shared noise, PyTorch's own FLOP counter,
-and the figures in FACTS §4. The fast path shares no layer code with the network (stacked
+and the model's published FLOP figures. The fast path shares no layer code with the network (stacked
 weights, one batched adaLN matmul, its own loop), so agreement is not by construction.
 """
 
@@ -205,7 +205,7 @@ def test_flop_count_matches_torch_counter_and_facts(tiny_model, tiny_config, bat
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         tiny_model(x[:1], tau[:1, None].expand(1, cfg.num_tokens), y[:1])
     assert counter.get_total_flops() + attention == forward_flops(cfg, per_token_adaln=True)
-    # FACTS §4: 237 GFLOP of useful work for XL/2; per-token adaLN adds about 115
+    # 237 GFLOP of useful work for XL/2; per-token adaLN adds about 115
     xl = ModelConfig.xl_2()
     assert forward_flops(xl) == pytest.approx(237e9, rel=2e-3)
     extra = forward_flops(xl, per_token_adaln=True) - forward_flops(xl)

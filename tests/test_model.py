@@ -1,4 +1,4 @@
-"""The network against an independent float64 re-computation written from FACTS §1.
+"""The network against an independent float64 re-computation written from the model's equations.
 
 The reference below never calls selfflow's layers: it reads the state dict by its released key
 names and writes each formula out (explicit index loops for the patch layout, softmax attention
@@ -17,7 +17,7 @@ import torch
 from selfflow.model import NULL_CLASS, ModelConfig, SelfFlowDiT
 
 # ----------------------------------------------------------------------------------------------
-# Reference maths, float64 numpy, straight from FACTS §1
+# Reference maths, float64 numpy, straight from the model's equations
 
 
 def ref_tokens(latent: np.ndarray, patch: int = 2) -> np.ndarray:

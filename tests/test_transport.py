@@ -186,7 +186,7 @@ def test_ode_convergence_order(solver: str, order: float):
 
 
 # --------------------------------------------------------------------------------------------
-# Step-for-step agreement with a scalar float64 re-implementation of FACTS §2
+# Step-for-step agreement with a scalar float64 re-implementation of the official sampler
 # --------------------------------------------------------------------------------------------
 
 
@@ -201,7 +201,7 @@ def _nonlinear_velocity(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 
 
 def _reference_sde(x0: list[list[float]], xis: list[list[list[float]]], n: int):
-    """FACTS §2 literally: a scalar loop in the network's time t, float64 Python floats."""
+    """The official sampler literally: a scalar loop in the network's time t, float64 Python floats."""
     dt = 0.96 / (n - 1)
     x = [row[:] for row in x0]
     for i in range(n - 1):

@@ -4,7 +4,7 @@ The official loader takes ``strict=False``, so a wrong file silently becomes a r
 Here every key and shape is checked, every tensor must be finite, and the file is read with
 ``torch.load(weights_only=True)`` (no pickled code is ever executed).
 
-Accepted layouts (FACTS §1):
+Accepted layouts (those of the official release):
 
 * the released ``selfflow_imagenet256.pt``: a bare state dict, or one wrapped under ``ema``,
   ``model`` or ``state_dict``; keys may carry ``module.`` (DDP) or ``_orig_mod.``

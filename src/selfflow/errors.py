@@ -29,3 +29,11 @@ class EvaluationError(SelfFlowError, ValueError):
 
 class DatasetError(SelfFlowError):
     """A training dataset folder is missing, incomplete, damaged, or not a dataset at all."""
+
+
+class ReportedOnRankZero(SelfFlowError):
+    """A multi-process set-up failed; rank 0 prints the reason, the other ranks only stop.
+
+    (An output folder that not all nodes share is reported by each node's first process, as
+    the other nodes' logs are elsewhere.)
+    """

@@ -36,7 +36,7 @@ from selfflow.model import ModelConfig, SelfFlowDiT, patchify, timestep_features
 
 __all__ = ["FastSelfFlow", "OfficialEquivalent", "forward_flops", "official_equivalent"]
 
-_LN_EPS = 1e-6  # FACTS §1: LayerNorm without affine parameters, eps 1e-6
+_LN_EPS = 1e-6  # LayerNorm without affine parameters, eps 1e-6
 
 
 def forward_flops(config: ModelConfig, *, per_token_adaln: bool = False) -> float:
@@ -44,7 +44,7 @@ def forward_flops(config: ModelConfig, *, per_token_adaln: bool = False) -> floa
 
     Counts every matmul and the two attention products (``QKᵀ`` and ``AV``); element-wise work
     is left out. With the default per-sample adaLN this is the *useful* work (≈ 237 GFLOP for
-    XL/2, FACTS §4); ``per_token_adaln=True`` counts what the official per-token path executes
+    XL/2); ``per_token_adaln=True`` counts what the official per-token path executes
     (≈ 116 GFLOP more: the same modulation rows, and time-embedding MLP, for every token).
     """
     d, t, depth = config.hidden_size, config.num_tokens, config.depth

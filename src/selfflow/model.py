@@ -1,7 +1,7 @@
 """The Self-Flow network: a SiT/DiT transformer with per-token timestep conditioning.
 
 The released ImageNet 256 model is SiT-XL/2 (``ModelConfig.xl_2()``). Parameter names and
-shapes mirror the released state dict exactly (see ``../shared/FACTS.md`` §1) so a checkpoint
+shapes mirror the released state dict exactly so a checkpoint
 loads strictly, key for key.
 
 Two time conventions meet here. Inside the network (SiT) ``t = 0`` is noise and ``t = 1`` is

@@ -1,10 +1,10 @@
 """Samplers for the linear flow path, as plain functions of a velocity function.
 
-Conventions (the paper's, FACTS §1): ``x_tau = (1 - tau) * x_data + tau * eps`` with ``tau = 1``
+Conventions (the paper's): ``x_tau = (1 - tau) * x_data + tau * eps`` with ``tau = 1``
 pure noise and ``tau = 0`` data, and ``velocity(x, tau) = E[eps - x_data | x_tau = x]`` where
 ``tau`` has shape ``(B,)``. The network's own (SiT) convention is ``t = 1 - tau`` and
 ``v = -velocity``; the SDE below is written in that ``t`` because that is how the official
-sampler is stated (FACTS §2).
+sampler is stated.
 
 * :func:`sample_sde` is the official Euler–Maruyama sampler, step for step: ``N`` network
   evaluations for ``num_steps = N``.
@@ -222,7 +222,7 @@ def sample_sde(
     progress: Progress = False,
     last_t: float = OFFICIAL_LAST_T,
 ) -> torch.Tensor:
-    """The official Euler–Maruyama SDE sampler (FACTS §2), from start noise ``x`` to data.
+    """The official Euler–Maruyama SDE sampler, from start noise ``x`` to data.
 
     In network time ``t`` (0 = noise) on the grid ``t_i = last_t * i / (N - 1)``,
     ``dt = last_t / (N - 1)``, with the SiT velocity ``v = -velocity(x, 1 - t)``:
@@ -433,7 +433,7 @@ def guided_velocity(
     Inside ``low <= tau <= high`` (inclusive, compared in ``tau``'s dtype) and with
     ``cfg_scale != 1``, the conditional and null passes run as one batched call on
     ``cat([x, x])`` with labels ``cat([labels, null])`` and are combined as
-    ``v_null + s (v_cond - v_null)`` (FACTS §2). Otherwise only the conditional pass runs, so
+    ``v_null + s (v_cond - v_null)`` (the official guidance rule). Otherwise only the conditional pass runs, so
     the unguided noisy part of the path and cfg 1.0 cost one pass. With guidance the interval
     test reads ``tau`` on the host once per call.
     """

@@ -2,7 +2,7 @@
 encoding images → the posterior (mean, std) that training data stores.
 
 The official code decodes ``z / 0.18215`` with diffusers' ``AutoencoderKL`` in bf16 and maps
-``[-1, 1]`` to bytes with ``floor(255 · clamp((x + 1) / 2, 0, 1))`` (FACTS §2) on the decoder's
+``[-1, 1]`` to bytes with ``floor(255 · clamp((x + 1) / 2, 0, 1))`` on the decoder's
 output tensor, so in bf16 too. That arithmetic is kept here, in the decoder's own dtype: bf16
 rounds ``255·x`` to a whole number above 128, so about one byte in ten comes out one level
 higher than a float32 mapping would give (mean +0.09 levels). Parity with the released numbers

@@ -17,7 +17,7 @@ from selfflow.eval.tf_ops import GraphExecutor
 from tests.eval import tfgraphs
 
 OP_TOLERANCE = 2e-6  # one op: float32 rounding and summation order only
-NETWORK_TOLERANCE = 1e-5  # the bar for pool_3, spatial and softmax
+NETWORK_TOLERANCE = 1e-5  # the bar for pool_3, spatial and softmax
 
 
 def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:

@@ -38,13 +38,15 @@ def random_model(tiny: bool, device=None):
     return model
 
 
-def _random_checkpoint(folder: Path, tiny: bool) -> Path:
+def random_checkpoint(folder: Path, tiny: bool) -> Path:
+    """A checkpoint of :func:`random_model` saved as ``folder/random.pt`` (for benchmarks)."""
     from selfflow.checkpoint import save_model
 
     return save_model(random_model(tiny), folder / "random.pt")
 
 
-def _random_vae(folder: Path, tiny: bool) -> Path:
+def random_vae(folder: Path, tiny: bool) -> Path:
+    """An SD-VAE-shaped AutoencoderKL with seeded random weights in ``folder/vae``."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -65,7 +67,7 @@ def _random_vae(folder: Path, tiny: bool) -> Path:
     return folder / "vae"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m selfflow.batch.bench", description=__doc__.split("\n\n")[0]
     )
@@ -78,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-images", action="store_true")
     parser.add_argument("--ckpt", default=None, help="a real checkpoint instead of random weights")
     parser.add_argument("--vae", default=None, help="a real VAE folder instead of random weights")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure both rates and print them as a Markdown table."""
+    parser = _parser()
     args = parser.parse_args(argv)
 
     import torch
@@ -89,13 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         distributed.resolve_device(args.device, 0)
     except SelfFlowError as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
-    from selfflow.batch.runner import BatchConfig, _Job, generate_fid_batch
-    from selfflow.pipeline import SamplerSettings
+    from selfflow.batch import BatchConfig, generate_fid_batch
+    from selfflow.pipeline import SamplerSettings, SelfFlowPipeline, resolve_dtype
 
     with tempfile.TemporaryDirectory(prefix="selfflow-bench-") as tmp:
         folder = Path(tmp)
-        checkpoint = args.ckpt or str(_random_checkpoint(folder, args.tiny))
-        vae = args.vae or str(_random_vae(folder, args.tiny))
+        checkpoint = args.ckpt or str(random_checkpoint(folder, args.tiny))
+        vae = args.vae or str(random_vae(folder, args.tiny))
         config = BatchConfig(
             checkpoint=checkpoint,
             vae=vae,
@@ -109,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=args.batch_size,
         )
         context = distributed.setup(args.device)
-        job = _Job(config, context, None, False, lambda message: None)
-        pipe, _ = job._load_pipeline(checkpoint)
+        dtype = resolve_dtype(args.dtype, context.device)
+        pipe = SelfFlowPipeline.from_pretrained(checkpoint, vae, device=context.device, dtype=dtype)
+        network = f"{type(pipe.model_fn).__name__}/{str(dtype).removeprefix('torch.')}"
         settings = SamplerSettings(num_steps=args.num_steps)  # the paper's: SDE, no guidance
 
         def one_batch(start: int) -> None:
@@ -142,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.teardown(context)
     end_to_end = result.images_per_second
     print(
-        f"device {context.device}, network {job.network}, batch {args.batch_size}, "
+        f"device {context.device}, network {network}, batch {args.batch_size}, "
         f"{args.num_steps} steps, {args.batches} batches, warm-up {warmup:.1f} s"
     )
     print("| measurement | images/s |")

@@ -32,7 +32,14 @@ EXAMPLE = (
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of the command to ``parser`` (shared by the subcommand and sample.py)."""
-    official = parser.add_argument_group("official sample.py options")
+    _official_options(parser.add_argument_group("official sample.py options"))
+    _selfflow_options(parser.add_argument_group("selfflow options"))
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _official_options(official: argparse._ArgumentGroup) -> None:
+    """The options of the official ``sample.py``, with its names and defaults."""
     add_options(official, "--ckpt")
     official.add_argument(
         "--output-dir",
@@ -73,7 +80,10 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="also write every image as DIR/images/000123.png, named by its global index "
         "(default: no)",
     )
-    ours = parser.add_argument_group("selfflow options")
+
+
+def _selfflow_options(ours: argparse._ArgumentGroup) -> None:
+    """Options the official script lacks: solver, VAE, devices, folder handling, evaluation."""
     add_options(ours, "--solver", "--vae")
     ours.add_argument(
         "--class-balanced",
@@ -113,8 +123,6 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="PATH",
         help="with --eval-ref: ADM's classify_image_graph_def.pb (default: the cached download)",
     )
-    parser.set_defaults(func=run)
-    return parser
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -128,7 +136,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from selfflow.batch.runner import BatchConfig
+    from selfflow.batch import BatchConfig
 
     return BatchConfig(
         checkpoint=args.ckpt,
@@ -156,7 +164,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfflow.batch.runner import ReportedOnRankZero, generate_fid_batch
+    from selfflow.batch import generate_fid_batch
+    from selfflow.errors import ReportedOnRankZero
 
     try:
         result = generate_fid_batch(config_from_args(args))

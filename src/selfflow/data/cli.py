@@ -94,8 +94,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfflow.batch.runner import ReportedOnRankZero
     from selfflow.data.prepare import PrepareConfig, prepare_dataset
+    from selfflow.errors import ReportedOnRankZero
 
     config = PrepareConfig(
         image_dir=args.image_dir,

@@ -11,18 +11,21 @@ into OUT_DIR atomically, and only once everything has succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import selfflow
 from selfflow.download import verification
 from selfflow.errors import ConfigurationError
 from selfflow.eval.features import (
@@ -242,15 +245,110 @@ def evaluate(
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
         _check_writable(out_path)
-    if batch_size < 1:
-        raise ConfigurationError(f"batch size must be at least 1, got {batch_size}")
+    _check_batch_size(batch_size)
     notes: list[str] = []
 
     def note(message: str) -> None:
         notes.append(message)
         _log(f"note: {message}")
 
-    # 1. Check both inputs before anything expensive.
+    references, samples = _open_inputs(ref_path, sample_path, progress)
+    dev = resolve_device(device)
+
+    # The network.
+    inception = inception if inception is not None else _cached_inception()
+    model = InceptionV3(inception, device=dev)
+    with _hashed_meanwhile(sample_path) as sample_sha:
+        ref_sha = file_sha256(ref_path)
+        ref_acts, cached = _reference_features(
+            model, references, ref_sha, batch_size, progress, use_cache, note
+        )
+        ref_stats, ref_source = _statistics(ref_path, "reference batch", ref_acts, note)
+        sample_acts = compute_activations(model, samples, batch_size, "samples", progress)
+        sample_stats, sample_source = _statistics(sample_path, "sample batch", sample_acts, note)
+
+        metrics_time = time.time()
+        values = _metrics(
+            model, ref_acts, sample_acts, ref_stats, sample_stats, dev, progress, notes
+        )
+        metrics_time = time.time() - metrics_time
+        for key in [k for k, v in values.items() if not np.isfinite(v)]:
+            note(f"{key} is {values[key]} (ADM would print the same); metrics.json stores null")
+        sample_digest = sample_sha.result()
+
+    result = {
+        **values,
+        "num_samples": len(samples),
+        "num_reference": len(references),
+        "sample": _input_record(sample_path, sample_digest, samples, sample_source),
+        "reference": {
+            **_input_record(ref_path, ref_sha, references, ref_source),
+            "features_cached": cached,
+            "features_revision": FEATURES_REVISION,
+            "integrity": verification(ref_path, ref_sha),
+        },
+        "inception": {
+            "path": str(inception),
+            "sha256": model.sha256,
+            "integrity": verification(inception, model.sha256) if model.sha256 else None,
+        },
+        "device": str(dev),
+        "batch_size": batch_size,
+        "seconds": {"total": round(time.time() - started, 3), "metrics": round(metrics_time, 3)},
+        "notes": notes,
+        "selfflow_version": selfflow.__version__,
+    }
+    if out_path is not None:
+        _write_json_atomic(out_path / "metrics.json", _json_safe(result))
+    return result
+
+
+def _cached_inception() -> Path:
+    """ADM's Inception graph from the cache (downloaded into it when missing)."""
+    from selfflow.download import inception_path
+
+    return inception_path()
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ConfigurationError(f"batch size must be at least 1, got {batch_size}")
+
+
+@contextlib.contextmanager
+def _hashed_meanwhile(path: Path) -> Iterator[Future]:
+    """The sha256 of ``path``, computed in a thread while the block runs (a Future).
+
+    On an error in the block the hash stops within one chunk instead of reading on.
+    """
+    hasher = ThreadPoolExecutor(max_workers=1)
+    stop_hashing = threading.Event()
+    try:
+        yield hasher.submit(file_sha256, path, stop=stop_hashing)
+    finally:
+        stop_hashing.set()  # no-op after success
+        hasher.shutdown(wait=True, cancel_futures=True)
+
+
+def _statistics(path: Path, role: str, acts, note) -> tuple[dict, dict]:
+    """The batch's statistics (from its file, else computed) and where each kind came from."""
+    stats, from_file = _npz_or_computed(path, role, acts, note)
+    return stats, {kind: "file" if from_file else "computed" for kind in _KINDS}
+
+
+def _input_record(path: Path, sha256: str, images: NpzImages, statistics: dict) -> dict:
+    """What metrics.json says about one input batch."""
+    return {
+        "path": str(path),
+        "sha256": sha256,
+        "num_images": len(images),
+        "image_shape": list(images.shape[1:]),
+        "statistics": statistics,
+    }
+
+
+def _open_inputs(ref_path: Path, sample_path: Path, progress: bool) -> tuple[NpzImages, NpzImages]:
+    """Check both inputs before anything expensive; returns (references, samples)."""
     if not ref_path.is_file():
         raise ConfigurationError(f"reference batch {ref_path} does not exist")
     ref_keys = npz_keys(ref_path)
@@ -265,121 +363,67 @@ def evaluate(
     verify_batch(sample_path, "sample batch", progress)
     _check_statistic_keys(ref_path, "reference batch", ref_keys)
     _check_statistic_keys(sample_path, "sample batch", npz_keys(sample_path))
-    dev = resolve_device(device)
+    return references, samples
 
-    # 2. The network.
-    if inception is None:
-        from selfflow.download import inception_path
 
-        inception = inception_path()
-    model = InceptionV3(inception, device=dev)
-    hasher = ThreadPoolExecutor(max_workers=1)
-    stop_hashing = threading.Event()
-    sample_sha = hasher.submit(file_sha256, sample_path, stop=stop_hashing)
-    try:
-        # 3. Reference features: cached by the reference file's sha256 (and the graph's).
-        ref_sha = file_sha256(ref_path)
-        cache_path = _reference_cache_path(ref_sha, model.sha256)
-        ref_acts, unusable = None, None
-        if use_cache:
-            pool_dim = model.softmax_weight.shape[0]
-            ref_acts, unusable = _load_cached(cache_path, len(references), pool_dim)
-        if unusable:
-            note(f"reference feature cache {cache_path} is unusable ({unusable}); recomputing")
-            try:
-                cache_path.unlink()
-            except OSError as error:
-                note(f"could not delete {cache_path}: {error}")
-        cached = ref_acts is not None
-        if cached:
-            _log(f"reference features from cache {cache_path}")
-        else:
-            ref_acts = compute_activations(model, references, batch_size, "reference", progress)
-            if use_cache:
-                try:
-                    _save_cached(cache_path, ref_acts)
-                except OSError as error:
-                    note(
-                        f"reference features not cached: {cache_path.parent} cannot be written "
-                        f"({error.strerror or error}); the next evaluation computes them again"
-                    )
-        ref_stats, from_file = _npz_or_computed(ref_path, "reference batch", ref_acts, note)
-        ref_source = {kind: "file" if from_file else "computed" for kind in _KINDS}
+def _reference_features(model, references, ref_sha, batch_size, progress, use_cache, note):
+    """The reference features, cached by the reference file's sha256 (and the graph's).
 
-        # 4. Sample features, streamed.
-        sample_acts = compute_activations(model, samples, batch_size, "samples", progress)
-        sample_stats, from_file = _npz_or_computed(sample_path, "sample batch", sample_acts, note)
-        sample_source = {kind: "file" if from_file else "computed" for kind in _KINDS}
-
-        # 5. Metrics.
-        metrics_time = time.time()
-        _log("computing the Inception Score...")
-        is_value = inception_score(compute_softmax(model, sample_acts.pool))
-        _log("computing FID (matrix square root of the pool covariances)...")
-        fid = frechet_distance(sample_stats["pool"], ref_stats["pool"], notes=notes)
-        _log("computing sFID (matrix square root of the spatial covariances)...")
-        sfid = frechet_distance(sample_stats["spatial"], ref_stats["spatial"], notes=notes)
-        _log("computing precision and recall (k = 3 nearest neighbours, float16 distances)...")
-        with full_fp32():
-            precision, recall = precision_recall(
-                torch.from_numpy(ref_acts.pool).to(dev),
-                torch.from_numpy(sample_acts.pool).to(dev),
-                progress=progress,
+    Returns ``(activations, from_cache)``; a cache that cannot be used or written is noted,
+    never fatal.
+    """
+    cache_path = _reference_cache_path(ref_sha, model.sha256)
+    ref_acts, unusable = None, None
+    if use_cache:
+        pool_dim = model.softmax_weight.shape[0]
+        ref_acts, unusable = _load_cached(cache_path, len(references), pool_dim)
+    if unusable:
+        note(f"reference feature cache {cache_path} is unusable ({unusable}); recomputing")
+        try:
+            cache_path.unlink()
+        except OSError as error:
+            note(f"could not delete {cache_path}: {error}")
+    if ref_acts is not None:
+        _log(f"reference features from cache {cache_path}")
+        return ref_acts, True
+    ref_acts = compute_activations(model, references, batch_size, "reference", progress)
+    if use_cache:
+        try:
+            _save_cached(cache_path, ref_acts)
+        except OSError as error:
+            note(
+                f"reference features not cached: {cache_path.parent} cannot be written "
+                f"({error.strerror or error}); the next evaluation computes them again"
             )
-        metrics_time = time.time() - metrics_time
-        values = {
-            "inception_score": is_value,
-            "fid": fid,
-            "sfid": sfid,
-            "precision": precision,
-            "recall": recall,
-        }
-        for key in [k for k, v in values.items() if not np.isfinite(v)]:
-            # ADM prints such values as they come (a class probability that underflows to 0 in
-            # float32 makes the IS NaN); we report them too, and say so.
-            note(f"{key} is {values[key]} (ADM would print the same); metrics.json stores null")
-        sample_digest = sample_sha.result()
-    finally:
-        stop_hashing.set()  # no-op after success; on an error the hash stops within one chunk
-        hasher.shutdown(wait=True, cancel_futures=True)
+    return ref_acts, False
 
-    from selfflow import __version__
 
-    result = {
-        **values,
-        "num_samples": len(samples),
-        "num_reference": len(references),
-        "sample": {
-            "path": str(sample_path),
-            "sha256": sample_digest,
-            "num_images": len(samples),
-            "image_shape": list(samples.shape[1:]),
-            "statistics": sample_source,
-        },
-        "reference": {
-            "path": str(ref_path),
-            "sha256": ref_sha,
-            "num_images": len(references),
-            "image_shape": list(references.shape[1:]),
-            "statistics": ref_source,
-            "features_cached": cached,
-            "features_revision": FEATURES_REVISION,
-            "integrity": verification(ref_path, ref_sha),
-        },
-        "inception": {
-            "path": str(inception),
-            "sha256": model.sha256,
-            "integrity": verification(inception, model.sha256) if model.sha256 else None,
-        },
-        "device": str(dev),
-        "batch_size": batch_size,
-        "seconds": {"total": round(time.time() - started, 3), "metrics": round(metrics_time, 3)},
-        "notes": notes,
-        "selfflow_version": __version__,
+def _metrics(model, ref_acts, sample_acts, ref_stats, sample_stats, dev, progress, notes) -> dict:
+    """ADM's five numbers from the two feature sets.
+
+    A non-finite value is returned as it comes, as ADM prints it (a class probability that
+    underflows to 0 in float32 makes the IS NaN); the caller notes it.
+    """
+    _log("computing the Inception Score...")
+    is_value = inception_score(compute_softmax(model, sample_acts.pool))
+    _log("computing FID (matrix square root of the pool covariances)...")
+    fid = frechet_distance(sample_stats["pool"], ref_stats["pool"], notes=notes)
+    _log("computing sFID (matrix square root of the spatial covariances)...")
+    sfid = frechet_distance(sample_stats["spatial"], ref_stats["spatial"], notes=notes)
+    _log("computing precision and recall (k = 3 nearest neighbours, float16 distances)...")
+    with full_fp32():
+        precision, recall = precision_recall(
+            torch.from_numpy(ref_acts.pool).to(dev),
+            torch.from_numpy(sample_acts.pool).to(dev),
+            progress=progress,
+        )
+    return {
+        "inception_score": is_value,
+        "fid": fid,
+        "sfid": sfid,
+        "precision": precision,
+        "recall": recall,
     }
-    if out_path is not None:
-        _write_json_atomic(out_path / "metrics.json", _json_safe(result))
-    return result
 
 
 def _json_safe(value):

@@ -1,6 +1,6 @@
 """FID, sFID, Inception Score and improved precision/recall, computed as ADM computes them.
 
-Every choice below that changes a reported digit follows ADM's evaluator (FACTS.md §3):
+Every choice below that changes a reported digit follows ADM's evaluator:
 
 - statistics: ``mu = mean(acts)`` in the activations' float32, ``sigma = cov(acts)`` in float64
   with N - 1;

@@ -233,7 +233,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfflow.batch.runner import ReportedOnRankZero
+    from selfflow.errors import ReportedOnRankZero
     from selfflow.train.trainer import StoppedBySignal, train
 
     try:

@@ -151,7 +151,7 @@ class Trainer:
     # -- 1. check ---------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        from selfflow.batch.runner import ReportedOnRankZero
+        from selfflow.errors import ReportedOnRankZero
 
         try:
             try:

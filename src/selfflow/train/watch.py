@@ -9,7 +9,7 @@ Every ``--sample-every`` steps the EMA samples a grid from fixed labels and fixe
 (the same images of the run at every step, so progress is visible): decoded with the dataset's
 VAE for latent data, shown as the arrays themselves for pixel data; saved to
 ``RUN/samples/step_N.png`` and TensorBoard. Every ``--eval-every`` steps the EMA is exported
-and the FID batch's own entry, :func:`selfflow.batch.runner.generate_fid_batch`, samples
+and the FID batch's own entry, :func:`selfflow.batch.generate_fid_batch`, samples
 ``--eval-samples`` images on all processes and scores them with the package's evaluator.
 """
 
@@ -200,7 +200,7 @@ class Watch:
 
     def evaluate(self, step: int) -> None:
         """Export the EMA, run the FID batch on every process, log ADM's metrics (rank 0)."""
-        from selfflow.batch.runner import BatchConfig, generate_fid_batch
+        from selfflow.batch import BatchConfig, generate_fid_batch
         from selfflow.train import state as run_state
         from selfflow.train.export import write_export
 
