@@ -8,11 +8,8 @@ HTTP server of the download tests.
 from __future__ import annotations
 
 import hashlib
-import importlib.machinery
 import json
 import socket
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -259,16 +256,16 @@ def test_a_bare_eval_ref_name_is_found_in_the_cache(
     monkeypatch.chdir(tmp_path)
     (cache / "VIRTUAL_imagenet256_labeled.npz").write_bytes(b"ref")
     (cache / "classify_image_graph_def.pb").write_bytes(b"graph")
+    from selfflow.eval import evaluator
+
     calls = {}
-    fake = types.ModuleType("selfflow.eval.evaluator")
-    fake.__spec__ = importlib.machinery.ModuleSpec("selfflow.eval.evaluator", None)
 
     def evaluate(ref_path, sample_path, out_dir=None, inception=None, device=None):
         calls.update(ref=ref_path, inception=inception)
         return {}
 
-    fake.evaluate, fake.format_report = evaluate, lambda metrics: "report"
-    monkeypatch.setitem(sys.modules, "selfflow.eval.evaluator", fake)
+    monkeypatch.setattr(evaluator, "evaluate", evaluate)
+    monkeypatch.setattr(evaluator, "format_report", lambda metrics: "report")
     args = _sample_args(
         tiny_checkpoint,
         tiny_vae_dir,

@@ -29,6 +29,7 @@ import torch
 
 from selfflow.errors import CheckpointError, DownloadError
 from selfflow.files import file_sha256 as file_sha256  # re-exported for callers of this module
+from selfflow.files import replaced_atomically
 from selfflow.model import ModelConfig, SelfFlowDiT
 
 logger = logging.getLogger(__name__)
@@ -388,8 +389,7 @@ def save_model(model: SelfFlowDiT, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replaced_atomically(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -400,7 +400,4 @@ def save_model(model: SelfFlowDiT, path: str | os.PathLike) -> Path:
             torch.save(
                 {"format": FORMAT_TAG, "config": model.config.to_dict(), "state_dict": state}, tmp
             )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import torch
 
 from selfflow.errors import ConfigurationError, SelfFlowError
+from selfflow.files import replaced_atomically
 
 T = TypeVar("T")
 
@@ -233,9 +234,8 @@ def check_shared_folder(
     nonce = secrets.token_hex(16) if context.is_main else None
     if context.is_main:
         path = folder / f"{SHARED_CHECK_PREFIX}{nonce}"
-        tmp = folder / f"{SHARED_CHECK_PREFIX}{nonce}.tmp-{os.getpid()}"
-        tmp.write_text(nonce)
-        os.replace(tmp, path)  # never seen half-written
+        with replaced_atomically(path) as tmp:  # never seen half-written
+            tmp.write_text(nonce)
     nonce = broadcast_object(context, nonce)
     path = folder / f"{SHARED_CHECK_PREFIX}{nonce}"
     deadline = time.monotonic() + wait

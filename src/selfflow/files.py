@@ -1,4 +1,9 @@
-"""Small file helpers shared by the checkpoint loader, the downloader and the evaluator.
+"""Small file helpers shared by every module that writes or checks files.
+
+Every finished file is written the same way: to a hidden temporary name beside it
+(:func:`temporary_name`), then renamed into place with ``os.replace``, so a reader never sees
+half a file and a killed writer leaves only a temporary that :func:`remove_temporaries`
+recognises and deletes.
 
 Only the standard library is imported, so modules that must stay light (the downloader, the
 evaluator's file handling) can use them without pulling in torch.
@@ -6,9 +11,13 @@ evaluator's file handling) can use them without pulling in torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
 
 HASH_CHUNK = 1 << 22
 
@@ -22,30 +31,88 @@ def file_sha256(
     hash running in the background never holds up an error or Ctrl-C for a 10 GB file.
     """
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_size or HASH_CHUNK):
-            if stop is not None and stop.is_set():
-                return None
-            digest.update(block)
+    if not _hash_into(digest, path, chunk_size or HASH_CHUNK, stop):
+        return None
     return digest.hexdigest()
 
 
-def umask_mode(base: int = 0o666) -> int:
-    """The permissions ``open()`` gives a new file: ``base`` less the process's umask.
+def folder_sha256(folder: str | os.PathLike) -> str:
+    """sha256 over a folder's files: each relative path, a NUL, then its bytes, in sorted order.
 
-    ``tempfile.mkstemp`` creates its files readable by their owner only (0600), whatever the
-    umask; a file written that way and renamed into place (``metrics.json``, cached reference
-    features) would be hidden from collaborators who can read everything else the run wrote.
-    Callers ``os.chmod`` their temporary file to this mode before renaming it. The umask is
-    read from ``/proc`` where it can be, since setting it to read it races with other threads.
+    It names a folder by content, not by where it lies (a local VAE copied elsewhere keeps it).
     """
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        _hash_into(digest, path, HASH_CHUNK, None)
+    return digest.hexdigest()
+
+
+def _hash_into(
+    digest: Any, path: str | os.PathLike, chunk: int, stop: threading.Event | None
+) -> bool:
+    """Feed a file to ``digest`` chunk by chunk; False when ``stop`` was set on the way."""
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            if stop is not None and stop.is_set():
+                return False
+            digest.update(block)
+    return True
+
+
+TEMPORARY_MARK = ".tmp-"
+
+
+def temporary_name(path: str | os.PathLike) -> Path:
+    """A hidden name beside ``path`` that no reader of finished files ever looks at."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` is one that :func:`temporary_name` makes."""
+    return name.startswith(".") and TEMPORARY_MARK in name
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` in one rename.
+
+    The temporary is deleted whatever happens; with ``fsync`` its bytes reach the disk before
+    the rename, so a crash leaves the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return base & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return base & ~mask
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``write(handle)`` on a hidden temporary file, fsync it, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_atomically(path) as tmp, open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path
+
+
+def remove_temporaries(folders: Iterable[str | os.PathLike]) -> int:
+    """Delete the temporary files that killed writers left in ``folders``; returns how many."""
+    removed = 0
+    for folder in folders:
+        if not Path(folder).is_dir():
+            continue
+        for entry in os.scandir(folder):
+            if is_temporary_name(entry.name) and entry.is_file():
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+    return removed

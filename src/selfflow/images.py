@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from selfflow.errors import ConfigurationError
+from selfflow.files import replaced_atomically
 
 # File formats by extension, as PIL names them; anything else is refused before any work.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -117,12 +118,8 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
 def _save_atomic(image: np.ndarray, path: Path, name: str, options: dict) -> Path:
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replaced_atomically(path) as tmp:
         Image.fromarray(np.asarray(image)).save(tmp, format=name, **options)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

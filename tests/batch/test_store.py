@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow import distributed
+from selfflow import distributed, files
 from selfflow.batch import store
 from selfflow.batch.manifest import (
     Manifest,
@@ -114,10 +114,10 @@ def test_missing_shard_is_reported(tmp_path):
 def test_temporaries_are_removed_and_finished_files_kept(tmp_path):
     shard = store.ShardPlan(4, 4).shard(0)
     path, _, _ = _write(tmp_path, shard)
-    leftover = store.temporary_name(path).with_name(".shard_00000.npz.tmp-99999")
+    leftover = files.temporary_name(path).with_name(".shard_00000.npz.tmp-99999")
     leftover.write_bytes(b"half a file")
     assert store.existing_shards(tmp_path, store.ShardPlan(4, 4)) == [shard]
-    assert store.remove_temporaries([path.parent]) == 1
+    assert files.remove_temporaries([path.parent]) == 1
     assert sorted(os.listdir(path.parent)) == ["shard_00000.npz"]
 
 

@@ -9,13 +9,13 @@ whatever ``N`` is; the file appears under its final name only once it is complet
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from selfflow.batch.store import ShardError, ShardPlan, read_shard, shard_path, temporary_name
+from selfflow.batch.store import ShardError, ShardPlan, read_shard, shard_path
+from selfflow.files import replaced_atomically
 from selfflow.npz import NpzStreamWriter
 
 GRID_SAMPLES = 64
@@ -41,35 +41,30 @@ def assemble(
     """
     output_dir = Path(output_dir)
     final = output_dir / npz_name(plan.num_samples)
-    tmp = temporary_name(final)
     first: list[np.ndarray] = []
     kept = 0
-    try:
-        with NpzStreamWriter(tmp) as npz:
-            with npz.array("arr_0", (plan.num_samples, *image_shape), np.uint8) as out:
-                for shard in plan.shards:
-                    path = shard_path(output_dir, shard)
-                    expected = expected_labels(shard.indices) if expected_labels else None
-                    try:
-                        images, _ = read_shard(path, shard, image_shape, expected)
-                    except ShardError as error:
-                        raise ShardError(f"{path}: {error}") from error
-                    out.write(images)
-                    if kept < GRID_SAMPLES:
-                        take = images[: GRID_SAMPLES - kept].copy()
-                        first.append(take)
-                        kept += len(take)
-                    del images
-                    if on_shard is not None:
-                        on_shard(shard.size)
-            # Labels in a second pass: reading only the small ``labels`` member of each shard
-            # keeps memory flat instead of holding N labels.
-            with npz.array("arr_1", (plan.num_samples,), np.int64) as out:
-                for shard in plan.shards:
-                    with np.load(shard_path(output_dir, shard), allow_pickle=False) as archive:
-                        out.write(archive["labels"].astype(np.int64, copy=False))
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replaced_atomically(final) as tmp, NpzStreamWriter(tmp) as npz:
+        with npz.array("arr_0", (plan.num_samples, *image_shape), np.uint8) as out:
+            for shard in plan.shards:
+                path = shard_path(output_dir, shard)
+                expected = expected_labels(shard.indices) if expected_labels else None
+                try:
+                    images, _ = read_shard(path, shard, image_shape, expected)
+                except ShardError as error:
+                    raise ShardError(f"{path}: {error}") from error
+                out.write(images)
+                if kept < GRID_SAMPLES:
+                    take = images[: GRID_SAMPLES - kept].copy()
+                    first.append(take)
+                    kept += len(take)
+                del images
+                if on_shard is not None:
+                    on_shard(shard.size)
+        # Labels in a second pass: reading only the small ``labels`` member of each shard
+        # keeps memory flat instead of holding N labels.
+        with npz.array("arr_1", (plan.num_samples,), np.int64) as out:
+            for shard in plan.shards:
+                with np.load(shard_path(output_dir, shard), allow_pickle=False) as archive:
+                    out.write(archive["labels"].astype(np.int64, copy=False))
     grid = np.concatenate(first) if first else np.zeros((0, *image_shape), np.uint8)
     return final, grid

@@ -7,7 +7,6 @@ fails removes only the empty folders it created (:func:`remove_empty_folders`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from selfflow.batch import store
 from selfflow.batch.config import default_vae
 from selfflow.batch.manifest import MANIFEST_NAME
 from selfflow.errors import ConfigurationError
+from selfflow.files import folder_sha256, remove_temporaries
 
 
 def prepare_output_dir(path: Path) -> None:
@@ -93,7 +93,7 @@ def clear_output_dir(output_dir: Path) -> int:
         if path.is_file():
             path.unlink()
             removed += 1
-    removed += store.remove_temporaries([output_dir, output_dir / store.SHARD_DIR])
+    removed += remove_temporaries([output_dir, output_dir / store.SHARD_DIR])
     return removed
 
 
@@ -103,13 +103,7 @@ def vae_identity(vae: str | None) -> str:
     folder = Path(name).expanduser()
     if not folder.exists():
         return name
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 22):
-                digest.update(block)
-    return f"local folder sha256:{digest.hexdigest()}"
+    return f"local folder sha256:{folder_sha256(folder)}"
 
 
 def torch_version() -> str:

@@ -14,13 +14,12 @@ upgrade that leaves the images alone must still resume a half-finished 50 000-im
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfflow.batch.store import temporary_name
 from selfflow.errors import ConfigurationError
+from selfflow.files import replaced_atomically
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "selfflow-fid-batch"
@@ -150,12 +149,8 @@ def read_manifest(output_dir: Path) -> Manifest | None:
 def write_manifest(output_dir: Path, manifest: Manifest) -> Path:
     """Atomically replace ``manifest.json``."""
     path = Path(output_dir) / MANIFEST_NAME
-    tmp = temporary_name(path)
-    try:
+    with replaced_atomically(path) as tmp:
         tmp.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

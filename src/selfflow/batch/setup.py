@@ -46,7 +46,7 @@ from selfflow.batch.manifest import (
 )
 from selfflow.download import verification
 from selfflow.errors import ConfigurationError, ReportedOnRankZero
-from selfflow.files import file_sha256
+from selfflow.files import file_sha256, remove_temporaries
 from selfflow.npz import npz_array_info
 
 
@@ -105,7 +105,7 @@ def _setup_in_folder(job: Any) -> SetupOutcome:
         raise ConfigurationError(
             f"{job.output_dir} holds {manifest.image_shape} images but this VAE makes {image_shape}"
         )
-    removed = store.remove_temporaries(
+    removed = remove_temporaries(
         [job.output_dir, job.output_dir / store.SHARD_DIR, job.output_dir / store.IMAGE_DIR]
     )
     if removed:

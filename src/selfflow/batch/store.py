@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from selfflow.files import atomic_write
 from selfflow.npz import ARCHIVE_ERRORS
 
 SHARD_DIR = "shards"
@@ -98,11 +98,6 @@ def png_path(output_dir: Path, index: int, num_samples: int) -> Path:
     return Path(output_dir) / IMAGE_DIR / f"{index:0{width}d}.png"
 
 
-def temporary_name(path: Path) -> Path:
-    """A hidden name beside ``path`` that no reader of finished files ever looks at."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def write_shard(output_dir: Path, shard: Shard, images: np.ndarray, labels: np.ndarray) -> Path:
     """Write a finished shard atomically (temporary name, fsync, rename)."""
     images = np.asarray(images)
@@ -114,18 +109,10 @@ def write_shard(output_dir: Path, shard: Shard, images: np.ndarray, labels: np.n
         )
     if labels.shape != (shard.size,):
         raise ValueError(f"shard {shard.id} needs {shard.size} labels; got {labels.shape}")
-    path = shard_path(output_dir, shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, images=images, labels=labels, indices=shard.indices)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(
+        shard_path(output_dir, shard),
+        lambda handle: np.savez(handle, images=images, labels=labels, indices=shard.indices),
+    )
 
 
 class ShardError(Exception):
@@ -182,16 +169,3 @@ def existing_shards(output_dir: Path, plan: ShardPlan) -> list[Shard]:
         return []
     names = {entry.name for entry in os.scandir(folder)}
     return [shard for shard in plan.shards if shard.filename in names]
-
-
-def remove_temporaries(folders: Iterable[Path]) -> int:
-    """Delete leftover temporary files of killed runs; returns how many."""
-    removed = 0
-    for folder in folders:
-        if not Path(folder).is_dir():
-            continue
-        for entry in os.scandir(folder):
-            if entry.name.startswith(".") and ".tmp-" in entry.name and entry.is_file():
-                Path(entry.path).unlink(missing_ok=True)
-                removed += 1
-    return removed

@@ -38,10 +38,10 @@ import torch
 
 from selfflow import distributed
 from selfflow.batch.lock import FolderLock
-from selfflow.batch.store import remove_temporaries
 from selfflow.data import store
 from selfflow.data.images import CroppedImages, SourceList, collate, list_image_folder
 from selfflow.errors import ConfigurationError, DatasetError, ReportedOnRankZero
+from selfflow.files import remove_temporaries
 
 CROP = "adm_center_crop"
 # Settings that must match to resume in a folder, with how a difference is described.

@@ -32,16 +32,15 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from selfflow.batch.store import temporary_name
 from selfflow.errors import DatasetError
-from selfflow.files import file_sha256
+from selfflow.files import atomic_write, file_sha256
 
 FORMAT_NAME = "selfflow-dataset"
 FORMAT_VERSION = 1
@@ -72,22 +71,6 @@ IDENTITY_FIELDS = (
 
 # ----------------------------------------------------------------------------------------------
 # Writing
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> Path:
-    """Call ``write(handle)`` on a hidden temporary file, fsync it, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def write_json(path: Path, data: Any) -> Path:

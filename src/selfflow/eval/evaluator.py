@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -45,7 +44,7 @@ from selfflow.eval.metrics import (
     precision_recall,
 )
 from selfflow.eval.npz import NpzImages, read_small_arrays, verify_batch
-from selfflow.files import file_sha256, umask_mode
+from selfflow.files import atomic_write, file_sha256
 from selfflow.npz import npz_keys
 
 REPORT_KEYS = (
@@ -180,21 +179,12 @@ def _load_cached(path: Path, count: int, pool_dim: int) -> tuple[Activations | N
 
 
 def _save_cached(path: Path, acts: Activations) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        os.chmod(tmp, umask_mode())  # readable as the umask says, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(
-                handle,
-                revision=np.array(FEATURES_REVISION),
-                pool=acts.pool,
-                spatial=acts.spatial,
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(
+        path,
+        lambda handle: np.savez(
+            handle, revision=np.array(FEATURES_REVISION), pool=acts.pool, spatial=acts.spatial
+        ),
+    )
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -209,17 +199,8 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics-", suffix=".json.tmp")
-    try:
-        os.chmod(tmp, umask_mode())  # readable as the umask says, not mkstemp's 0600
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, allow_nan=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"  # before the file: no half file
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def evaluate(

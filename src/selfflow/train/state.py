@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -31,6 +30,8 @@ import torch
 
 from selfflow.checkpoint import torch_load_verified
 from selfflow.errors import CheckpointError, ConfigurationError, SelfFlowError
+from selfflow.files import remove_temporaries as remove_temporaries_in
+from selfflow.files import replaced_atomically
 
 FORMAT = "selfflow-train"
 FORMAT_VERSION = 1
@@ -69,15 +70,8 @@ def atomic_save(obj: Any, path: Path, save: Callable[[Any, Path], None] | None =
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with disk_full_guard(path):
-            (save or torch.save)(obj, tmp)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with disk_full_guard(path), replaced_atomically(path, fsync=True) as tmp:
+        (save or torch.save)(obj, tmp)
     return path
 
 
@@ -115,13 +109,7 @@ def check_free_space(run: Path, needed: int) -> None:
 
 def remove_temporaries(run: Path) -> int:
     """Delete temporaries a killed run left (``.NAME.tmp-PID``); returns how many."""
-    count = 0
-    for folder in (Path(run), Path(run) / CHECKPOINT_DIR):
-        if folder.is_dir():
-            for path in folder.glob(".*.tmp-*"):
-                path.unlink(missing_ok=True)
-                count += 1
-    return count
+    return remove_temporaries_in([Path(run), Path(run) / CHECKPOINT_DIR])
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch
 
 from selfflow import distributed
 from selfflow.errors import ConfigurationError
+from selfflow.files import replaced_atomically
 
 if TYPE_CHECKING:
     from selfflow.train.config import ResolvedConfig
@@ -248,6 +249,5 @@ def _truncate_log(path: Path, step: int) -> None:
         for line in path.read_text().splitlines()
         if line.strip() and json.loads(line).get("step", 0) <= step
     ]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    with replaced_atomically(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
