@@ -31,6 +31,7 @@ from selfflow.train.streams import (
 from selfflow.train.trainer import NonFiniteLossError, train
 
 from .helpers import (
+    assert_logs_close,
     assert_states_close,
     assert_states_equal,
     final_state,
@@ -153,6 +154,27 @@ def test_gradient_accumulation_gives_the_same_weights(tmp_path, data, reference)
     train(tiny_config(data, out, batch_size=2))  # four micro-batches per step
     a, b = final_state(reference), final_state(out)
     assert_states_close(a, b)
+    assert_logs_close(reference, out)
+
+
+def test_a_gradient_four_times_too_large_passes_the_weights_but_not_the_logs(
+    tmp_path, data, reference, monkeypatch
+):
+    # a forgotten 1/accumulation factor: clipping and AdamW hide it in the weights
+    from selfflow.train import trainer
+
+    real = trainer.self_flow_loss
+
+    def scaled(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        return loss * 4, parts
+
+    monkeypatch.setattr(trainer, "self_flow_loss", scaled)
+    out = tmp_path / "scaled"
+    train(tiny_config(data, out, batch_size=2))
+    assert_states_close(final_state(reference), final_state(out))
+    with pytest.raises(AssertionError, match="grad_norm|loss"):
+        assert_logs_close(reference, out)
 
 
 def test_the_fast_network_trains_the_same_weights_as_the_plain_model(tmp_path, data, reference):
@@ -160,6 +182,7 @@ def test_the_fast_network_trains_the_same_weights_as_the_plain_model(tmp_path, d
     out = tmp_path / "plain"
     train(tiny_config(data, out, network="plain"))
     assert_states_close(final_state(reference), final_state(out))
+    assert_logs_close(reference, out)
 
 
 def test_bf16_autocast_trains_close_to_float32(tmp_path, data, reference):
