@@ -522,6 +522,13 @@ def test_progress_bar_shows_steps_per_second_images_per_second_and_eta(tmp_path,
         (["--student-layer", "2", "--teacher-layer", "2"], "teacher layer deeper than the student"),
         (["--global-batch-size", "8", "--batch-size", "3"], "does not divide"),
         (["--method", "flow", "--rep-weight", "0.8"], "--method flow"),
+        (["--lr", "inf"], "--lr must be a finite number"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--rep-weight", "inf"], "--rep-weight must be a finite number"),
+        (["--grad-clip", "inf"], "--grad-clip must be a finite number"),
+        (["--ema-decay", "inf"], "--ema-decay must be a finite number"),
+        (["--ema-decay", "1"], "--ema-decay must be a finite number in [0.0, 1.0); got 1.0"),
+        (["--ema-decay", "-0.1"], "--ema-decay must be a finite number in [0.0, 1.0)"),
     ],
 )
 def test_bad_options_get_one_clear_line_and_exit_status_1(tmp_path, data, capsys, extra, message):
