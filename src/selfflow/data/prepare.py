@@ -232,9 +232,11 @@ class _Job:
     def _load_vae(self) -> Any:
         from selfflow.vae import SD_VAE_ID, load_vae
 
-        return load_vae(
+        vae = load_vae(
             self.config.vae or SD_VAE_ID, device=self.context.device, dtype=torch.float32
         )
+        _check_latent_scale(vae, str(self.config.vae or SD_VAE_ID))
+        return vae
 
     def _setup(self) -> _Plan:
         config = self.config
@@ -481,6 +483,30 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _check_latent_scale(vae: Any, name: str) -> None:
+    """Refuse a VAE whose latents are not SD-VAE's ``0.18215·z`` with no shift.
+
+    The trainer scales latents by the VAE's ``scaling_factor``, but the sampler decodes with
+    SD-VAE's constant factor and no shift, so a dataset from another VAE (SDXL's 0.13025, or
+    SD3/FLUX-style shifted latents) would train a model whose samples decode wrongly.
+    """
+    from selfflow.vae import LATENT_SCALE
+
+    scale = getattr(vae.config, "scaling_factor", None)
+    shift = getattr(vae.config, "shift_factor", None)
+    found = []
+    if scale is None or abs(float(scale) - LATENT_SCALE) > 1e-9:
+        found.append(f"scaling_factor {scale}")
+    if shift not in (None, 0, 0.0):
+        found.append(f"shift_factor {shift}")
+    if found:
+        raise ConfigurationError(
+            f"the VAE {name} has {' and '.join(found)}, but the sampler decodes with SD-VAE's "
+            f"factor ({LATENT_SCALE}, no shift); VAEs with other latent scales are not "
+            "supported yet"
+        )
 
 
 def _check_finite(plan: _Plan, items: list[Any], mean: torch.Tensor, std: torch.Tensor) -> None:
