@@ -285,10 +285,12 @@ class _Job:
         return plan
 
     def _header(self, source: SourceList) -> dict[str, Any]:
+        from selfflow.eval.metrics import full_fp32
         from selfflow.vae import SD_VAE_ID, encode_posterior, encoder_identity
 
         size = self.config.image_size
-        probe, _ = encode_posterior(self.vae, np.zeros((1, size, size, 3), dtype=np.uint8))
+        with full_fp32():
+            probe, _ = encode_posterior(self.vae, np.zeros((1, size, size, 3), dtype=np.uint8))
         return {
             "latent_shape": list(probe.shape[1:]),
             "dtype": self.config.dtype,
@@ -361,6 +363,9 @@ class _Job:
         )
 
     def _encode(self, plan: _Plan, shards: list[int], bar: _Progress) -> None:
+        """Encode ``shards`` with TF32 off (full float32 matmuls and convolutions, as the
+        evaluator does), so the stored posteriors do not depend on the GPU generation."""
+        from selfflow.eval.metrics import full_fp32
         from selfflow.vae import encode_posterior
 
         if not shards:
@@ -374,7 +379,9 @@ class _Job:
                 buffer = _ShardBuffer(shard_id, capacity, plan.header)
             good = [item for item in batch if self._accept(plan, item, buffer)]
             if good:
-                mean, std = encode_posterior(self.vae, np.stack([item.pixels for item in good]))
+                with full_fp32():
+                    pixels = np.stack([item.pixels for item in good])
+                    mean, std = encode_posterior(self.vae, pixels)
                 _check_finite(plan, good, mean, std)
                 buffer.add(
                     mean.numpy(), std.numpy(), [int(plan.source.labels[i.index]) for i in good]
