@@ -392,6 +392,25 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_checkpoint(tmp_path, data
     assert [s for s, _ in run_state.list_checkpoints(out)] == [2]
 
 
+def test_a_stop_signal_skips_the_periodic_sample_and_eval(tmp_path, data, monkeypatch):
+    # after SIGTERM the scheduler's grace period is for the checkpoint, not for sampling
+    from selfflow.train import trainer, watch
+
+    real_step, grids = trainer.Trainer._step, []
+
+    def stop_at_second(self, step, batches, flag):
+        metrics = real_step(self, step, batches, flag)
+        return {**metrics, "stop": 1.0} if step == 1 else metrics
+
+    monkeypatch.setattr(trainer.Trainer, "_step", stop_at_second)
+    monkeypatch.setattr(watch.Watch, "sample_grid", lambda self, step: grids.append(step))
+    out = tmp_path / "run"
+    with pytest.raises(trainer.StoppedBySignal, match="after step 2"):
+        train(tiny_config(data, out, steps=4, sample_every=1))
+    assert grids == [1]
+    assert [s for s, _ in run_state.list_checkpoints(out)] == [2]
+
+
 def test_evaluation_of_a_pixel_dataset_is_refused_before_training(tmp_path, data):
     ref = tmp_path / "ref.npz"
     ref.write_bytes(b"x")
