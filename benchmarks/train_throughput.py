@@ -59,6 +59,7 @@ from selfflow.train import (  # noqa: E402
     train_step_flops,
     training_optimizer,
 )
+from selfflow.train.config import choose_layers  # noqa: E402
 
 PATHS = ("straightforward", "fast", "fast-eager", "fast-float32")
 LR, EMA_DECAY, GRAD_CLIP = 1e-4, 0.9999, 1.0
@@ -161,8 +162,10 @@ def make_batches(config: ModelConfig, batch: int, count: int, seed: int, device)
 
 
 def layers(config: ModelConfig) -> dict:
-    """The recipe's blocks: 0.3 and 0.7 of the depth (8 and 20 for XL/2)."""
-    return dict(student_layer=round(0.3 * config.depth), teacher_layer=round(0.7 * config.depth))
+    """The trainer's blocks: 0.3 and 0.7 of the depth (8 and 20 for XL/2), the teacher moved
+    one block deeper where the two coincide (depth 2: 1 and 2), as ``selfflow train`` does."""
+    student, teacher, _ = choose_layers(config.depth, None, None, True)
+    return dict(student_layer=student, teacher_layer=teacher)
 
 
 def build_step(path: str, initial: SelfFlowDiT, device: torch.device) -> Step:

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="selfflow",
         description=(
             "Self-Flow ImageNet 256: sample the FID batch reproducibly on any number of GPUs, "
-            "and evaluate it with ADM's metrics from ADM's own Inception graph, without TensorFlow."
+            "evaluate it with ADM's metrics from ADM's own Inception graph, without TensorFlow, "
+            "and train (prepare a latent dataset, train, export the EMA)."
         ),
     )
     from selfflow import __version__

@@ -163,6 +163,63 @@ def test_another_vae_is_refused_and_overwrite_starts_over(prepared, tree, tmp_pa
     assert not torch.equal(changed[0][0], LatentDataset(prepared)[0][0])
 
 
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"scaling_factor": 0.13025}, "scaling_factor 0.13025"),
+        ({"shift_factor": 0.06}, "shift_factor 0.06"),
+    ],
+)
+def test_a_vae_with_another_latent_scale_or_a_shift_is_refused_before_encoding(
+    tree, tmp_path, capsys, monkeypatch, settings, named
+):
+    # the sampler decodes z / 0.18215 with no shift: other latents would decode wrongly
+    import selfflow.vae
+    from tests.conftest import make_tiny_vae
+
+    other = make_tiny_vae()
+    other.register_to_config(**settings)
+    other.save_pretrained(tmp_path / "other_vae")
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded before the VAE was checked")
+
+    monkeypatch.setattr(selfflow.vae, "encode_posterior", no_encoding)
+    assert cli_prepare(tree, tmp_path / "out", tmp_path / "other_vae") == 1
+    err = capsys.readouterr().err
+    assert named in err and "0.18215" in err and "not supported" in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_encoding_runs_with_tf32_off_and_restores_the_caller_setting(
+    tree, tiny_vae_dir, tmp_path, monkeypatch
+):
+    # TF32 matmuls/convolutions would make the stored posteriors depend on the GPU generation
+    import selfflow.vae
+
+    matmul = torch.backends.cuda.matmul
+    name, tf32, ieee = (
+        ("fp32_precision", "tf32", "ieee")
+        if hasattr(matmul, "fp32_precision")
+        else ("allow_tf32", True, False)
+    )
+    real, seen = selfflow.vae.encode_posterior, []
+
+    def recording(*args, **kwargs):
+        seen.append(getattr(matmul, name))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(selfflow.vae, "encode_posterior", recording)
+    saved = getattr(matmul, name)
+    setattr(matmul, name, tf32)
+    try:
+        prepare(tree, tmp_path / "out", tiny_vae_dir, limit=2)
+        assert getattr(matmul, name) == tf32
+    finally:
+        setattr(matmul, name, saved)
+    assert len(seen) > 1 and set(seen) == {ieee}
+
+
 def test_decoder_only_differences_keep_the_identity(prepared, tree, tiny_vae_dir, tmp_path):
     """sd-vae-ft-ema and -ft-mse share the encoder: a VAE whose decoder differs resumes."""
     from diffusers import AutoencoderKL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -86,6 +87,31 @@ def assert_states_close(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6
     for part in ("model", "ema"):
         for key in a[part]:
             torch.testing.assert_close(a[part][key], b[part][key], rtol=rtol, atol=atol)
+
+
+def logged_steps(run: Path) -> dict[int, dict]:
+    """``log.jsonl`` by step (a resumed run's later line for a step wins)."""
+    lines = (Path(run) / "log.jsonl").read_text().splitlines()
+    return {record["step"]: record for record in map(json.loads, lines)}
+
+
+def assert_logs_close(a: Path, b: Path, rtol: float = 1e-5) -> None:
+    """The two runs logged the same loss and gradient norm at every step.
+
+    Weights alone cannot show a wrongly scaled gradient: clipping rescales it to the clip norm
+    and AdamW divides by its own running size, so a gradient k times too large moves the
+    weights almost exactly as the right one does. The logged norm (before clipping) and loss
+    are where such a factor shows.
+    """
+    left, right = logged_steps(a), logged_steps(b)
+    assert left.keys() == right.keys(), (sorted(left), sorted(right))
+    assert left, f"{a} logged no steps"
+    for step in sorted(left):
+        for name in ("loss", "grad_norm"):
+            expected, found = left[step][name], right[step][name]
+            assert abs(found - expected) <= rtol * abs(expected), (
+                f"step {step}: {name} {found} in {b} but {expected} in {a}"
+            )
 
 
 def subprocess_env() -> dict[str, str]:

@@ -29,6 +29,8 @@ def test_train_throughput_tiny_cpu(tmp_path):
     )
     report = json.loads(out.read_text())
     assert report["failures"] == {}
+    # depth 2: the trainer's layers (the teacher strictly deeper than the student), not 1 and 1
+    assert report["layers"] == {"student_layer": 1, "teacher_layer": 2}
     assert [(r["path"], r["batch"]) for r in report["rows"]] == [
         (path, batch)
         for batch in (4, 6)

@@ -31,6 +31,7 @@ from selfflow.train.streams import (
 from selfflow.train.trainer import NonFiniteLossError, train
 
 from .helpers import (
+    assert_logs_close,
     assert_states_close,
     assert_states_equal,
     final_state,
@@ -153,6 +154,27 @@ def test_gradient_accumulation_gives_the_same_weights(tmp_path, data, reference)
     train(tiny_config(data, out, batch_size=2))  # four micro-batches per step
     a, b = final_state(reference), final_state(out)
     assert_states_close(a, b)
+    assert_logs_close(reference, out)
+
+
+def test_a_gradient_four_times_too_large_passes_the_weights_but_not_the_logs(
+    tmp_path, data, reference, monkeypatch
+):
+    # a forgotten 1/accumulation factor: clipping and AdamW hide it in the weights
+    from selfflow.train import trainer
+
+    real = trainer.self_flow_loss
+
+    def scaled(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        return loss * 4, parts
+
+    monkeypatch.setattr(trainer, "self_flow_loss", scaled)
+    out = tmp_path / "scaled"
+    train(tiny_config(data, out, batch_size=2))
+    assert_states_close(final_state(reference), final_state(out))
+    with pytest.raises(AssertionError, match="grad_norm|loss"):
+        assert_logs_close(reference, out)
 
 
 def test_the_fast_network_trains_the_same_weights_as_the_plain_model(tmp_path, data, reference):
@@ -160,6 +182,7 @@ def test_the_fast_network_trains_the_same_weights_as_the_plain_model(tmp_path, d
     out = tmp_path / "plain"
     train(tiny_config(data, out, network="plain"))
     assert_states_close(final_state(reference), final_state(out))
+    assert_logs_close(reference, out)
 
 
 def test_bf16_autocast_trains_close_to_float32(tmp_path, data, reference):
@@ -369,6 +392,25 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_checkpoint(tmp_path, data
     assert [s for s, _ in run_state.list_checkpoints(out)] == [2]
 
 
+def test_a_stop_signal_skips_the_periodic_sample_and_eval(tmp_path, data, monkeypatch):
+    # after SIGTERM the scheduler's grace period is for the checkpoint, not for sampling
+    from selfflow.train import trainer, watch
+
+    real_step, grids = trainer.Trainer._step, []
+
+    def stop_at_second(self, step, batches, flag):
+        metrics = real_step(self, step, batches, flag)
+        return {**metrics, "stop": 1.0} if step == 1 else metrics
+
+    monkeypatch.setattr(trainer.Trainer, "_step", stop_at_second)
+    monkeypatch.setattr(watch.Watch, "sample_grid", lambda self, step: grids.append(step))
+    out = tmp_path / "run"
+    with pytest.raises(trainer.StoppedBySignal, match="after step 2"):
+        train(tiny_config(data, out, steps=4, sample_every=1))
+    assert grids == [1]
+    assert [s for s, _ in run_state.list_checkpoints(out)] == [2]
+
+
 def test_evaluation_of_a_pixel_dataset_is_refused_before_training(tmp_path, data):
     ref = tmp_path / "ref.npz"
     ref.write_bytes(b"x")
@@ -495,6 +537,13 @@ def test_progress_bar_shows_steps_per_second_images_per_second_and_eta(tmp_path,
         (["--student-layer", "2", "--teacher-layer", "2"], "teacher layer deeper than the student"),
         (["--global-batch-size", "8", "--batch-size", "3"], "does not divide"),
         (["--method", "flow", "--rep-weight", "0.8"], "--method flow"),
+        (["--lr", "inf"], "--lr must be a finite number"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--rep-weight", "inf"], "--rep-weight must be a finite number"),
+        (["--grad-clip", "inf"], "--grad-clip must be a finite number"),
+        (["--ema-decay", "inf"], "--ema-decay must be a finite number"),
+        (["--ema-decay", "1"], "--ema-decay must be a finite number in [0.0, 1.0); got 1.0"),
+        (["--ema-decay", "-0.1"], "--ema-decay must be a finite number in [0.0, 1.0)"),
     ],
 )
 def test_bad_options_get_one_clear_line_and_exit_status_1(tmp_path, data, capsys, extra, message):

@@ -17,6 +17,7 @@ from selfflow.train.trainer import train
 
 from .helpers import (
     REPO,
+    assert_logs_close,
     assert_states_close,
     assert_states_equal,
     cli_args,
@@ -57,6 +58,7 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path, data, one_process
     done = torchrun(tiny_config(data, out, steps=4), nproc=2)
     assert "2 process(es) × 1 micro-batch(es) × 4" in done.stdout
     assert_states_close(final_state(one_process), final_state(out))
+    assert_logs_close(one_process, out)
 
 
 @pytest.mark.slow
@@ -66,6 +68,7 @@ def test_two_processes_with_fsdp_train_the_same_weights_as_one(tmp_path, data, o
     done = torchrun(tiny_config(data, out, steps=4, fsdp=True, batch_size=2), nproc=2)
     assert "with FSDP" in done.stdout and "2 process(es) × 2 micro-batch(es) × 2" in done.stdout
     assert_states_close(final_state(one_process), final_state(out))
+    assert_logs_close(one_process, out)
 
 
 @pytest.mark.slow
@@ -82,6 +85,7 @@ def test_resuming_on_another_process_count_continues_the_same_run(tmp_path, data
     result = train(tiny_config(data, out, steps=4, batch_size=2))
     assert result.step == 4
     assert_states_close(final_state(one_process), final_state(out))
+    assert_logs_close(one_process, out)
 
 
 def start(config, log: Path) -> subprocess.Popen:

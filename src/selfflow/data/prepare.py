@@ -231,9 +231,11 @@ class _Job:
     def _load_vae(self) -> Any:
         from selfflow.vae import SD_VAE_ID, load_vae
 
-        return load_vae(
+        vae = load_vae(
             self.config.vae or SD_VAE_ID, device=self.context.device, dtype=torch.float32
         )
+        _check_latent_scale(vae, str(self.config.vae or SD_VAE_ID))
+        return vae
 
     def _setup(self) -> _Plan:
         config = self.config
@@ -282,10 +284,12 @@ class _Job:
         return plan
 
     def _header(self, source: SourceList) -> dict[str, Any]:
+        from selfflow.eval.metrics import full_fp32
         from selfflow.vae import SD_VAE_ID, encode_posterior, encoder_identity
 
         size = self.config.image_size
-        probe, _ = encode_posterior(self.vae, np.zeros((1, size, size, 3), dtype=np.uint8))
+        with full_fp32():
+            probe, _ = encode_posterior(self.vae, np.zeros((1, size, size, 3), dtype=np.uint8))
         return {
             "latent_shape": list(probe.shape[1:]),
             "dtype": self.config.dtype,
@@ -358,6 +362,9 @@ class _Job:
         )
 
     def _encode(self, plan: _Plan, shards: list[int], bar: _Progress) -> None:
+        """Encode ``shards`` with TF32 off (full float32 matmuls and convolutions, as the
+        evaluator does), so the stored posteriors do not depend on the GPU generation."""
+        from selfflow.eval.metrics import full_fp32
         from selfflow.vae import encode_posterior
 
         if not shards:
@@ -371,7 +378,9 @@ class _Job:
                 buffer = _ShardBuffer(shard_id, capacity, plan.header)
             good = [item for item in batch if self._accept(plan, item, buffer)]
             if good:
-                mean, std = encode_posterior(self.vae, np.stack([item.pixels for item in good]))
+                with full_fp32():
+                    pixels = np.stack([item.pixels for item in good])
+                    mean, std = encode_posterior(self.vae, pixels)
                 _check_finite(plan, good, mean, std)
                 buffer.add(
                     mean.numpy(), std.numpy(), [int(plan.source.labels[i.index]) for i in good]
@@ -480,6 +489,30 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _check_latent_scale(vae: Any, name: str) -> None:
+    """Refuse a VAE whose latents are not SD-VAE's ``0.18215·z`` with no shift.
+
+    The trainer scales latents by the VAE's ``scaling_factor``, but the sampler decodes with
+    SD-VAE's constant factor and no shift, so a dataset from another VAE (SDXL's 0.13025, or
+    SD3/FLUX-style shifted latents) would train a model whose samples decode wrongly.
+    """
+    from selfflow.vae import LATENT_SCALE
+
+    scale = getattr(vae.config, "scaling_factor", None)
+    shift = getattr(vae.config, "shift_factor", None)
+    found = []
+    if scale is None or abs(float(scale) - LATENT_SCALE) > 1e-9:
+        found.append(f"scaling_factor {scale}")
+    if shift not in (None, 0, 0.0):
+        found.append(f"shift_factor {shift}")
+    if found:
+        raise ConfigurationError(
+            f"the VAE {name} has {' and '.join(found)}, but the sampler decodes with SD-VAE's "
+            f"factor ({LATENT_SCALE}, no shift); VAEs with other latent scales are not "
+            "supported yet"
+        )
 
 
 def _check_finite(plan: _Plan, items: list[Any], mean: torch.Tensor, std: torch.Tensor) -> None:

@@ -133,7 +133,8 @@ class TrainConfig:
         _whole("--log-every", self.log_every, 1)
         _whole("--seed", self.seed, 0)
         _number("--lr", self.lr, 0.0, math.inf, low_open=True)
-        _number("--ema-decay", self.ema_decay, 0.0, 1.0)
+        # 0 <= decay < 1: at 1 the EMA (the teacher and the exported model) never moves
+        _number("--ema-decay", self.ema_decay, 0.0, 1.0, high_open=True)
         _number("--label-dropout", self.label_dropout, 0.0, 1.0, high_open=True)
         _number("--grad-clip", self.grad_clip, 0.0, math.inf, low_open=True)
         if self.mask_ratio is not None:
@@ -341,9 +342,18 @@ def _number(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) or value == math.inf
+    """Refuse ``value`` unless it is a finite number in the interval (``high`` may be inf).
+
+    Infinity and NaN are refused even where the interval is unbounded: an infinite learning
+    rate or clip norm would only show up as NaN weights later, after files were written.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low)
     ok = ok and (value < high if high_open else value <= high)
     if not ok:
-        left, right = "(" if low_open else "[", ")" if high_open else "]"
-        raise ConfigurationError(f"{name} must lie in {left}{low}, {high}{right}; got {value!r}")
+        left = "(" if low_open else "["
+        right = ")" if high_open or high == math.inf else "]"
+        raise ConfigurationError(
+            f"{name} must be a finite number in {left}{low}, {high}{right}; got {value!r}"
+        )

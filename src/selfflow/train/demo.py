@@ -12,8 +12,10 @@ class-conditional samples look like their class (chance is 10 %). The untrained 
 is scored the same way, and ``--method flow`` (the SiT baseline) gets the same budget.
 
 Settings that differ from the ImageNet recipe, because the run is a few hundred steps long: a
-smaller model (width 64, 4 blocks), global batch 64, learning rate 1e-3 and EMA decay 0.995
+smaller model (width 64, 4 blocks), global batch 64, learning rate 3e-3 and EMA decay 0.99
 (an EMA of 0.9999 would still be 95 % the initial weights after 500 steps).
+
+Needs scikit-learn (in selfflow's ``[test]`` extra), for the digits and the classifier.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def write_digits(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_classifier(images: np.ndarray, labels: np.ndarray):
-    """A logistic regression on the real digits (about 97 % on held-out real digits)."""
+    """A logistic regression fitted on all the real digits: 99.5 % training accuracy on them,
+    92.5 % in scikit-learn's 5-fold cross-validation (``cross_val_score``, unshuffled folds)."""
     from sklearn.linear_model import LogisticRegression
 
     return LogisticRegression(max_iter=2000).fit(images.reshape(len(images), -1), labels)

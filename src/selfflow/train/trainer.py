@@ -329,7 +329,8 @@ class Trainer:
                     watch.after_step(step, metrics)
                     if stop or step % settings.checkpoint_every == 0 or step == end:
                         self.save(step)
-                    watch.periodic(step, end)
+                    if not stop:  # a stopping run spends its grace period on the checkpoint
+                        watch.periodic(step, end)
                     if stop:
                         raise StoppedBySignal(
                             f"stopped by {signal.Signals(flag.signum or signal.SIGTERM).name} "
