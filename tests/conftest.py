@@ -2,10 +2,55 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+
 import pytest
 import torch
 
 from selfflow.model import ModelConfig, SelfFlowDiT
+
+
+class NetworkUsed(AssertionError):
+    """A test tried to reach an address off this machine; tests never touch the network."""
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Refuse every connection to an address that is not loopback, in the test process.
+
+    A test that would download (a hub call, a URL) fails at once with the address named,
+    instead of passing here because the download failed and then hanging or passing by luck on
+    a machine that is online. Loopback stays open for the local HTTP server and torchrun.
+    """
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else None
+        if host is not None and not _is_loopback(host):
+            raise NetworkUsed(f"a test tried to connect to {address!r}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", _local_getaddrinfo(socket.getaddrinfo))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _local_getaddrinfo(real):
+    def getaddrinfo(host, *args, **kwargs):
+        if host is not None and not _is_loopback(str(host)):
+            raise NetworkUsed(f"a test tried to resolve {host!r}")
+        return real(host, *args, **kwargs)
+
+    return getaddrinfo
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, gain: float = 1.0) -> torch.nn.Module:
