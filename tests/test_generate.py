@@ -56,8 +56,8 @@ def no_model(monkeypatch):
         (["--class", "zzz-no-such"], "no ImageNet class matches 'zzz-no-such'"),
         (["--class", "shark"], "'shark' matches"),
         (["--class", "1001"], "no ImageNet class matches '1001'"),
-        (["--num-steps", "1"], "num_steps must be at least 2"),
-        (["--cfg-scale", "-1"], "cfg_scale must be >= 0"),
+        (["--num-steps", "1"], "--num-steps must be at least 2"),
+        (["--cfg-scale", "-1"], "--cfg-scale must be >= 0"),
     ],
 )
 def test_bad_options_are_refused_in_one_line_before_any_model_is_loaded(

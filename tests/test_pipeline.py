@@ -125,7 +125,7 @@ def test_settings_validation():
         SamplerSettings(num_steps=1)
     with pytest.raises(ConfigurationError, match="cfg_scale"):
         SamplerSettings(cfg_scale=-1)
-    with pytest.raises(ConfigurationError, match="low <= high"):
+    with pytest.raises(ConfigurationError, match=r"guidance_interval\[0\] \(0.8\) must not exceed"):
         SamplerSettings(guidance_interval=(0.8, 0.2))
     assert SamplerSettings(mode="SDE", solver="Euler").mode == "sde"
 

@@ -147,7 +147,7 @@ def test_no_import_cycle_among_package_modules() -> None:
 
 
 def _is_cli(name: str) -> bool:
-    return name == f"{PACKAGE}.cli" or name.endswith(".cli")
+    return name.rpartition(".")[2] in ("cli", "download_cli")
 
 
 def test_nothing_below_the_command_line_imports_a_command_line_module() -> None:
@@ -160,6 +160,14 @@ def test_nothing_below_the_command_line_imports_a_command_line_module() -> None:
     }
     offenders = {name: cli for name, cli in offenders.items() if cli}
     assert not offenders, f"modules below the CLI that import a CLI module: {offenders}"
+
+
+def test_the_checkpoint_loader_and_the_downloader_do_not_import_each_other() -> None:
+    """Even inside functions: the cache folder and the HTTP client are below both."""
+    modules = _modules()
+    known = set(modules)
+    checkpoint, download = f"{PACKAGE}.checkpoint", f"{PACKAGE}.download"
+    assert checkpoint not in _all_imports(download, modules[download], known)
 
 
 @pytest.mark.parametrize("source", ["import os\n", "from selfflow import cli\n"])

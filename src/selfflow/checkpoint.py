@@ -61,7 +61,7 @@ class CheckpointInfo:
 
 def manual_checkpoint_path() -> Path:
     """Where a checkpoint copied by hand is found: ``$SELFFLOW_CACHE/selfflow_imagenet256.pt``."""
-    from selfflow.download import cache_dir
+    from selfflow.cache import cache_dir
 
     return cache_dir() / HUB_FILENAME
 

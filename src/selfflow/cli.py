@@ -20,7 +20,7 @@ from selfflow.errors import SelfFlowError
 _SUBCOMMANDS: tuple[str, ...] = (
     "selfflow.batch.cli",
     "selfflow.eval.cli",
-    "selfflow.download",
+    "selfflow.download_cli",
     "selfflow.generate",
     "selfflow.classes",
     "selfflow.data.cli",

@@ -14,7 +14,6 @@ Cache: ``$SELFFLOW_CACHE`` if set, else ``~/.cache/selfflow``.
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -25,6 +24,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from selfflow.cache import cache_dir
 from selfflow.errors import DownloadError
 from selfflow.files import file_sha256
 
@@ -53,12 +53,6 @@ compared. A known digest is checked after every download and before the file is 
 checkpoint fetched through huggingface_hub is checked against the hub's own LFS sha256 instead
 (see :func:`verification`).
 """
-
-
-def cache_dir() -> Path:
-    """Where downloads and cached reference features live."""
-    override = os.environ.get("SELFFLOW_CACHE")
-    return Path(override).expanduser() if override else Path.home() / ".cache" / "selfflow"
 
 
 class _Restart(Exception):
@@ -329,73 +323,3 @@ def inception_path(download: bool = True, url: str | None = None) -> Path:
 def reference_path(download: bool = True, url: str | None = None) -> Path:
     """ADM's ImageNet 256 reference batch in the cache, downloaded on first use."""
     return _cached(url or REFERENCE_URL, "VIRTUAL_imagenet256_labeled.npz", download)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "download",
-        help="fetch the checkpoint, the VAE, ADM's Inception graph or reference batch, or all",
-        description=(
-            "Download into the cache ($SELFFLOW_CACHE, else ~/.cache/selfflow; the checkpoint "
-            "and the VAE go to huggingface_hub's cache, $HF_HOME) and print the file's path. "
-            "Interrupted downloads resume. Every command that needs these files finds them "
-            "there, so compute nodes that share the caches need no internet access."
-        ),
-    )
-    parser.add_argument(
-        "target",
-        choices=TARGETS,
-        help="checkpoint: the released Self-Flow weights; vae: the SD-VAE (its decoder for "
-        "sampling, its encoder for selfflow prepare; huggingface_hub's cache); inception: ADM's Inception graph; reference: ADM's "
-        "ImageNet 256 reference batch; all: the four, so that a login node can prepare "
-        "compute nodes without internet access (set HF_HUB_OFFLINE=1 there)",
-    )
-    parser.set_defaults(func=run)
-
-
-def _fetch_checkpoint() -> Path:
-    """The released checkpoint, checked against the hub's sha256 when it came from the hub."""
-    from selfflow.checkpoint import download_checkpoint
-
-    path = download_checkpoint()
-    record = verification(path, file_sha256(path) or "")
-    if "DIFFERS" in str(record["how"]):
-        raise DownloadError(f"{path}: sha256 {record['sha256']} {record['how']}; delete it")
-    print(f"checkpoint sha256 {record['sha256']}: {record['how']}", file=sys.stderr)
-    return path
-
-
-def _fetch_vae() -> Path:
-    from selfflow.vae import download_vae
-
-    return download_vae()
-
-
-TARGETS = ("checkpoint", "vae", "inception", "reference", "all")
-_FETCHERS = {
-    "checkpoint": _fetch_checkpoint,
-    "vae": _fetch_vae,
-    "inception": inception_path,
-    "reference": reference_path,
-}
-
-
-def run(args: argparse.Namespace) -> int:
-    """Fetch one target and print its path; ``all`` tries every target and lists what failed."""
-    if args.target != "all":
-        print(_FETCHERS[args.target]())
-        return 0
-    failed = []
-    for name, fetch in _FETCHERS.items():
-        try:
-            print(f"{name}: {fetch()}", flush=True)
-        except DownloadError as error:
-            failed.append(name)
-            print(f"{name}: FAILED: {error}", file=sys.stderr, flush=True)
-    if failed:
-        raise DownloadError(f"{len(failed)} of {len(_FETCHERS)} failed: {', '.join(failed)}")
-    return 0

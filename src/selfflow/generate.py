@@ -106,7 +106,7 @@ def check_output(path: Path) -> None:
 
 def _validate(args: argparse.Namespace):
     """Every option checked before any model is loaded; returns (labels, settings)."""
-    from selfflow.pipeline import SamplerSettings
+    from selfflow.sampler_settings import OPTION_NAMES, SamplerSettings
 
     for name, value in (("--num", args.num), ("--batch-size", args.batch_size)):
         if value < 1:
@@ -122,6 +122,7 @@ def _validate(args: argparse.Namespace):
         args.solver,
         args.cfg_scale,
         (args.guidance_low, args.guidance_high),
+        names=OPTION_NAMES,
     )
     return labels, settings
 

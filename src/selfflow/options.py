@@ -10,6 +10,15 @@ import argparse
 from typing import Any
 
 from selfflow.defaults import DEFAULT_NUM_STEPS
+from selfflow.sampler_settings import (
+    DEFAULT_CFG_SCALE,
+    DEFAULT_GUIDANCE_INTERVAL,
+    DEFAULT_MODE,
+    DEFAULT_SEED,
+    DEFAULT_SOLVER,
+    MODES,
+    SOLVERS,
+)
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "--ckpt": dict(
@@ -26,32 +35,34 @@ OPTIONS: dict[str, dict[str, Any]] = {
     ),
     "--mode": dict(
         type=str.upper,
-        choices=("SDE", "ODE"),
-        default="SDE",
+        choices=tuple(mode.upper() for mode in MODES),
+        default=DEFAULT_MODE.upper(),
         help="SDE (Euler-Maruyama, the paper's) or ODE (probability flow); any case (default: SDE)",
     ),
     "--seed": dict(
         type=int,
-        default=31,
+        default=DEFAULT_SEED,
         help="run seed; sample i draws from streams keyed by (seed, i) (default: %(default)s)",
     ),
     "--cfg-scale": dict(
         type=float,
-        default=1.0,
-        help="classifier-free guidance scale, 1.0 = none (default: 1.0, the paper's protocol)",
+        default=DEFAULT_CFG_SCALE,
+        help="classifier-free guidance scale, 1.0 = none (default: %(default)s, the paper's protocol)",
     ),
     "--guidance-low": dict(
         type=float,
-        default=0.0,
-        help="guidance applies while tau >= this, tau = 1 being noise (default: 0.0)",
+        default=DEFAULT_GUIDANCE_INTERVAL[0],
+        help="guidance applies while tau >= this, tau = 1 being noise (default: %(default)s)",
     ),
     "--guidance-high": dict(
-        type=float, default=0.7, help="guidance applies while tau <= this (default: 0.7)"
+        type=float,
+        default=DEFAULT_GUIDANCE_INTERVAL[1],
+        help="guidance applies while tau <= this (default: %(default)s)",
     ),
     "--solver": dict(
         type=str.lower,
-        choices=("euler", "heun"),
-        default="heun",
+        choices=SOLVERS,
+        default=DEFAULT_SOLVER,
         help="ODE solver (ignored by the SDE) (default: heun)",
     ),
     "--vae": dict(

@@ -18,55 +18,28 @@ level here and there, in bf16 on a GPU about half of the bytes by a level or so)
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from selfflow import seeds, transport, vae
-from selfflow.defaults import default_num_steps
+from selfflow.distributed import resolve_device
 from selfflow.errors import ConfigurationError
 from selfflow.model import SelfFlowDiT
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    """Everything besides the seed and the labels that changes the images.
-
-    ``num_steps=None`` takes the mode's default (250 for the SDE, 50 for the ODE).
-    """
-
-    num_steps: int | None = None
-    mode: str = "sde"
-    solver: str = "heun"
-    cfg_scale: float = 1.0
-    guidance_interval: tuple[float, float] = (0.0, 0.7)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", str(self.mode).lower())
-        object.__setattr__(self, "solver", str(self.solver).lower())
-        if self.mode not in ("sde", "ode"):
-            raise ConfigurationError(f"mode must be 'sde' or 'ode'; got {self.mode!r}")
-        if self.solver not in ("euler", "heun"):
-            raise ConfigurationError(f"solver must be 'euler' or 'heun'; got {self.solver!r}")
-        if self.num_steps is None:
-            object.__setattr__(self, "num_steps", default_num_steps(self.mode))
-        if int(self.num_steps) < 2:
-            raise ConfigurationError(f"num_steps must be at least 2; got {self.num_steps}")
-        if self.cfg_scale < 0:
-            raise ConfigurationError(f"cfg_scale must be >= 0; got {self.cfg_scale}")
-        low, high = self.guidance_interval
-        if not 0.0 <= low <= high <= 1.0:
-            raise ConfigurationError(
-                f"guidance interval must satisfy 0 <= low <= high <= 1; got ({low}, {high})"
-            )
+from selfflow.sampler_settings import (
+    DEFAULT_CFG_SCALE,
+    DEFAULT_GUIDANCE_INTERVAL,
+    DEFAULT_MODE,
+    DEFAULT_SOLVER,
+    SamplerSettings,
+)
+from selfflow.transport import ModelFn
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The first GPU when there is one, else the CPU."""
+    return resolve_device(None)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -235,10 +208,10 @@ class SelfFlowPipeline:
         *,
         seed: int = 0,
         num_steps: int | None = None,
-        mode: str = "sde",
-        solver: str = "heun",
-        cfg_scale: float = 1.0,
-        guidance_interval: tuple[float, float] = (0.0, 0.7),
+        mode: str = DEFAULT_MODE,
+        solver: str = DEFAULT_SOLVER,
+        cfg_scale: float = DEFAULT_CFG_SCALE,
+        guidance_interval: tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
         progress: bool = False,

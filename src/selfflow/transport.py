@@ -29,6 +29,15 @@ from tqdm import tqdm
 
 from selfflow.defaults import DEFAULT_NUM_STEPS, default_num_steps
 from selfflow.errors import ConfigurationError
+from selfflow.model import NULL_CLASS
+from selfflow.sampler_settings import (
+    DEFAULT_CFG_SCALE,
+    DEFAULT_GUIDANCE_INTERVAL,
+    DEFAULT_MODE,
+    DEFAULT_SOLVER,
+    MODES,
+    SOLVERS,
+)
 
 __all__ = [
     "BrownianSource",
@@ -51,8 +60,8 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 Progress = bool | Callable[[int, int], None]
 
-_MODES = ("sde", "ode")
-_SOLVERS = ("euler", "heun")
+_MODES = MODES
+_SOLVERS = SOLVERS
 OFFICIAL_LAST_T = 0.96  # the SDE stops at t = 1 - 0.04 and takes one noise-free "Mean" step
 
 
@@ -294,7 +303,7 @@ def sample_ode(
     x: torch.Tensor,
     *,
     num_steps: int = DEFAULT_NUM_STEPS["ode"],
-    solver: str = "heun",
+    solver: str = DEFAULT_SOLVER,
     progress: Progress = False,
 ) -> torch.Tensor:
     """Integrate the probability-flow ODE ``dx/dtau = velocity(x, tau)`` from tau = 1 to 0.
@@ -352,9 +361,9 @@ def sample(
     velocity: Velocity,
     x: torch.Tensor,
     *,
-    mode: str = "sde",
+    mode: str = DEFAULT_MODE,
     num_steps: int | None = None,
-    solver: str = "heun",
+    solver: str = DEFAULT_SOLVER,
     brownian: BrownianSource | None = None,
     generator: torch.Generator | None = None,
     progress: Progress = False,
@@ -424,9 +433,9 @@ def guided_velocity(
     model_fn: ModelFn,
     labels: torch.Tensor,
     *,
-    cfg_scale: float = 1.0,
-    guidance_interval: tuple[float, float] = (0.0, 0.7),
-    null_label: int = 1000,
+    cfg_scale: float = DEFAULT_CFG_SCALE,
+    guidance_interval: tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL,
+    null_label: int = NULL_CLASS,
 ) -> Velocity:
     """Turn a class-conditional ``model_fn(x, tau, y)`` into a velocity function with CFG.
 

@@ -616,7 +616,7 @@ def test_class_balanced_gives_each_class_once_per_thousand(
             {"--guidance-low": "0.8", "--guidance-high": "0.5"},
             "--guidance-low (0.8) must not exceed --guidance-high (0.5)",
         ),
-        ({"--cfg-scale": "-1"}, "--cfg-scale must be a finite number >= 0"),
+        ({"--cfg-scale": "-1"}, "--cfg-scale must be >= 0 and finite"),
         ({"--shard-size": "0"}, "--shard-size must be a positive number of images; got 0"),
         ({"--class-balanced": None}, "divisible by 1000"),
         ({"--device": "cuda:99"}, "cuda"),

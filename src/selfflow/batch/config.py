@@ -7,8 +7,8 @@ cut live here too, as they depend on the settings alone.
 
 from __future__ import annotations
 
-import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,15 @@ from typing import Any
 import numpy as np
 
 from selfflow.errors import ConfigurationError
+from selfflow.sampler_settings import (
+    DEFAULT_CFG_SCALE,
+    DEFAULT_GUIDANCE_INTERVAL,
+    DEFAULT_MODE,
+    DEFAULT_SEED,
+    DEFAULT_SOLVER,
+    OPTION_NAMES,
+    SamplerSettings,
+)
 
 DTYPES = ("float32", "bfloat16")
 VAE_DTYPE = "bfloat16"  # the official sampler decodes in bf16
@@ -34,13 +43,13 @@ class BatchConfig:
     num_samples: int = 50_000
     batch_size: int = 64
     num_steps: int | None = None  # None: the mode's default (SDE 250, ODE 50)
-    mode: str = "sde"
-    seed: int = 31
-    cfg_scale: float = 1.0
-    guidance_low: float = 0.0
-    guidance_high: float = 0.7
+    mode: str = DEFAULT_MODE
+    seed: int = DEFAULT_SEED
+    cfg_scale: float = DEFAULT_CFG_SCALE
+    guidance_low: float = DEFAULT_GUIDANCE_INTERVAL[0]
+    guidance_high: float = DEFAULT_GUIDANCE_INTERVAL[1]
     save_images: bool = False
-    solver: str = "heun"
+    solver: str = DEFAULT_SOLVER
     vae: str | None = None
     class_balanced: bool = False
     device: str | None = None
@@ -62,30 +71,8 @@ class BatchConfig:
         whole("--batch-size", self.batch_size, 1, "a positive number of images per process")
         if self.shard_size is not None:
             whole("--shard-size", self.shard_size, 1, "a positive number of images")
-        if not isinstance(self.mode, str) or self.mode.lower() not in ("sde", "ode"):
-            raise ConfigurationError(f"--mode must be SDE or ODE (any case); got {self.mode!r}")
-        if self.num_steps is None:
-            from selfflow.defaults import default_num_steps
-
-            self.num_steps = default_num_steps(self.mode)
-        whole("--num-steps", self.num_steps, 2, "at least 2")
-        if not isinstance(self.solver, str) or self.solver.lower() not in ("euler", "heun"):
-            raise ConfigurationError(f"--solver must be euler or heun; got {self.solver!r}")
-        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
-            raise ConfigurationError(
-                f"--cfg-scale must be a finite number >= 0 (1.0 = no guidance); got {self.cfg_scale}"
-            )
-        for name, value in (
-            ("--guidance-low", self.guidance_low),
-            ("--guidance-high", self.guidance_high),
-        ):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigurationError(f"{name} must lie in [0, 1] (a time tau); got {value}")
-        if self.guidance_low > self.guidance_high:
-            raise ConfigurationError(
-                f"--guidance-low ({self.guidance_low}) must not exceed --guidance-high "
-                f"({self.guidance_high}): guidance applies while low <= tau <= high"
-            )
+        # the sampler's own checks, in the options' names; fills in the mode's step count
+        self.num_steps = self.sampler_settings(names=OPTION_NAMES).num_steps
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigurationError(f"--dtype must be one of {DTYPES}; got {self.dtype!r}")
         if self.class_balanced:
@@ -103,16 +90,15 @@ class BatchConfig:
         if self.inception is not None and self.eval_ref is None:
             raise ConfigurationError("--inception is only used with --eval-ref")
 
-    def sampler_settings(self):
-        """The sampler's settings (:class:`selfflow.pipeline.SamplerSettings`) for this batch."""
-        from selfflow.pipeline import SamplerSettings  # torch: imported when a batch runs
-
+    def sampler_settings(self, names: Mapping[str, str] | None = None) -> SamplerSettings:
+        """The sampler's settings for this batch (checked; errors worded with ``names``)."""
         return SamplerSettings(
             self.num_steps,
             self.mode,
             self.solver,
             self.cfg_scale,
             (self.guidance_low, self.guidance_high),
+            names=names,
         )
 
 
@@ -173,7 +159,7 @@ def _in_cache_if_bare(path: str | os.PathLike | None) -> str | os.PathLike | Non
     """
     if path is None or Path(path).exists() or Path(path).name != str(path):
         return path
-    from selfflow.download import cache_dir
+    from selfflow.cache import cache_dir
 
     cached = cache_dir() / str(path)
     return str(cached) if cached.is_file() else path
@@ -182,7 +168,7 @@ def _in_cache_if_bare(path: str | os.PathLike | None) -> str | os.PathLike | Non
 def _cache_hint(path: str | os.PathLike) -> str:
     if Path(path).name != str(path):
         return ""
-    from selfflow.download import cache_dir
+    from selfflow.cache import cache_dir
 
     return f", neither here nor in {cache_dir()} (`selfflow download reference` puts it there)"
 

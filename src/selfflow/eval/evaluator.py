@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import selfflow
+from selfflow.distributed import resolve_device
 from selfflow.download import verification
 from selfflow.errors import ConfigurationError
 from selfflow.eval.features import (
@@ -61,18 +62,6 @@ _STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 def format_report(metrics: dict) -> str:
     """ADM's five lines, in ADM's order, with Python's shortest round-trip float format."""
     return "\n".join(f"{label}: {float(metrics[key])}" for label, key in REPORT_KEYS)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ConfigurationError(f"--device {device!r} is not a torch device ({error})") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigurationError(f"--device {device} was asked for, but CUDA is not available")
-    return resolved
 
 
 def _log(message: str) -> None:
@@ -145,7 +134,7 @@ def _npz_or_computed(
 
 
 def _reference_cache_path(ref_sha: str, graph_sha: str | None) -> Path:
-    from selfflow.download import cache_dir
+    from selfflow.cache import cache_dir
 
     graph_part = (graph_sha or "unknown")[:16]
     name = f"{ref_sha}-{graph_part}-r{FEATURES_REVISION}.npz"
@@ -234,7 +223,7 @@ def evaluate(
         _log(f"note: {message}")
 
     references, samples = _open_inputs(ref_path, sample_path, progress)
-    dev = resolve_device(device)
+    dev = resolve_device(None if device is None else str(device))
 
     # The network.
     inception = inception if inception is not None else _cached_inception()
