@@ -350,7 +350,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "target",
         choices=TARGETS,
         help="checkpoint: the released Self-Flow weights; vae: the SD-VAE (its decoder for "
-        "sampling, its encoder for selfflow prepare; huggingface_hub's cache); inception: ADM's Inception graph; reference: ADM's "
+        "sampling, its encoder for selfflow prepare; huggingface_hub's cache); inception: "
+        "ADM's Inception graph; reference: ADM's "
         "ImageNet 256 reference batch; all: the four, so that a login node can prepare "
         "compute nodes without internet access (set HF_HUB_OFFLINE=1 there)",
     )
