@@ -245,11 +245,13 @@ def _strip_prefixes(state: Mapping[str, object]) -> dict[str, object]:
 
 
 def read_checkpoint(
-    path: str | os.PathLike,
+    path: str | os.PathLike, *, mmap: bool = False
 ) -> tuple[dict[str, torch.Tensor], ModelConfig | None, str | None, list[str]]:
     """Read a checkpoint file into ``(state_dict, stored_config, source_entry, notes)``.
 
     ``stored_config`` is None for files that do not record one (the released file).
+    ``mmap=True`` maps a ``.pt`` file's tensors instead of copying them (for weights that are
+    copied into a model once and then dropped).
     """
     path = Path(path)
     if path.is_dir():
@@ -265,7 +267,7 @@ def read_checkpoint(
             stored_config = _parse_config(json.loads(metadata["selfflow_config"]), path)
         return _strip_prefixes(state), stored_config, None, []  # type: ignore[return-value]
 
-    raw = torch_load_verified(path)
+    raw = torch_load_verified(path, mmap=mmap)
     if isinstance(raw, Mapping) and raw.get("format") == FORMAT_TAG:
         stored_config = _parse_config(raw.get("config"), path)
     state, entry, notes = _unwrap(raw, path)

@@ -341,6 +341,28 @@ def test_init_from_an_export_starts_from_its_weights(tmp_path, data, reference):
         torch.testing.assert_close(start[key], value, rtol=1e-6, atol=1e-6)
 
 
+def test_init_from_is_read_only_for_a_new_run_and_not_kept(tmp_path, data, reference, monkeypatch):
+    # a resume takes every weight from its checkpoint: the --init-from file may be gone by then
+    from selfflow.train import trainer
+
+    real_build, kept = trainer.Trainer._build, []
+
+    def build(self):
+        step = real_build(self)
+        kept.append(self.init_state)
+        return step
+
+    monkeypatch.setattr(trainer.Trainer, "_build", build)
+    source = tmp_path / "init.pt"
+    source.write_bytes(run_state.export_path(reference, 4).read_bytes())
+    out = tmp_path / "run"
+    train(tiny_config(data, out, steps=2, init_from=str(source)))
+    assert kept == [None]  # dropped once the model is built
+    source.unlink()
+    result = train(tiny_config(data, out, steps=4, init_from=str(source)))
+    assert result.step == 4
+
+
 def test_a_run_folder_with_another_configuration_is_refused_naming_it(tmp_path, data):
     out = tmp_path / "run"
     train(tiny_config(data, out, steps=1))

@@ -188,7 +188,11 @@ class Trainer:
             self.log(f"note: {note}")
         self.dtype = resolve_train_dtype(config.dtype, self.context.device)
         check_watch_options(self.resolved, self.dataset)
-        self.init_state = read_init(self.resolved, config.init_from)
+        self.init_state = None
+        if not run_state.list_checkpoints(self.run_dir):
+            self.init_state = read_init(self.resolved, config.init_from)
+        elif config.init_from:
+            self.log(f"note: {self.run_dir} has checkpoints; resuming, --init-from is not read")
         if config.fsdp and not self.context.is_distributed:
             self.log("note: --fsdp with a single process shards nothing; training unsharded")
         self.vae = None
@@ -214,7 +218,8 @@ class Trainer:
         removed = run_state.remove_temporaries(self.run_dir)
         if removed:
             self.log(f"removed {removed} temporary files of an interrupted run")
-        params = sum(p.numel() for p in SelfFlowDiT(self.resolved.model).parameters())
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            params = sum(p.numel() for p in SelfFlowDiT(self.resolved.model).parameters())
         run_state.check_free_space(self.run_dir, run_state.state_bytes(params))
 
     def record(self) -> dict[str, Any]:
@@ -226,7 +231,11 @@ class Trainer:
         """Model, EMA, optimiser on this process's device, restored when resuming; the step."""
         restored = self._find_checkpoint()
         # a resume takes every weight from the checkpoint; --init-from only seeds a new run
+        if restored is None and self.init_state is None and self.config.init_from:
+            # only damaged checkpoints were found: the run starts over, from --init-from
+            self.init_state = read_init(self.resolved, self.config.init_from)
         model = initial_model(self.resolved, None if restored else self.init_state)
+        self.init_state = None  # copied into the model; do not hold a second set of weights
         ema = make_ema(model)  # an exact copy at step 0
         step = 0
         if restored is not None:
@@ -556,7 +565,7 @@ def read_init(resolved: ResolvedConfig, init_from: str | None) -> dict[str, torc
         return None
     from selfflow.checkpoint import read_checkpoint, validate_state_dict
 
-    state, _, _, _ = read_checkpoint(init_from)
+    state, _, _, _ = read_checkpoint(init_from, mmap=True)  # copied into the model once
     with torch.device("meta"):
         model = SelfFlowDiT(resolved.model)
     validate_state_dict(state, model, f"--init-from {init_from}")
