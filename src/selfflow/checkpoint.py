@@ -315,13 +315,21 @@ def _listing(names: list[str]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def validate_state_dict(
-    state: Mapping[str, torch.Tensor], model: SelfFlowDiT, path: Path | str = "checkpoint"
+def check_keys_and_shapes(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    what: str,
+    *,
+    allow_unexpected: bool = False,
 ) -> None:
-    """Strict check of keys, shapes and finiteness; raises with every problem listed."""
-    expected = model.state_dict()
+    """Raise naming every missing key, unexpected key and wrong shape of ``state``.
+
+    The one key-and-shape check of the package: strict loading (:func:`validate_state_dict`)
+    and the fast path's reader, which takes the keys it uses from a larger state dict
+    (``allow_unexpected``), both call it. ``what`` begins the message ("PATH does not match …").
+    """
     missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
+    unexpected = [] if allow_unexpected else [key for key in state if key not in expected]
     wrong_shape = [
         f"{key}: expected {tuple(expected[key].shape)}, found {tuple(state[key].shape)}"
         for key in expected
@@ -335,9 +343,16 @@ def validate_state_dict(
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} wrong shapes ({_listing(wrong_shape)})")
     if problems:
-        raise CheckpointError(
-            f"{path} does not match the Self-Flow model {model.config}: " + "; ".join(problems)
-        )
+        raise CheckpointError(f"{what}: " + "; ".join(problems))
+
+
+def validate_state_dict(
+    state: Mapping[str, torch.Tensor], model: SelfFlowDiT, path: Path | str = "checkpoint"
+) -> None:
+    """Strict check of keys, shapes and finiteness; raises with every problem listed."""
+    check_keys_and_shapes(
+        state, model.state_dict(), f"{path} does not match the Self-Flow model {model.config}"
+    )
     not_float = [key for key, value in state.items() if not value.is_floating_point()]
     if not_float:
         raise CheckpointError(

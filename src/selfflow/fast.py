@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfflow.errors import CheckpointError, ConfigurationError
+from selfflow.checkpoint import check_keys_and_shapes
+from selfflow.errors import ConfigurationError
 from selfflow.model import ModelConfig, SelfFlowDiT, patchify, timestep_features, unpatchify
 
 __all__ = ["FastSelfFlow", "OfficialEquivalent", "forward_flops", "official_equivalent"]
@@ -86,15 +87,11 @@ def _check_call(config: ModelConfig, x: Tensor, tau: Tensor, y: Tensor, *, who: 
         )
 
 
-def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of the released keys the fast path reads, from a weightless (meta) model."""
+def _expected_tensors(config: ModelConfig) -> dict[str, Tensor]:
+    """The released keys the fast path reads (all but the projector), from a meta model."""
     with torch.device("meta"):
         reference = SelfFlowDiT(config)
-    return {
-        key: tuple(value.shape)
-        for key, value in reference.state_dict().items()
-        if not key.startswith("projector.")
-    }
+    return {k: v for k, v in reference.state_dict().items() if not k.startswith("projector.")}
 
 
 class FastSelfFlow(nn.Module):
@@ -185,18 +182,12 @@ class FastSelfFlow(nn.Module):
 
     def _load(self, state_dict: Mapping[str, Tensor], device: torch.device | None) -> None:
         cfg = self.config
-        expected = _expected_shapes(cfg)
-        missing = sorted(k for k in expected if k not in state_dict)
-        wrong = sorted(
-            f"{k} {tuple(state_dict[k].shape)} (expected {expected[k]})"
-            for k in expected
-            if k in state_dict and tuple(state_dict[k].shape) != expected[k]
+        check_keys_and_shapes(
+            state_dict,
+            _expected_tensors(cfg),
+            f"state dict does not match {cfg}",
+            allow_unexpected=True,
         )
-        if missing or wrong:
-            raise CheckpointError(
-                f"state dict does not match {cfg}: missing {missing[:5]}"
-                f"{' …' if len(missing) > 5 else ''}; wrong shapes {wrong[:5]}"
-            )
         if device is None:
             device = state_dict["pos_embed"].device
 
