@@ -32,7 +32,7 @@ from selfflow.data import LatentDataset, write_dataset
 from selfflow.train import TrainConfig, self_flow_loss, train
 from selfflow.train.ema import make_ema, update_ema
 from selfflow.train.fast import FastTrainingDiT, training_optimizer
-from selfflow.train.streams import DataOrder, StreamSpec, draw_step, materialise
+from selfflow.train.streams import draw_step, materialise, run_streams
 from selfflow.train.trainer import initial_model
 
 
@@ -41,9 +41,7 @@ def bare_loop(config: TrainConfig, data: Path, steps: int) -> float:
     dataset = LatentDataset(data)
     resolved = config.resolve(tuple(dataset.latent_shape), dataset.num_classes)
     s, m = resolved.settings, resolved.model
-    spec = StreamSpec(s.seed, s.global_batch_size, tuple(dataset.latent_shape), m.num_tokens,
-                      s.mask_ratio, s.label_dropout, dataset.has_std)  # fmt: skip
-    order = DataOrder(s.seed, len(dataset))
+    spec, order = run_streams(resolved, dataset)
     batches = [materialise(draw_step(spec, order, k), dataset, m.null_class) for k in range(steps)]
     model = FastTrainingDiT.from_model(initial_model(resolved, None))
     ema = make_ema(model)
@@ -66,13 +64,10 @@ def bare_loop(config: TrainConfig, data: Path, steps: int) -> float:
 def draw_seconds(config: TrainConfig, data: Path, steps: int) -> float:
     dataset = LatentDataset(data)
     resolved = config.resolve(tuple(dataset.latent_shape), dataset.num_classes)
-    s, m = resolved.settings, resolved.model
-    spec = StreamSpec(s.seed, s.global_batch_size, tuple(dataset.latent_shape), m.num_tokens,
-                      s.mask_ratio, s.label_dropout, dataset.has_std)  # fmt: skip
-    order = DataOrder(s.seed, len(dataset))
+    spec, order = run_streams(resolved, dataset)
     started = time.perf_counter()
     for k in range(steps):
-        materialise(draw_step(spec, order, k), dataset, m.null_class)
+        materialise(draw_step(spec, order, k), dataset, resolved.model.null_class)
     return time.perf_counter() - started
 
 

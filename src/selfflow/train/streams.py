@@ -26,12 +26,17 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from selfflow.seeds import stream_seed
 from selfflow.train.objective import dual_timesteps
+
+if TYPE_CHECKING:
+    from selfflow.data import LatentDataset
+    from selfflow.train.config import ResolvedConfig
 
 
 def keyed_generator(seed: int, key: int, purpose: str) -> torch.Generator:
@@ -108,6 +113,22 @@ class StreamSpec:
     mask_ratio: float
     label_dropout: float
     has_std: bool
+
+
+def run_streams(resolved: ResolvedConfig, dataset: LatentDataset) -> tuple[StreamSpec, DataOrder]:
+    """The stream spec and data order of a run: derived here once, for the trainer and the
+    benchmarks that reproduce its batches."""
+    s, m = resolved.settings, resolved.model
+    spec = StreamSpec(
+        seed=s.seed,
+        global_batch=s.global_batch_size,
+        latent_shape=tuple(dataset.latent_shape),
+        num_tokens=m.num_tokens,
+        mask_ratio=s.mask_ratio,
+        label_dropout=s.label_dropout,
+        has_std=bool(dataset.has_std),
+    )
+    return spec, DataOrder(s.seed, len(dataset))
 
 
 def draw_step(spec: StreamSpec, order: DataOrder, step: int) -> StepDraws:

@@ -45,14 +45,13 @@ from selfflow.train.ema import make_ema, update_ema
 from selfflow.train.fast import FastTrainingDiT, training_optimizer
 from selfflow.train.objective import self_flow_loss
 from selfflow.train.streams import (
-    DataOrder,
     MicroBatch,
     Prefetcher,
-    StreamSpec,
     draw_step,
     materialise,
     micro_batches,
     process_rows,
+    run_streams,
 )
 
 ADAM_BETAS = (0.9, 0.999)
@@ -378,17 +377,7 @@ class Trainer:
     def _make_batches(self, step: int) -> list[MicroBatch]:
         """This process's micro-batches of step ``step`` (runs on the prefetch thread)."""
         if not hasattr(self, "_order"):
-            s, m = self.resolved.settings, self.resolved.model
-            self._order = DataOrder(s.seed, len(self.dataset))
-            self._spec = StreamSpec(
-                seed=s.seed,
-                global_batch=s.global_batch_size,
-                latent_shape=tuple(self.dataset.latent_shape),
-                num_tokens=m.num_tokens,
-                mask_ratio=s.mask_ratio,
-                label_dropout=s.label_dropout,
-                has_std=bool(self.dataset.has_std),
-            )
+            self._spec, self._order = run_streams(self.resolved, self.dataset)
         draws = draw_step(self._spec, self._order, step)
         mine = process_rows(draws, self.context.rank, self.context.world_size)
         null = self.resolved.model.null_class  # the label table's last row
