@@ -47,11 +47,11 @@ except (
 from selfflow import distributed
 from selfflow.batch import BatchConfig, generate_fid_batch
 from selfflow.batch.bench import random_checkpoint, random_model, random_vae
+from selfflow.distributed import resolve_dtype
 from selfflow.eval.graphdef import TFGraph
 from selfflow.eval.inception import InceptionV3
 from selfflow.eval.metrics import full_fp32
 from selfflow.eval.synthetic import inception_like_graph
-from selfflow.pipeline import resolve_dtype
 
 
 def log(message: str) -> None:

@@ -8,6 +8,7 @@ import torch
 
 from selfflow import seeds
 from selfflow.errors import ConfigurationError, DownloadError
+from selfflow.finite import NonFiniteSamplesError
 from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
 from selfflow.vae import load_vae, to_uint8
 
@@ -101,8 +102,9 @@ def test_to_uint8_of_a_bf16_decoder_output_rounds_like_bf16_arithmetic():
 def test_to_uint8_refuses_nan_and_names_the_rows():
     images = torch.zeros(3, 3, 4, 4)
     images[1, 0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"rows \[1\]"):
+    with pytest.raises(NonFiniteSamplesError, match=r"rows \[1\]") as caught:
         to_uint8(images)
+    assert caught.value.indices == [1]
 
 
 def test_vae_loading_errors(tmp_path, monkeypatch):
@@ -170,6 +172,30 @@ def test_guidance_changes_the_image_only_when_scaled(pipe):
     np.testing.assert_array_equal(
         plain, pipe([7, 8], seed=1, num_steps=6, cfg_scale=4.0, guidance_interval=(0.0, 0.01))
     )
+
+
+@pytest.mark.parametrize("mode", ["sde", "ode"])
+def test_a_nan_in_one_guided_pass_names_that_sample_by_its_index(
+    tiny_checkpoint, tiny_vae_dir, mode
+):
+    """Guided calls run the conditional and the null pass of every sample in one batch; a NaN
+    in sample 1's null pass only must be reported as that sample's index, and no other."""
+    poisoned = SelfFlowPipeline.from_pretrained(tiny_checkpoint, tiny_vae_dir, device="cpu")
+    inner = poisoned.model_fn
+    null = poisoned.model.config.null_class
+
+    def model_fn(x, tau, y):
+        out = inner(x, tau, y).clone()
+        if len(y) == 6:  # guided: rows 0-2 conditional, rows 3-5 null
+            out[4] = float("nan")
+            assert y[4] == null and y[1] != null
+        return out
+
+    poisoned.model_fn = model_fn
+    with pytest.raises(NonFiniteSamplesError, match=r"sample indices \[41\]") as caught:
+        poisoned([5, 6, 7], seed=3, num_steps=4, mode=mode, cfg_scale=2.0, indices=[40, 41, 42])
+    assert caught.value.indices == [41]
+    assert ("SDE step" if mode == "sde" else "ODE interval") in str(caught.value)
 
 
 def test_pipeline_rejects_bad_labels(pipe):

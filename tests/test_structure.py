@@ -147,7 +147,8 @@ def test_no_import_cycle_among_package_modules() -> None:
 
 
 def _is_cli(name: str) -> bool:
-    return name.rpartition(".")[2] in ("cli", "download_cli")
+    last = name.rpartition(".")[2]
+    return last == "cli" or last.endswith("_cli")
 
 
 def test_nothing_below_the_command_line_imports_a_command_line_module() -> None:

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from selfflow.errors import ConfigurationError
+from selfflow.finite import NonFiniteSamplesError
 from selfflow.transport import (
     guided_velocity,
     sample,
@@ -492,30 +493,34 @@ def test_unknown_solver(solver):
 @pytest.mark.parametrize("mode", ["sde", "ode"])
 def test_non_finite_velocity_names_the_step(mode):
     def velocity(x, tau):
-        bad = tau[0].item() <= 0.5
-        return torch.full_like(x, float("nan")) if bad else torch.zeros_like(x)
+        out = torch.zeros_like(x)
+        if tau[0].item() <= 0.5:
+            out[1] = float("nan")  # row 1 of 3 only
+        return out
 
     # SDE N = 11: t_i = 0.096 i, tau <= 0.5 first at i = 6. ODE 10 intervals: tau_k = 1 - k/10,
     # Euler's first evaluation at tau <= 0.5 is interval 5.
     expected = r"SDE step 6 of 11" if mode == "sde" else r"ODE interval 5 of 10"
-    with pytest.raises(ConfigurationError, match=expected):
+    with pytest.raises(NonFiniteSamplesError, match=expected) as caught:
         sample(
             velocity,
-            torch.zeros(2, 2),
+            torch.zeros(3, 2),
             mode=mode,
             num_steps=11 if mode == "sde" else 10,
             solver="euler",
         )
+    assert caught.value.indices == [1] and "batch rows [1]" in str(caught.value)
 
 
 def test_non_finite_brownian_and_start_are_refused():
-    with pytest.raises(ConfigurationError, match="SDE step 2 of 5"):
-        sample_sde(
-            _zero,
-            torch.zeros(2, 2),
-            num_steps=5,
-            brownian=lambda k: torch.full((2, 2), math.inf if k == 2 else 0.0),
-        )
+    def brownian(k):
+        xi = torch.zeros(2, 2)
+        xi[0, 1] = math.inf if k == 2 else 0.0
+        return xi
+
+    with pytest.raises(NonFiniteSamplesError, match="SDE step 2 of 5") as caught:
+        sample_sde(_zero, torch.zeros(2, 2), num_steps=5, brownian=brownian)
+    assert caught.value.indices == [0]
     with pytest.raises(ConfigurationError, match="start noise"):
         sample_sde(_zero, torch.tensor([[0.0, math.nan]]), num_steps=5)
 

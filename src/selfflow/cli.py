@@ -21,8 +21,8 @@ _SUBCOMMANDS: tuple[str, ...] = (
     "selfflow.batch.cli",
     "selfflow.eval.cli",
     "selfflow.download_cli",
-    "selfflow.generate",
-    "selfflow.classes",
+    "selfflow.generate_cli",
+    "selfflow.classes_cli",
     "selfflow.data.cli",
     "selfflow.train.cli",
 )

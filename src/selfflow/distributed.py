@@ -95,6 +95,22 @@ def torchrun_environment(environ: dict[str, str] | None = None) -> tuple[int, in
     return rank, world, local
 
 
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The network precision: as given, else bfloat16 on CUDA and float32 elsewhere.
+
+    One rule for sampling (bf16 takes the fast path) and training (bf16 autocast, with float32
+    weights, optimiser and EMA): on CPUs bf16 matmuls are slow and float32 keeps resumes
+    bit-exact.
+    """
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ConfigurationError(f"dtype must be float32, bfloat16 or float16; got {dtype}")
+    return dtype
+
+
 def resolve_device(spec: str | None, local_rank: int = 0, world_size: int = 1) -> torch.device:
     """The device this process samples on.
 

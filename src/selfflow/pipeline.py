@@ -11,8 +11,8 @@ differently per shape, but at one shape a row's result does not depend on the ot
 with ``batch_size=B`` every network call sees B rows (a short last batch is padded with copies
 of its last sample) and every VAE decode sees ``selfflow.vae.DECODE_BATCH`` latents: an
 image's bytes are then the same whichever call, batch or position it is drawn in. Another B
-rounds differently (the same noise and labels, so the same distribution; in float32 on a CPU a
-level here and there, in bf16 on a GPU about half of the bytes by a level or so).
+rounds differently: the same noise and labels, so the same distribution, but other bytes
+(the README's "What is byte-identical" gives the measured sizes).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from selfflow import seeds, transport, vae
-from selfflow.distributed import resolve_device
+from selfflow.distributed import resolve_device, resolve_dtype
 from selfflow.errors import ConfigurationError
+from selfflow.finite import NonFiniteSamplesError
 from selfflow.model import SelfFlowDiT
 from selfflow.sampler_settings import (
     DEFAULT_CFG_SCALE,
@@ -40,17 +41,6 @@ from selfflow.transport import ModelFn
 def default_device() -> torch.device:
     """The first GPU when there is one, else the CPU."""
     return resolve_device(None)
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """The network precision: as given, else bfloat16 (fast path) on CUDA and float32 elsewhere."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ConfigurationError(f"dtype must be float32, bfloat16 or float16; got {dtype}")
-    return dtype
 
 
 def network_for(
@@ -179,20 +169,27 @@ class SelfFlowPipeline:
         settings: SamplerSettings,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Integrate from each sample's keyed start noise to a clean latent (float32)."""
+        """Integrate from each sample's keyed start noise to a clean latent (float32).
+
+        A sample that goes NaN or inf raises :class:`~selfflow.finite.NonFiniteSamplesError`
+        naming its entry of ``indices``.
+        """
         x = seeds.start_noise(seed, indices, self.latent_shape).to(self.device)
         brownian = None
         if settings.mode == "sde":
             brownian = seeds.BrownianIncrements(seed, indices, self.latent_shape, self.device)
-        return transport.sample(
-            self.velocity_fn(labels, settings),
-            x,
-            mode=settings.mode,
-            num_steps=settings.num_steps,
-            solver=settings.solver,
-            brownian=brownian,
-            progress=progress,
-        )
+        try:
+            return transport.sample(
+                self.velocity_fn(labels, settings),
+                x,
+                mode=settings.mode,
+                num_steps=settings.num_steps,
+                solver=settings.solver,
+                brownian=brownian,
+                progress=progress,
+            )
+        except NonFiniteSamplesError as error:
+            raise error.renamed(indices) from None
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """uint8 images of ``latents``, decoded ``vae.DECODE_BATCH`` at a time (one shape)."""
@@ -240,11 +237,8 @@ class SelfFlowPipeline:
             batch = self.sample_latents(
                 labels[rows], [indices[r] for r in rows], seed, settings, progress=progress
             )[:real]
-            bad = (~torch.isfinite(batch)).flatten(1).any(dim=1)
-            if bool(bad.any()):
-                raise FloatingPointError(
-                    "sampling produced NaN or inf for samples "
-                    f"{[indices[start + i] for i in bad.nonzero().flatten().tolist()]}"
-                )
             latents.append(batch)
-        return self.decode(torch.cat(latents))
+        try:
+            return self.decode(torch.cat(latents))
+        except NonFiniteSamplesError as error:
+            raise error.renamed(indices) from None

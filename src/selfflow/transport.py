@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from selfflow.defaults import DEFAULT_NUM_STEPS, default_num_steps
 from selfflow.errors import ConfigurationError
+from selfflow.finite import FirstNonFinite
 from selfflow.model import NULL_CLASS
 from selfflow.sampler_settings import (
     DEFAULT_CFG_SCALE,
@@ -148,23 +149,10 @@ def _evaluate(velocity: Velocity, x: torch.Tensor, tau: float, where: str) -> to
     return out.to(x.dtype)
 
 
-class _NonFiniteWatch:
-    """Remembers the first step whose result is not finite, without a host sync per step."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-
-    def update(self, x: torch.Tensor, step: int) -> None:
-        bad_now = ~torch.isfinite(x).all()
-        self.first_bad = torch.where((self.first_bad < 0) & bad_now, step, self.first_bad)
-
-    def raise_if_bad(self, describe: Callable[[int], str]) -> None:
-        step = int(self.first_bad.item())
-        if step >= 0:
-            raise ConfigurationError(
-                f"sampling produced NaN or Inf values at {describe(step)}; the velocity function "
-                "(model weights, dtype overflow) or the Brownian source returned non-finite values"
-            )
+_NON_FINITE_HINT = (
+    "the velocity function (model weights, dtype overflow) or the Brownian source returned "
+    "non-finite values"
+)
 
 
 class _Steps:
@@ -255,7 +243,7 @@ def sample_sde(
     x = _check_start(x)
     grid, dt = _sde_schedule(num_steps, last_t)
     steps = _Steps(progress, num_steps, "SDE")
-    watch = _NonFiniteWatch(x.device)
+    watch = FirstNonFinite(x.shape[0], x.device)
     dt_f = float(dt)
     sqrt_dt = math.sqrt(dt_f)
     try:
@@ -277,11 +265,13 @@ def sample_sde(
             steps.step()
     finally:
         steps.close()
-    watch.raise_if_bad(
+    watch.check(
+        "sampling",
         lambda k: (
             f"SDE step {k} of {num_steps} (t = {float(grid[k]):.6g}, "
             f"tau = {float(1 - grid[k]):.6g})"
-        )
+        ),
+        _NON_FINITE_HINT,
     )
     return x
 
@@ -326,7 +316,7 @@ def sample_ode(
     taus = [Fraction(num_steps - k, num_steps) for k in range(num_steps + 1)]
     h = -1.0 / num_steps
     steps = _Steps(progress, num_steps, f"ODE ({name})")
-    watch = _NonFiniteWatch(x.device)
+    watch = FirstNonFinite(x.shape[0], x.device)
     try:
         with torch.no_grad():
             for k in range(num_steps):
@@ -343,11 +333,13 @@ def sample_ode(
                 steps.step()
     finally:
         steps.close()
-    watch.raise_if_bad(
+    watch.check(
+        "sampling",
         lambda k: (
             f"ODE interval {k} of {num_steps} "
             f"(tau {float(taus[k]):.6g} -> {float(taus[k + 1]):.6g})"
-        )
+        ),
+        _NON_FINITE_HINT,
     )
     return x
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from selfflow.errors import ConfigurationError, DownloadError
+from selfflow.finite import check_rows
 
 SD_VAE_ID = "stabilityai/sd-vae-ft-ema"
 LATENT_SCALE = 0.18215
@@ -94,12 +95,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
     Each operation runs in ``images.dtype`` (bf16 for the official decoder), as the official
     sampler computes it; the cast to uint8 truncates, which is the floor for values ≥ 0.
-    Raises if any value is not finite: NaN would otherwise silently become 0.
+    Raises :class:`~selfflow.finite.NonFiniteSamplesError` naming the rows with a value that is
+    not finite: NaN would otherwise silently become 0.
     """
-    bad = (~torch.isfinite(images)).flatten(1).any(dim=1)
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten().tolist()
-        raise FloatingPointError(f"decoded images contain NaN or inf at batch rows {rows}")
+    check_rows(images, "decoding")
     scaled = ((images + 1) / 2).clamp(0, 1) * 255
     return scaled.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 

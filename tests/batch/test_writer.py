@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from selfflow.batch import store
-from selfflow.batch.writer import FiniteWatch, NonFiniteSamplesError, ShardWriter
+from selfflow.batch.writer import ShardWriter
+from selfflow.finite import NonFiniteSamplesError
 
 SHAPE = (2, 2, 3)
 
@@ -85,19 +86,6 @@ def test_abort_in_the_middle_of_a_shard_stops_promptly(tmp_path):
     writer.abort()
     assert not writer._thread.is_alive()
     assert not store.shard_path(tmp_path, plan.shard(1)).exists()
-
-
-def test_finite_watch_folds_guided_batches_onto_their_samples():
-    def model(x, tau, y):
-        out = x.clone()
-        out[y == 1000] = float("nan")  # the null pass of sample 1 only
-        return out
-
-    watch = FiniteWatch(model)
-    watch.reset(3, torch.device("cpu"))
-    x = torch.zeros(6, 1)
-    watch(x, torch.zeros(6), torch.tensor([5, 6, 7, 5, 1000, 7]))
-    assert watch.bad_rows() == [1]
 
 
 def test_bench_smoke(capsys):

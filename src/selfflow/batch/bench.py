@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     except SelfFlowError as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     from selfflow.batch import BatchConfig, generate_fid_batch
-    from selfflow.pipeline import SamplerSettings, SelfFlowPipeline, resolve_dtype
+    from selfflow.distributed import resolve_dtype
+    from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
 
     with tempfile.TemporaryDirectory(prefix="selfflow-bench-") as tmp:
         folder = Path(tmp)

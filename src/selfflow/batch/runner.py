@@ -49,9 +49,10 @@ from selfflow.batch.lock import FolderLock
 from selfflow.batch.manifest import MANIFEST_NAME, Manifest, write_manifest
 from selfflow.batch.progress import BatchProgress, progress_bar
 from selfflow.batch.setup import agreed_setup
-from selfflow.batch.writer import FiniteWatch, NonFiniteSamplesError, ShardWriter, write_pngs
-from selfflow.errors import ConfigurationError, ReportedOnRankZero, SelfFlowError
+from selfflow.batch.writer import NOTHING_WRITTEN, ShardWriter, write_pngs
+from selfflow.errors import ConfigurationError, ReportedOnRankZero
 from selfflow.files import file_sha256
+from selfflow.finite import NonFiniteSamplesError
 from selfflow.npz import iter_npz_rows
 
 __all__ = ["BatchConfig", "BatchJob", "BatchResult", "ReportedOnRankZero", "generate_fid_batch"]
@@ -103,7 +104,7 @@ class BatchJob:
         self.progress = progress and context.is_main
         self.log = log if context.is_main else (lambda message: None)
         self.output_dir = Path(config.output_dir).expanduser()
-        from selfflow.pipeline import resolve_dtype  # torch: imported when a batch runs
+        from selfflow.distributed import resolve_dtype  # torch: imported when a batch runs
 
         self.dtype_name = str(resolve_dtype(config.dtype, context.device)).removeprefix("torch.")
         self.pipe = None
@@ -252,15 +253,12 @@ class BatchJob:
             save_images=config.save_images,
             on_images=bar.add_own,
         ).start()
-        watch = FiniteWatch(pipe.model_fn)
-        pipe.model_fn = watch
         try:
             for start in range(0, len(indices_all), config.batch_size):
                 indices = indices_all[start : start + config.batch_size]
                 real = len(indices)
                 padded = pad_batch(indices, batch)
                 labels = self._labels(padded)
-                watch.reset(len(padded), pipe.device)
                 bar.start_batch()
                 try:
                     latents = pipe.sample_latents(
@@ -270,11 +268,9 @@ class BatchJob:
                         settings,
                         progress=bar.on_step,
                     )
-                except SelfFlowError as error:
-                    rows = [row for row in watch.bad_rows() if row < real]
-                    if rows:
-                        raise NonFiniteSamplesError(indices[rows], "sampling") from error
-                    raise
+                except NonFiniteSamplesError as error:
+                    # already named by sample index (a padding row repeats the last one)
+                    raise error.explained(NOTHING_WRITTEN) from None
                 # the padding rows (copies of the last sample) never reach the writer
                 writer.submit(indices, labels[:real], latents[:real])
                 del latents
@@ -294,7 +290,6 @@ class BatchJob:
             writer.abort()
             raise
         finally:
-            pipe.model_fn = watch.model_fn
             bar.close()
 
     # -- step 4: assemble, evaluate -----------------------------------------------------------

@@ -264,12 +264,10 @@ def _new_manifest(
 def _note_other_batch_size(job: Any, runs: list[dict], batch_size: int) -> None:
     """Say so when a resume changes ``--batch-size``.
 
-    The images stay those of the same noise and labels, but kernels are chosen per batch
-    shape and round differently: measured on an H200 (random weights, bf16), two batch sizes
-    differ in about half the bytes by a level or so, as much as bf16 differs from float32;
-    in float32 on a CPU the network's last bits change, which the bf16 VAE turns into a
-    level here and there. Same distribution, so the FID is unaffected; byte-identical
-    results need one ``--batch-size`` (the GPU count does not matter).
+    The images keep their noise and labels, but kernels are chosen per batch shape and round
+    differently, so bytes change by rounding only (the README's "What is byte-identical" gives
+    the measured sizes). Byte-identical results need one ``--batch-size``; the GPU count does
+    not matter.
     """
     shape = batch_shape(job.config.num_samples, batch_size)
     earlier = sorted(

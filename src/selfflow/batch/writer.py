@@ -24,52 +24,13 @@ import numpy as np
 import torch
 
 from selfflow.batch.store import Shard, png_path, write_shard
-from selfflow.errors import SelfFlowError
+from selfflow.finite import NonFiniteSamplesError, check_rows
 
 _STOP = object()
-_MAX_LISTED = 20
-
-
-class NonFiniteSamplesError(SelfFlowError, FloatingPointError):
-    """Sampling or decoding produced NaN or inf for these sample indices."""
-
-    def __init__(self, indices: Sequence[int], where: str) -> None:
-        self.indices = sorted(int(i) for i in indices)
-        shown = ", ".join(map(str, self.indices[:_MAX_LISTED]))
-        more = len(self.indices) - _MAX_LISTED
-        super().__init__(
-            f"{where} produced NaN or inf for sample indices [{shown}"
-            f"{f', … {more} more' if more > 0 else ''}]; the run stopped and nothing was written "
-            f"for them (check the checkpoint, or use --dtype float32)"
-        )
-
-
-class FiniteWatch:
-    """Wraps a ``model_fn(x, tau, y)`` and remembers which samples ever got a non-finite output.
-
-    The sampler itself stops on NaN without saying which sample; this wrapper keeps a per-sample
-    flag on the device (one small reduction per call, no host synchronisation), so the error can
-    name the indices. Guided calls run on ``cat([x, x])``; both halves map to the same samples.
-    """
-
-    def __init__(self, model_fn: Callable) -> None:
-        self.model_fn = model_fn
-        self.flags: torch.Tensor | None = None
-
-    def reset(self, batch: int, device: torch.device) -> None:
-        self.flags = torch.zeros(batch, dtype=torch.bool, device=device)
-
-    def __call__(self, x: torch.Tensor, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = self.model_fn(x, tau, y)
-        if self.flags is not None:
-            bad = ~torch.isfinite(out).flatten(1).all(dim=1)
-            self.flags |= bad.view(-1, self.flags.shape[0]).any(dim=0).to(self.flags.device)
-        return out
-
-    def bad_rows(self) -> list[int]:
-        if self.flags is None:
-            return []
-        return self.flags.nonzero().flatten().tolist()
+NOTHING_WRITTEN = (
+    "; the run stopped and nothing was written for them (check the checkpoint, or use "
+    "--dtype float32)"
+)
 
 
 class ShardWriter:
@@ -193,16 +154,11 @@ class ShardWriter:
         self, indices: np.ndarray, labels: np.ndarray, latents: torch.Tensor, ready
     ) -> None:
         with torch.no_grad(), self._on_stream(latents, ready):
-            finite = torch.isfinite(latents).flatten(1).all(dim=1).cpu().numpy()
-            if not finite.all():
-                raise NonFiniteSamplesError(indices[~finite], "sampling")
             try:
+                check_rows(latents, "sampling")
                 images = self.decode(latents)
-            except FloatingPointError:
-                rows = self._non_finite_rows(latents)
-                raise NonFiniteSamplesError(
-                    indices[rows] if rows else indices, "decoding"
-                ) from None
+            except NonFiniteSamplesError as error:
+                raise error.renamed(indices, detail=NOTHING_WRITTEN) from None
         del latents
         if images.shape != (len(indices), *self.image_shape) or images.dtype != np.uint8:
             raise RuntimeError(
@@ -212,16 +168,6 @@ class ShardWriter:
         if self.on_images is not None:
             self.on_images(len(indices))
         self._store(indices, labels, images)
-
-    def _non_finite_rows(self, latents: torch.Tensor) -> list[int]:
-        """Decode row by row to find the culprits (only after a failure; the VAE is per sample)."""
-        rows = []
-        for row in range(latents.shape[0]):
-            try:
-                self.decode(latents[row : row + 1])
-            except FloatingPointError:
-                rows.append(row)
-        return rows
 
     def _store(self, indices: np.ndarray, labels: np.ndarray, images: np.ndarray) -> None:
         done = 0

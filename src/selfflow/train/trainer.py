@@ -185,7 +185,7 @@ class Trainer:
         )
         for note in self.resolved.notes:
             self.log(f"note: {note}")
-        self.dtype = resolve_train_dtype(config.dtype, self.context.device)
+        self.dtype = distributed.resolve_dtype(config.dtype, self.context.device)
         check_watch_options(self.resolved, self.dataset)
         self.init_state = None
         if not run_state.list_checkpoints(self.run_dir):
@@ -537,14 +537,6 @@ def run_state_differences(stored: dict[str, Any], record: dict[str, Any]) -> lis
     from selfflow.train.config import differences
 
     return differences(stored, record["identity"])
-
-
-def resolve_train_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """bf16 autocast on CUDA by default (weights, optimiser and EMA stay float32); float32 on
-    CPUs, where bf16 matmuls are slow and float32 makes resumes bit-exact."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
 
 
 def read_init(resolved: ResolvedConfig, init_from: str | None) -> dict[str, torch.Tensor] | None:
