@@ -195,6 +195,12 @@ def teardown(context: DistributedContext) -> None:
 
 
 def barrier(context: DistributedContext) -> None:
+    """Wait for every process (the trainer's checkpoint and evaluation points).
+
+    Unlike :func:`wait_for_all` it cannot tell a dead peer from a slow one; torchrun's own
+    timeout ends a run whose peer died. NCCL is told this process's device, so that the barrier
+    does not guess one.
+    """
     if context.is_distributed:
         import torch.distributed as dist
 
