@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,8 +20,10 @@ from selfflow.errors import CheckpointError, ConfigurationError, SelfFlowError
 from selfflow.model import ModelConfig, SelfFlowDiT
 from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
 from selfflow.train import state as run_state
+from selfflow.train import step as step_module
 from selfflow.train.config import TrainConfig, choose_layers
-from selfflow.train.ema import make_ema, plain_ema_update, update_ema
+from selfflow.train.ema import make_ema, update_ema
+from selfflow.train.step import TrainStep
 from selfflow.train.streams import (
     DataOrder,
     StreamSpec,
@@ -161,15 +165,13 @@ def test_a_gradient_four_times_too_large_passes_the_weights_but_not_the_logs(
     tmp_path, data, reference, monkeypatch
 ):
     # a forgotten 1/accumulation factor: clipping and AdamW hide it in the weights
-    from selfflow.train import trainer
-
-    real = trainer.self_flow_loss
+    real = step_module.self_flow_loss
 
     def scaled(*args, **kwargs):
         loss, parts = real(*args, **kwargs)
         return loss * 4, parts
 
-    monkeypatch.setattr(trainer, "self_flow_loss", scaled)
+    monkeypatch.setattr(step_module, "self_flow_loss", scaled)
     out = tmp_path / "scaled"
     train(tiny_config(data, out, batch_size=2))
     assert_states_close(final_state(reference), final_state(out))
@@ -272,7 +274,9 @@ def test_ema_starts_as_an_exact_copy_and_follows_the_formula():
         for p in model.parameters():
             p.add_(torch.randn_like(p))
     update_ema(ema, model, 0.9)
-    plain_ema_update(reference, model, 0.9)
+    with torch.no_grad():  # the formula, parameter by parameter
+        for averaged, current in zip(reference.parameters(), model.parameters(), strict=True):
+            averaged.copy_(0.9 * averaged + (1.0 - 0.9) * current)
     for a, b in zip(ema.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
@@ -397,9 +401,7 @@ def test_a_disk_filling_up_while_saving_leaves_nothing_half_written(tmp_path, da
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_the_checkpoint(tmp_path, data, monkeypatch):
-    from selfflow.train import trainer
-
-    real = trainer.self_flow_loss
+    real = step_module.self_flow_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -407,7 +409,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_checkpoint(tmp_path, data
         loss, parts = real(*args, **kwargs)
         return (loss * math.nan if calls["n"] == 3 else loss), parts
 
-    monkeypatch.setattr(trainer, "self_flow_loss", poisoned)
+    monkeypatch.setattr(step_module, "self_flow_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"step 3.*step_000000002\.pt"):
         train(tiny_config(data, out))
@@ -418,18 +420,21 @@ def test_a_stop_signal_skips_the_periodic_sample_and_eval(tmp_path, data, monkey
     # after SIGTERM the scheduler's grace period is for the checkpoint, not for sampling
     from selfflow.train import trainer, watch
 
-    real_step, grids = trainer.Trainer._step, []
+    real_step, grids, calls = TrainStep.__call__, [], []
 
-    def stop_at_second(self, step, batches, flag):
-        metrics = real_step(self, step, batches, flag)
-        return {**metrics, "stop": 1.0} if step == 1 else metrics
+    def signal_during_first(self, batches, stop=False):
+        summary = real_step(self, batches, stop)
+        calls.append(stop)
+        if len(calls) == 1:  # as a scheduler's SIGTERM arriving while step 1 runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return summary
 
-    monkeypatch.setattr(trainer.Trainer, "_step", stop_at_second)
+    monkeypatch.setattr(TrainStep, "__call__", signal_during_first)
     monkeypatch.setattr(watch.Watch, "sample_grid", lambda self, step: grids.append(step))
     out = tmp_path / "run"
     with pytest.raises(trainer.StoppedBySignal, match="after step 2"):
         train(tiny_config(data, out, steps=4, sample_every=1))
-    assert grids == [1]
+    assert grids == [1] and calls == [False, True]
     assert [s for s, _ in run_state.list_checkpoints(out)] == [2]
 
 

@@ -41,9 +41,9 @@ from selfflow.model import SelfFlowDiT
 from selfflow.seeds import stream_seed
 from selfflow.train import state as run_state
 from selfflow.train.config import ResolvedConfig, TrainConfig
-from selfflow.train.ema import make_ema, update_ema
+from selfflow.train.ema import make_ema
 from selfflow.train.fast import FastTrainingDiT, training_optimizer
-from selfflow.train.objective import self_flow_loss
+from selfflow.train.step import Parallel, StepRecipe, SummaryReader, TrainStep
 from selfflow.train.streams import (
     MicroBatch,
     Prefetcher,
@@ -265,6 +265,19 @@ class Trainer:
         )
         if restored is not None:
             self._load_optimizer(restored[0]["optimizer"])
+        s = self.resolved.settings
+        self.step = TrainStep(
+            student=self.student,
+            teacher=self.teacher,
+            model=self.model,
+            ema=self.ema,
+            optimizer=self.optimizer,
+            recipe=StepRecipe(
+                s.rep_weight, s.student_layer, s.teacher_layer, s.grad_clip, s.ema_decay
+            ),
+            autocast=torch.bfloat16 if self.dtype == torch.bfloat16 else None,
+            parallel=_Processes(self),
+        )
         return step
 
     def _find_checkpoint(self) -> tuple[dict[str, Any], Path] | None:
@@ -326,16 +339,23 @@ class Trainer:
         self.log(self._describe(step))
         watch = Watch(self, step)
         prefetch = Prefetcher(self._make_batches, step, end)
+        reader = SummaryReader()
         metrics: dict[str, float] = {}
         try:
             with _SignalFlag() as flag:
                 while step < end:
-                    batches = prefetch.get(step)
-                    metrics = self._step(step, batches, flag)
+                    summary = self.step(prefetch.get(step), stop=flag.signum != 0)
                     step += 1
-                    stop = metrics.pop("stop") > 0
-                    watch.after_step(step, metrics)
-                    if stop or step % settings.checkpoint_every == 0 or step == end:
+                    reader.push(step, summary)
+                    # the previous step's numbers, read while this one runs on the device
+                    stop, metrics = self._read(reader, watch, keep=1, metrics=metrics)
+                    saving = stop or step % settings.checkpoint_every == 0 or step == end
+                    if not (saving or watch.due(step, end)):
+                        continue
+                    # nothing is kept before every step up to here was read and was finite
+                    late_stop, metrics = self._read(reader, watch, keep=0, metrics=metrics)
+                    stop = stop or late_stop
+                    if stop or saving:
                         self.save(step)
                     if not stop:  # a stopping run spends its grace period on the checkpoint
                         watch.periodic(step, end)
@@ -357,6 +377,29 @@ class Trainer:
             metrics,
             self.context.rank,
         )
+
+    def _read(
+        self, reader: SummaryReader, watch: Any, *, keep: int, metrics: dict[str, float]
+    ) -> tuple[bool, dict[str, float]]:
+        """Read step summaries until ``keep`` remain: log them, and stop at a non-finite one.
+
+        Returns whether any process asked to stop, and the newest metrics read.
+        """
+        stop = False
+        while len(reader) > keep:
+            step, values = reader.pop()
+            loss, norm = values["loss"], values["grad_norm"]
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise NonFiniteLossError(
+                    f"the loss is {loss} (flow {values['flow']}, rep {values['rep']}) with "
+                    f"gradient norm {norm} at step {step}; nothing from it was saved. Return to "
+                    f"{self.last_checkpoint or 'the start (no checkpoint yet)'} (rerunning "
+                    f"resumes from it) and lower --lr, or check the data"
+                )
+            stop = stop or values.pop("stop") > 0
+            metrics = values
+            watch.after_step(step, metrics)
+        return stop, metrics
 
     def _describe(self, step: int) -> str:
         r, s = self.resolved, self.resolved.settings
@@ -388,91 +431,6 @@ class Trainer:
         if self.context.device.type == "cuda":
             batches = [_pinned(b) for b in batches]
         return batches
-
-    def _step(self, step: int, batches: list[MicroBatch], flag: _SignalFlag) -> dict[str, float]:
-        """One optimiser step on this process's micro-batches; returns global-mean metrics."""
-        s = self.resolved.settings
-        weight = 1.0 / len(batches)  # each micro-batch's share of this process's rows
-        totals = torch.zeros(3, dtype=torch.float64)
-        for i, batch in enumerate(batches):
-            batch = batch.to(self.context.device)
-            with self._sync(i == len(batches) - 1), self._autocast():
-                loss, parts = self_flow_loss(
-                    self.student,
-                    self.teacher if s.rep_weight > 0 else None,
-                    batch.x0,
-                    batch.y,
-                    noise=batch.noise,
-                    tau=batch.tau,
-                    tau_teacher=batch.tau_teacher,
-                    rep_weight=s.rep_weight,
-                    student_layer=s.student_layer,
-                    teacher_layer=s.teacher_layer,
-                )
-            (loss * weight).backward()
-            values = torch.stack([loss.detach(), parts["flow"], parts["rep"]]).double().cpu()
-            totals += values * weight
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        summary = torch.cat([totals, torch.tensor([float(flag.signum != 0)], dtype=torch.float64)])
-        summary = self._all_mean(summary)
-        loss, flow, rep = (float(v) for v in summary[:3])
-        norm = float(grad_norm)
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"the loss is {loss} (flow {flow}, rep {rep}) with gradient norm {norm} at step "
-                f"{step + 1}; the weights were not updated. Return to "
-                f"{self.last_checkpoint or 'the start (no checkpoint yet)'} (rerunning resumes "
-                f"from it) and lower --lr, or check the data"
-            )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.config.fsdp and self.context.is_distributed:
-            # FSDP2 keeps a root module's parameters gathered after a forward without backward
-            # (the teacher's); shard both again so the EMA update pairs shard with shard
-            self.student.reshard()
-            self.teacher.reshard()
-        update_ema(self.ema, self.model, s.ema_decay)
-        return {
-            "loss": loss,
-            "flow": flow,
-            "rep": rep,
-            "grad_norm": norm,
-            "stop": float(summary[3]),
-        }
-
-    def _sync(self, last: bool):
-        """Gradient accumulation: reduce across processes only on the last micro-batch."""
-        if last or not self.context.is_distributed:
-            if self.config.fsdp and self.context.is_distributed:
-                self.student.set_requires_gradient_sync(True)
-            return contextlib.nullcontext()
-        if self.config.fsdp:
-            self.student.set_requires_gradient_sync(False)
-            return contextlib.nullcontext()
-        return self.student.no_sync()
-
-    def _autocast(self):
-        return torch.autocast(
-            self.context.device.type,
-            dtype=torch.bfloat16,
-            enabled=self.dtype == torch.bfloat16,
-        )
-
-    def _all_mean(self, values: torch.Tensor) -> torch.Tensor:
-        """Mean over processes of the metrics (sum for the stop flag, which is > 0 if any)."""
-        if not self.context.is_distributed:
-            return values
-        import torch.distributed as dist
-
-        device = self.context.device
-        buffer = values.to(device=device, dtype=torch.float64)
-        dist.all_reduce(buffer)
-        buffer[:3] /= self.context.world_size
-        return buffer.cpu()
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -531,6 +489,41 @@ class Trainer:
             distributed.broadcast_object(self.context, str(self.last_checkpoint))
         )
         distributed.barrier(self.context)
+
+
+class _Processes(Parallel):
+    """The trainer's processes as a step sees them: gradient accumulation without reducing
+    until the last micro-batch (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``), the
+    metrics all-reduced on the device, FSDP modules re-sharded after the update."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.context = trainer.context
+        self.student, self.teacher = trainer.student, trainer.teacher
+        self.sharded = trainer.config.fsdp and trainer.context.is_distributed
+
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        if not self.context.is_distributed:
+            return contextlib.nullcontext()
+        if self.sharded:
+            self.student.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.student.no_sync()
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        if not self.context.is_distributed:
+            return values
+        import torch.distributed as dist
+
+        dist.all_reduce(values)  # on the device: no wait for the host
+        values[:-1] /= self.context.world_size
+        return values
+
+    def after_update(self) -> None:
+        if self.sharded:
+            # FSDP2 keeps a root module's parameters gathered after a forward without backward
+            # (the teacher's); shard both again so the EMA update pairs shard with shard
+            self.student.reshard()
+            self.teacher.reshard()
 
 
 def run_state_differences(stored: dict[str, Any], record: dict[str, Any]) -> list[str]:

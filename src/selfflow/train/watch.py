@@ -144,11 +144,22 @@ class Watch:
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
         self.writer.flush()
 
+    def due(self, step: int, end: int) -> bool:
+        """Whether :meth:`periodic` has work after ``step``."""
+        return self._sampling(step, end) or self._evaluating(step, end)
+
+    def _sampling(self, step: int, end: int) -> bool:
+        every = self.settings.sample_every
+        return bool(every) and (step % every == 0 or step == end)
+
+    def _evaluating(self, step: int, end: int) -> bool:
+        every = self.settings.eval_every
+        return bool(every) and (step % every == 0 or step == end)
+
     def periodic(self, step: int, end: int) -> None:
-        s = self.settings
-        if s.sample_every and (step % s.sample_every == 0 or step == end):
+        if self._sampling(step, end):
             self.sample_grid(step)
-        if s.eval_every and (step % s.eval_every == 0 or step == end):
+        if self._evaluating(step, end):
             self.evaluate(step)
 
     # -- samples ------------------------------------------------------------------------------
