@@ -400,20 +400,33 @@ def test_a_disk_filling_up_while_saving_leaves_nothing_half_written(tmp_path, da
     assert not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
-def test_a_non_finite_loss_stops_with_the_step_and_the_checkpoint(tmp_path, data, monkeypatch):
+@pytest.mark.parametrize(
+    ("bad_step", "message", "kept"),
+    [
+        (3, r"step 3.*step_000000002\.pt", [2]),
+        # a checkpoint is due after the bad step itself: it is read before anything is written
+        (2, r"step 2.*no checkpoint yet", []),
+    ],
+)
+def test_a_non_finite_loss_stops_with_the_step_and_the_checkpoint(
+    tmp_path, data, monkeypatch, bad_step, message, kept
+):
     real = step_module.self_flow_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss, parts = real(*args, **kwargs)
-        return (loss * math.nan if calls["n"] == 3 else loss), parts
+        return (loss * math.nan if calls["n"] == bad_step else loss), parts
 
     monkeypatch.setattr(step_module, "self_flow_loss", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError, match=r"step 3.*step_000000002\.pt"):
+    with pytest.raises(NonFiniteLossError, match=message):
         train(tiny_config(data, out))
-    assert [s for s, _ in run_state.list_checkpoints(out)] == [2]
+    assert [s for s, _ in run_state.list_checkpoints(out)] == kept
+    assert not run_state.export_path(out, bad_step).exists()
+    logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert bad_step not in logged and all(step < bad_step for step in logged)
 
 
 def test_a_stop_signal_skips_the_periodic_sample_and_eval(tmp_path, data, monkeypatch):
