@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one device check of the fast training step, for an H100 or H200.
 #
-#   bash benchmarks/train_gpu_check.sh      # from the repository root; under 8 minutes on an H200
+#   bash benchmarks/train_gpu_check.sh      # from the repository root; under 9 minutes on an H200
 #
 # Needs python3 with CUDA PyTorch (the package need not be installed: src/ goes on PYTHONPATH).
 # Stops at once, exit status 2, when CUDA is not available. Runs, each time-boxed so that the
@@ -11,18 +11,23 @@
 #      syncs per step), and both trained 20 steps from the same weights and batches against the
 #      float32 reference (losses and gradient norms) at batch 32, right after batch 32's timings
 #      (its graphs are compiled then, and a time limit hit later keeps the comparison);
-#   2. variants, if time is left: at batch 32 the fast step without torch.compile (what compiling
+#   2. loop: benchmarks/train_loop.py on XL/2 at batch 64: `selfflow train` itself (memory-mapped
+#      dataset, posterior re-sampling, keyed streams, prefetch, logs, a checkpoint at the end)
+#      against its bare step, median of 10-step windows after a warm-up window;
+#   3. variants, if time is left: at batch 32 the fast step without torch.compile (what compiling
 #      buys) and the compiled fast step in float32, both trained 20 steps against the float32
 #      reference: the float32 one must follow it to float32 rounding (the device's compiled maths).
 # Writes $OUT/nvidia-smi.txt and NAME.log, NAME.json per run. The JSON is rewritten after every
 # figure, so a run stopped at its time limit keeps what it measured. A CPU dry run:
-#   BENCH_ARGS="--tiny --device cpu --batches 4 8" ALLOW_CPU=1 bash benchmarks/train_gpu_check.sh
+#   BENCH_ARGS="--tiny --device cpu --batches 4 8" LOOP_ARGS="--steps 20" ALLOW_CPU=1 \
+#     bash benchmarks/train_gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/train_gpu_check_out}"
-BUDGET="${BUDGET:-460}"
+BUDGET="${BUDGET:-540}"
 PY="${PYTHON:-python3}"
 read -r -a EXTRA <<<"${BENCH_ARGS:-}"
+read -r -a LOOP_ARGS <<<"${LOOP_ARGS:---model XL/2 --batch 64 --steps 60 --log-every 10}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
@@ -49,9 +54,14 @@ bench() { # bench NAME SECONDS ARGS...: one time-boxed benchmarks/train_throughp
 	return "$rc"
 }
 
-bench train 320 --batches 32 64 128 --paths straightforward fast --compare-steps 20 \
+bench train 300 --batches 32 64 128 --paths straightforward fast --compare-steps 20 \
 	--compare-batch 32
 status=$?
+
+echo "=== loop (limit 150 s, $(left) s left) ==="
+timeout --kill-after=10 150 "$PY" benchmarks/train_loop.py "${LOOP_ARGS[@]}" \
+	--out "$OUT/loop.json" 2>&1 | tee "$OUT/loop.log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 limit=$(($(left) - 10))
 if [ "$limit" -ge 60 ]; then
@@ -65,4 +75,5 @@ echo "=== summary ($SECONDS s) ==="
 for name in train variants; do
 	[ -f "$OUT/$name.log" ] && sed -n '/^## Training throughput/,$p' "$OUT/$name.log"
 done
+[ -f "$OUT/loop.log" ] && sed -n '/^| run/,$p' "$OUT/loop.log"
 exit "$status"

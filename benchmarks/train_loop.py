@@ -1,20 +1,29 @@
-"""What the training loop costs around the objective: ``selfflow train`` against bare steps.
+"""What the training loop costs around its step: ``selfflow train`` against the bare step.
 
-Trains the same model on the same batches twice: once through :func:`selfflow.train.train`
-(keyed streams drawn and the dataset read on the prefetch thread, EMA, metrics, log.jsonl and
-TensorBoard every step, one checkpoint at the end), once as a bare loop over pre-made batches
-(loss, backward, clip, AdamW, EMA; nothing else). The difference is the loop's overhead (the
-per-step metrics reduction, the bar, start-up: the dataset, folder checks, the checkpoint at the
-end; TensorBoard's import is left out); the stream draws are timed alone as well.
+Trains the same model on the same kind of data twice, both with ``selfflow train``'s own step
+(:class:`selfflow.train.step.TrainStep`):
 
-    python benchmarks/train_loop.py --steps 200 --batch 64 --threads 1
+* **bare**: the step alone, over micro-batches drawn beforehand and already on the device;
+* **loop**: :func:`selfflow.train.train` itself on a dataset folder of random posterior means
+  and standard deviations (memory-mapped shards, a fresh posterior sample per step, keyed
+  streams drawn and pinned on the prefetch thread, the host copy, summaries read one step
+  behind, ``log.jsonl`` and TensorBoard every ``--log-every`` steps, a checkpoint at the end).
+
+Both are timed the same way, in windows of ``--log-every`` steps after a first window of
+warm-up (compilation): the loop's own ``steps_per_s`` records in ``log.jsonl``, the bare step
+by the wall clock with the device synchronised at each window's end. The median window of each
+is reported; the loop is within 5 % of the bare step when its data path keeps up.
+
+    python benchmarks/train_loop.py --steps 200 --batch 64 --threads 1           # CPU, tiny
+    python benchmarks/train_loop.py --model XL/2 --device cuda --batch 64 --steps 60 --log-every 10
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -29,84 +38,110 @@ except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from selfflow.data import LatentDataset, write_dataset
-from selfflow.train import TrainConfig, self_flow_loss, train
-from selfflow.train.ema import make_ema, update_ema
+from selfflow.distributed import resolve_device, resolve_dtype
+from selfflow.train import TrainConfig, train
+from selfflow.train.ema import make_ema
 from selfflow.train.fast import FastTrainingDiT, training_optimizer
-from selfflow.train.streams import draw_step, materialise, run_streams
+from selfflow.train.step import StepRecipe, TrainStep
+from selfflow.train.streams import draw_step, materialise, micro_batches, run_streams
 from selfflow.train.trainer import initial_model
 
 
-def bare_loop(config: TrainConfig, data: Path, steps: int) -> float:
-    """Seconds for ``steps`` objective steps on batches made beforehand."""
+def bare_windows(config: TrainConfig, data: Path, device: torch.device) -> list[float]:
+    """Seconds per step of each window of ``log_every`` steps of the bare step (the first,
+    warm-up window left out)."""
     dataset = LatentDataset(data)
     resolved = config.resolve(tuple(dataset.latent_shape), dataset.num_classes)
     s, m = resolved.settings, resolved.model
     spec, order = run_streams(resolved, dataset)
-    batches = [materialise(draw_step(spec, order, k), dataset, m.null_class) for k in range(steps)]
-    model = FastTrainingDiT.from_model(initial_model(resolved, None))
+    batches = [
+        [
+            part.to(device)
+            for part in (
+                materialise(rows, dataset, m.null_class)
+                for rows in micro_batches(draw_step(spec, order, k), s.batch_size)
+            )
+        ]
+        for k in range(min(s.steps, 8))  # a few distinct batches, cycled
+    ]
+    model = FastTrainingDiT.from_model(initial_model(resolved, None)).to(device)
     ema = make_ema(model)
-    optimizer = training_optimizer(model.parameters(), lr=s.lr)
-    started = time.perf_counter()
-    for batch in batches:
-        loss, _ = self_flow_loss(
-            model, ema, batch.x0, batch.y, noise=batch.noise, tau=batch.tau,
-            tau_teacher=batch.tau_teacher, rep_weight=s.rep_weight,
-            student_layer=s.student_layer, teacher_layer=s.teacher_layer,
-        )  # fmt: skip
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, model, s.ema_decay)
-    return time.perf_counter() - started
+    step = TrainStep(
+        student=model,
+        teacher=ema,
+        model=model,
+        ema=ema,
+        optimizer=training_optimizer(model.parameters(), lr=s.lr),
+        recipe=StepRecipe.of(s),
+        autocast=torch.bfloat16 if resolve_dtype(None, device) == torch.bfloat16 else None,
+    )
+    windows = []
+    for start in range(0, s.steps, s.log_every):
+        began = time.perf_counter()
+        for k in range(start, min(start + s.log_every, s.steps)):
+            step(batches[k % len(batches)])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        windows.append((time.perf_counter() - began) / (min(start + s.log_every, s.steps) - start))
+    return windows[1:] or windows
 
 
-def draw_seconds(config: TrainConfig, data: Path, steps: int) -> float:
-    dataset = LatentDataset(data)
-    resolved = config.resolve(tuple(dataset.latent_shape), dataset.num_classes)
-    spec, order = run_streams(resolved, dataset)
-    started = time.perf_counter()
-    for k in range(steps):
-        materialise(draw_step(spec, order, k), dataset, resolved.model.null_class)
-    return time.perf_counter() - started
+def loop_windows(config: TrainConfig) -> list[float]:
+    """Seconds per step of each logged window of ``selfflow train`` (the first left out)."""
+    train(config, log=lambda _: None)
+    records = [json.loads(line) for line in (Path(config.output_dir) / "log.jsonl").open()]
+    windows = [1.0 / r["steps_per_s"] for r in records if "steps_per_s" in r]
+    return windows[1:] or windows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="tiny, or a preset such as XL/2")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if any)")
+    parser.add_argument("--steps", type=int, default=200, help="steps of each run")
+    parser.add_argument("--batch", type=int, default=64, help="global batch (one process)")
+    parser.add_argument("--log-every", type=int, default=None, help="window (default steps/5)")
+    parser.add_argument("--images", type=int, default=2048, help="images in the dataset")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    args.log_every = args.log_every or max(1, args.steps // 5)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        rng = np.random.default_rng(0)
-        means = rng.standard_normal((2048, 4, 8, 8)).astype(np.float32)
-        write_dataset(data, means, np.arange(2048) % 10, stds=np.full_like(means, 0.3))
         config = TrainConfig(
-            data=str(data), output_dir=str(Path(tmp) / "run"), steps=args.steps, model="tiny",
-            global_batch_size=args.batch, checkpoint_every=args.steps, sample_every=0,
-            log_every=100, progress=False, device="cpu",
+            data=str(Path(tmp) / "data"), output_dir=str(Path(tmp) / "run"), steps=args.steps,
+            model=args.model, global_batch_size=args.batch, checkpoint_every=args.steps,
+            sample_every=0, log_every=args.log_every, progress=False, device=str(device),
         )  # fmt: skip
-        bare = bare_loop(config, data, args.steps)
-        draws = draw_seconds(config, data, args.steps)
-        importlib.import_module("torch.utils.tensorboard")  # once per process, not timed
-        started = time.perf_counter()
-        train(config, log=lambda _: None)
-        full = time.perf_counter() - started
-    rows = [
-        ("bare objective steps (batches made beforehand)", bare),
-        (
-            "selfflow train (prefetch thread, metrics every step, logs every 100, 1 checkpoint)",
-            full,
-        ),
-        ("stream draws + dataset reads alone", draws),
-    ]
-    print(f"tiny model, 4x8x8 latents, global batch {args.batch}, {args.steps} steps, "
-          f"{args.threads} thread(s), {platform.processor() or platform.machine()}")  # fmt: skip
-    print("| loop | ms per step |\n|---|---|")
-    for name, seconds in rows:
-        print(f"| {name} | {1000 * seconds / args.steps:.2f} |")
+        size = 8 if args.model == "tiny" else 32  # ImageNet 256's SD-VAE latents: 32 × 32
+        rng = np.random.default_rng(0)
+        means = rng.standard_normal((args.images, 4, size, size), dtype=np.float32)
+        write_dataset(
+            config.data, means, np.arange(args.images) % 10, stds=np.full_like(means, 0.3)
+        )
+        bare = bare_windows(config, Path(config.data), device)
+        loop = loop_windows(config)
+    bare_s, loop_s = statistics.median(bare), statistics.median(loop)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    print(f"{args.model}, global batch {args.batch}, {args.steps} steps in windows of "
+          f"{args.log_every}, {device.type} ({name})")  # fmt: skip
+    print("| run | ms per step (median window) |\n|---|---|")
+    print(f"| bare step (batches on the device beforehand) | {1000 * bare_s:.2f} |")
+    print(f"| selfflow train (data path, logs, prefetch) | {1000 * loop_s:.2f} |")
+    print(f"\nloop / bare: {loop_s / bare_s:.3f}")
+    if args.out is not None:
+        record = {"model": args.model, "batch": args.batch, "steps": args.steps,
+                  "log_every": args.log_every, "device": name, "bare_s": bare, "loop_s": loop,
+                  "ratio": loop_s / bare_s}  # fmt: skip
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2))
     return 0
 
 

@@ -7,9 +7,11 @@ One process, random weights with the released shapes (no data or checkpoint need
   adaLN modulation computed for every token, the EMA teacher run through all its blocks (and its
   final layer) with a hook catching its block, eager, PyTorch's default (unfused) AdamW, EMA
   updated parameter by parameter (:func:`selfflow.train.fast.straightforward_loss`);
-* ``fast``: :class:`selfflow.train.fast.FastTrainingDiT` (modulation for each sample's two times,
-  teacher stopped at its block, the block function compiled on CUDA) with
-  :func:`selfflow.train.self_flow_loss`, fused AdamW on CUDA, one multi-tensor EMA update;
+* ``fast``: ``selfflow train``'s own step, :class:`selfflow.train.step.TrainStep` (what the
+  trainer runs every step) on :class:`selfflow.train.fast.FastTrainingDiT` (modulation for each
+  sample's two times, teacher stopped at its block, the block function compiled on CUDA): bf16
+  autocast over float32 weights, fused AdamW on CUDA, one multi-tensor EMA update, no host
+  synchronisation;
 * ``fast-eager``: the same without ``torch.compile`` (what compiling buys);
 * ``fast-float32``: the fast step in float32 (compiled on CUDA): its losses must follow the
   float32 reference to float32 rounding, which checks the compiled maths on the device.
@@ -60,9 +62,12 @@ from selfflow.train import (  # noqa: E402
     training_optimizer,
 )
 from selfflow.train.config import choose_layers  # noqa: E402
+from selfflow.train.ema import make_ema  # noqa: E402
+from selfflow.train.step import StepRecipe, TrainStep  # noqa: E402
+from selfflow.train.streams import MicroBatch  # noqa: E402
 
 PATHS = ("straightforward", "fast", "fast-eager", "fast-float32")
-LR, EMA_DECAY, GRAD_CLIP = 1e-4, 0.9999, 1.0
+LR, EMA_DECAY, GRAD_CLIP, REP_WEIGHT = 1e-4, 0.9999, 1.0, 0.8
 
 Step = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
 
@@ -169,38 +174,50 @@ def layers(config: ModelConfig) -> dict:
 
 
 def build_step(path: str, initial: SelfFlowDiT, device: torch.device) -> Step:
-    """One optimiser step of ``path`` on copies of ``initial``: returns (loss, grad norm)."""
+    """One optimiser step of ``path`` on copies of ``initial``: returns (loss, grad norm).
+
+    The fast paths are ``selfflow train``'s own step (:class:`selfflow.train.step.TrainStep`,
+    built as the trainer builds it: float32 weights, bf16 autocast, fused AdamW on CUDA).
+    """
     kw = layers(initial.config)
+    if path.startswith("fast"):
+        compile = False if path == "fast-eager" else None  # None: on CUDA only
+        student = FastTrainingDiT.from_model(initial, compile=compile).train().requires_grad_()
+        teacher = make_ema(student)
+        train_step = TrainStep(
+            student=student,
+            teacher=teacher,
+            model=student,
+            ema=teacher,
+            optimizer=training_optimizer(student.parameters(), lr=LR),
+            recipe=StepRecipe(REP_WEIGHT, grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, **kw),
+            autocast=None if path == "fast-float32" else torch.bfloat16,
+        )
+
+        def fast_step(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            summary = train_step([MicroBatch(**batch)])
+            return summary[0], summary[3]
+
+        return fast_step
     if path == "reference":  # float32 throughout, the plain model
         student, loss_fn, autocast = copy.deepcopy(initial), self_flow_loss, None
-        opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)
-    elif path == "straightforward":
+    else:  # straightforward
         student, loss_fn, autocast = copy.deepcopy(initial), straightforward_loss, torch.bfloat16
-        opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)
-    else:
-        compile = False if path == "fast-eager" else None  # None: on CUDA only
-        dtype = torch.float32 if path == "fast-float32" else torch.bfloat16
-        student = FastTrainingDiT.from_model(initial, dtype=dtype, compile=compile)
-        loss_fn, autocast = self_flow_loss, None  # the module runs its own bf16 autocast
-        opt = training_optimizer(student.parameters())
+    opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)
     student.train().requires_grad_(True)
     teacher = copy.deepcopy(student).requires_grad_(False)
     params, ema = list(student.parameters()), list(teacher.parameters())
-    multi_tensor = path.startswith("fast")
 
     def step(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             loss, _ = loss_fn(student, teacher, batch["x0"], batch["y"], **_rest(batch), **kw)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP, foreach=multi_tensor or None)
+        norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            if multi_tensor:
-                torch._foreach_lerp_(ema, params, 1.0 - EMA_DECAY)
-            else:
-                for averaged, current in zip(ema, params, strict=True):
-                    averaged.mul_(EMA_DECAY).add_(current, alpha=1.0 - EMA_DECAY)
+        with torch.no_grad():  # parameter by parameter, as such loops write it
+            for averaged, current in zip(ema, params, strict=True):
+                averaged.mul_(EMA_DECAY).add_(current, alpha=1.0 - EMA_DECAY)
         return loss.detach(), norm.detach()
 
     return step

@@ -46,6 +46,12 @@ class StepRecipe:
     grad_clip: float
     ema_decay: float
 
+    @classmethod
+    def of(cls, settings: object) -> StepRecipe:
+        """The step's part of a run's resolved settings (``ResolvedConfig.settings``)."""
+        names = ("rep_weight", "student_layer", "teacher_layer", "grad_clip", "ema_decay")
+        return cls(**{name: getattr(settings, name) for name in names})
+
 
 class Parallel:
     """What a step needs from its processes; this base class is one process (no-ops).

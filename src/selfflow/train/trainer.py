@@ -265,16 +265,13 @@ class Trainer:
         )
         if restored is not None:
             self._load_optimizer(restored[0]["optimizer"])
-        s = self.resolved.settings
         self.step = TrainStep(
             student=self.student,
             teacher=self.teacher,
             model=self.model,
             ema=self.ema,
             optimizer=self.optimizer,
-            recipe=StepRecipe(
-                s.rep_weight, s.student_layer, s.teacher_layer, s.grad_clip, s.ema_decay
-            ),
+            recipe=StepRecipe.of(self.resolved.settings),
             autocast=torch.bfloat16 if self.dtype == torch.bfloat16 else None,
             parallel=_Processes(self),
         )
