@@ -27,7 +27,7 @@ OUT="${OUT:-$PWD/train_gpu_check_out}"
 BUDGET="${BUDGET:-540}"
 PY="${PYTHON:-python3}"
 read -r -a EXTRA <<<"${BENCH_ARGS:-}"
-read -r -a LOOP_ARGS <<<"${LOOP_ARGS:---model XL/2 --batch 64 --steps 60 --log-every 10}"
+read -r -a LOOP_ARGS <<<"${LOOP_ARGS:---model XL/2 --batch 64 --steps 50 --log-every 10}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
@@ -54,12 +54,12 @@ bench() { # bench NAME SECONDS ARGS...: one time-boxed benchmarks/train_throughp
 	return "$rc"
 }
 
-bench train 300 --batches 32 64 128 --paths straightforward fast --compare-steps 20 \
+bench train 270 --batches 32 64 128 --paths straightforward fast --compare-steps 20 \
 	--compare-batch 32
 status=$?
 
-echo "=== loop (limit 150 s, $(left) s left) ==="
-timeout --kill-after=10 150 "$PY" benchmarks/train_loop.py "${LOOP_ARGS[@]}" \
+echo "=== loop (limit 180 s, $(left) s left) ==="
+timeout --kill-after=10 180 "$PY" benchmarks/train_loop.py "${LOOP_ARGS[@]}" \
 	--out "$OUT/loop.json" 2>&1 | tee "$OUT/loop.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 

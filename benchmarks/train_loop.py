@@ -114,6 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    record = {"model": args.model, "batch": args.batch, "steps": args.steps,
+              "log_every": args.log_every, "device": name}  # fmt: skip
+
+    def save() -> None:
+        """After each run, so a time limit hit in the loop keeps the bare figures."""
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(record, indent=2))
+
+    print(f"{args.model}, global batch {args.batch}, {args.steps} steps in windows of "
+          f"{args.log_every}, {device.type} ({name})")  # fmt: skip
+    print("| run | ms per step (median window) |\n|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(
             data=str(Path(tmp) / "data"), output_dir=str(Path(tmp) / "run"), steps=args.steps,
@@ -126,22 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         write_dataset(
             config.data, means, np.arange(args.images) % 10, stds=np.full_like(means, 0.3)
         )
-        bare = bare_windows(config, Path(config.data), device)
-        loop = loop_windows(config)
-    bare_s, loop_s = statistics.median(bare), statistics.median(loop)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
-    print(f"{args.model}, global batch {args.batch}, {args.steps} steps in windows of "
-          f"{args.log_every}, {device.type} ({name})")  # fmt: skip
-    print("| run | ms per step (median window) |\n|---|---|")
-    print(f"| bare step (batches on the device beforehand) | {1000 * bare_s:.2f} |")
+        record["bare_s"] = bare_windows(config, Path(config.data), device)
+        bare_s = statistics.median(record["bare_s"])
+        print(f"| bare step (batches on the device beforehand) | {1000 * bare_s:.2f} |", flush=True)
+        save()
+        record["loop_s"] = loop_windows(config)
+    loop_s = statistics.median(record["loop_s"])
+    record["ratio"] = loop_s / bare_s
+    save()
     print(f"| selfflow train (data path, logs, prefetch) | {1000 * loop_s:.2f} |")
     print(f"\nloop / bare: {loop_s / bare_s:.3f}")
-    if args.out is not None:
-        record = {"model": args.model, "batch": args.batch, "steps": args.steps,
-                  "log_every": args.log_every, "device": name, "bare_s": bare, "loop_s": loop,
-                  "ratio": loop_s / bare_s}  # fmt: skip
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2))
     return 0
 
 

@@ -198,6 +198,28 @@ def test_a_nan_in_one_guided_pass_names_that_sample_by_its_index(
     assert ("SDE step" if mode == "sde" else "ODE interval") in str(caught.value)
 
 
+def test_a_nan_in_the_second_decode_chunk_names_that_sample_by_its_index(pipe, monkeypatch):
+    """The VAE decodes 8 latents per call: a NaN in row 1 of its second call is row 9 of the
+    12 images, reported as that sample's index."""
+    from selfflow.vae import DECODE_BATCH
+
+    real, calls = pipe.autoencoder.decode, []
+
+    def decode(z, *args, **kwargs):
+        out = real(z, *args, **kwargs)
+        calls.append(len(z))
+        if len(calls) == 2:
+            out.sample[1] = float("nan")
+        return out
+
+    monkeypatch.setattr(pipe.autoencoder, "decode", decode)
+    with pytest.raises(NonFiniteSamplesError, match=r"decoding .* \[109\]") as caught:
+        pipe(list(range(12)), seed=1, num_steps=2, indices=range(100, 112))
+    assert calls == [DECODE_BATCH, DECODE_BATCH] and caught.value.indices == [
+        100 + DECODE_BATCH + 1
+    ]
+
+
 def test_pipeline_rejects_bad_labels(pipe):
     with pytest.raises(ConfigurationError, match=r"\[0, 1000\]"):
         pipe([1001])

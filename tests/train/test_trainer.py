@@ -429,26 +429,35 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_checkpoint(
     assert bad_step not in logged and all(step < bad_step for step in logged)
 
 
-def test_a_stop_signal_skips_the_periodic_sample_and_eval(tmp_path, data, monkeypatch):
+@pytest.mark.parametrize(
+    ("sample_every", "stopped_after", "grids"),
+    [
+        (1, 2, [1]),  # a grid is due every step: every summary is read at once
+        (0, 3, []),  # nothing due: step 2's summary (with the flag) is read during step 3
+    ],
+)
+def test_a_stop_signal_checkpoints_and_skips_the_periodic_sample_and_eval(
+    tmp_path, data, monkeypatch, sample_every, stopped_after, grids
+):
     # after SIGTERM the scheduler's grace period is for the checkpoint, not for sampling
     from selfflow.train import trainer, watch
 
-    real_step, grids, calls = TrainStep.__call__, [], []
+    real_step, sampled, calls = TrainStep.__call__, [], []
 
-    def signal_during_first(self, batches, stop=False):
-        summary = real_step(self, batches, stop)
-        calls.append(stop)
-        if len(calls) == 1:  # as a scheduler's SIGTERM arriving while step 1 runs
+    def signal_in_second(self, batches, stop=False):
+        calls.append(len(calls) + 1)
+        if len(calls) == 2:  # as a scheduler's SIGTERM arriving while step 2 runs
             os.kill(os.getpid(), signal.SIGTERM)
-        return summary
+        return real_step(self, batches, stop)
 
-    monkeypatch.setattr(TrainStep, "__call__", signal_during_first)
-    monkeypatch.setattr(watch.Watch, "sample_grid", lambda self, step: grids.append(step))
+    monkeypatch.setattr(TrainStep, "__call__", signal_in_second)
+    monkeypatch.setattr(watch.Watch, "sample_grid", lambda self, step: sampled.append(step))
     out = tmp_path / "run"
-    with pytest.raises(trainer.StoppedBySignal, match="after step 2"):
-        train(tiny_config(data, out, steps=4, sample_every=1))
-    assert grids == [1] and calls == [False, True]
-    assert [s for s, _ in run_state.list_checkpoints(out)] == [2]
+    config = tiny_config(data, out, steps=8, sample_every=sample_every, checkpoint_every=100)
+    with pytest.raises(trainer.StoppedBySignal, match=f"after step {stopped_after};"):
+        train(config)
+    assert sampled == grids and len(calls) == stopped_after
+    assert [s for s, _ in run_state.list_checkpoints(out)] == [stopped_after]
 
 
 def test_evaluation_of_a_pixel_dataset_is_refused_before_training(tmp_path, data):

@@ -9,7 +9,7 @@ In order:
    processes on the last micro-batch only (:meth:`Parallel.accumulating`). The metrics are
    summed on the device.
 2. The gradient is clipped; the metrics are averaged over processes (one small all-reduce).
-3. AdamW steps (fused on CUDA), then the EMA follows: ``ema ← ema + w·(θ − ema)`` with
+3. AdamW steps (fused on CUDA, for-each under FSDP), then the EMA follows: ``ema ← ema + w·(θ − ema)`` with
    ``w = 1 − decay`` (:func:`~selfflow.train.ema.update_ema`, one multi-tensor call).
 
 No value leaves the device during the step: it returns the summary as a device tensor, and the
@@ -22,7 +22,7 @@ one, so nothing computed from it is ever kept.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +80,8 @@ class TrainStep:
     chose), ``model`` and ``ema`` their unwrapped selves whose parameters are updated; with
     ``rep_weight == 0`` the teacher is never called. ``autocast``: bf16 autocast when
     ``torch.bfloat16``, none when None (float32, or a network with its own precision). ``stop``
-    is this process's stop request (a signal), summed over processes into the summary.
+    is this process's stop request (a signal), or a function asked for it after the backward
+    passes; it is summed over processes into the summary.
     """
 
     def __init__(
@@ -101,7 +102,9 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
 
-    def __call__(self, batches: Sequence[MicroBatch], stop: bool = False) -> Tensor:
+    def __call__(
+        self, batches: Sequence[MicroBatch], stop: Callable[[], bool] | bool = False
+    ) -> Tensor:
         r = self.recipe
         share = 1.0 / len(batches)  # each micro-batch's share of this process's rows
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -125,8 +128,10 @@ class TrainStep:
         norm = torch.nn.utils.clip_grad_norm_(self.params, r.grad_clip)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
             norm = norm.full_tensor()
-        # a fill, not a copy from the host: copying a Python number to the GPU would wait
-        flag = torch.full((1,), float(stop), dtype=torch.float64, device=self.device)
+        # asked as late as possible (a signal during this step's work still counts for it); a
+        # fill, not a copy from the host: copying a Python number to the GPU would wait
+        asked = stop() if callable(stop) else stop
+        flag = torch.full((1,), float(asked), dtype=torch.float64, device=self.device)
         reduced = self.parallel.mean(torch.cat([totals, flag]))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -159,7 +164,7 @@ class SummaryReader:
             host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
             host.copy_(summary, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(summary.device))  # the copy's stream
         else:
             host = summary.detach().clone()
         self._pending.append((step, host, event))

@@ -15,10 +15,12 @@ Read top to bottom, :func:`train` does:
    (:mod:`selfflow.train.streams`), prepared one step ahead on a thread; each process takes its
    rows and splits them into micro-batches (gradient accumulation); the loss of each is scaled
    so the summed gradient is the global batch's mean, whatever the split. Then the gradient is
-   clipped, a non-finite loss or norm stops the run before the weights change, AdamW steps, and
-   the EMA follows. Checkpoints every ``--checkpoint-every`` steps, on SIGTERM/SIGINT and at the
-   end; TensorBoard, ``log.jsonl``, sample grids and FID evaluations as asked
-   (:mod:`selfflow.train.watch`).
+   clipped, AdamW steps and the EMA follows (:class:`~selfflow.train.step.TrainStep`, queued on
+   the device without waiting). Each step's numbers are read one step later; before any
+   checkpoint, sample grid or evaluation all of them are read, and a non-finite loss or norm
+   stops the run, so nothing computed from it is kept. Checkpoints every
+   ``--checkpoint-every`` steps, on SIGTERM/SIGINT and at the end; TensorBoard, ``log.jsonl``,
+   sample grids and FID evaluations as asked (:mod:`selfflow.train.watch`).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ WEIGHT_DECAY = 0.0
 
 
 class NonFiniteLossError(SelfFlowError):
-    """The loss or the gradient norm became NaN or infinite; the weights were not updated."""
+    """The loss or the gradient norm became NaN or infinite; nothing computed from that step on
+    was saved (the newest checkpoint is from before it)."""
 
 
 class StoppedBySignal(SelfFlowError):
@@ -103,8 +106,14 @@ def _print(message: str) -> None:
 
 
 class _SignalFlag:
-    """Remembers SIGTERM/SIGINT instead of dying mid-step (the run checkpoints after the step
-    and stops); a second Ctrl-C stops at once. Restores the handlers on exit."""
+    """Remembers SIGTERM/SIGINT instead of dying mid-step; a second Ctrl-C stops at once.
+    Restores the handlers on exit.
+
+    The flag is asked at the end of each step's backward passes and travels in that step's
+    summary, which every process reads one step later: the run then finishes the step in
+    progress, checkpoints and stops, on every process after the same step (one or two steps
+    after the signal).
+    """
 
     def __init__(self) -> None:
         self.signum = 0
@@ -115,6 +124,9 @@ class _SignalFlag:
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
+
+    def raised(self) -> bool:
+        return self.signum != 0
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum and signum == signal.SIGINT:
@@ -341,7 +353,7 @@ class Trainer:
         try:
             with _SignalFlag() as flag:
                 while step < end:
-                    summary = self.step(prefetch.get(step), stop=flag.signum != 0)
+                    summary = self.step(prefetch.get(step), stop=flag.raised)
                     step += 1
                     reader.push(step, summary)
                     # the previous step's numbers, read while this one runs on the device
