@@ -318,7 +318,9 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.context.device.index] if self.context.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids), ema
+        # gradients live in DDP's reduction buckets: no copy into .grad, no second copy in memory
+        wrapped = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+        return wrapped, ema
 
     def _load_optimizer(self, optim_state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import (
