@@ -154,10 +154,14 @@ def setup(
 ) -> DistributedContext:
     """Join the process group that torchrun describes (or none) and pick this process's device."""
     place = torchrun_environment()
-    if place is None:
-        return DistributedContext(device=resolve_device(device, 0))
-    rank, world, local = place
+    rank, world, local = place or (0, 1, 0)
     resolved = resolve_device(device, local, world)
+    if resolved.type == "cuda":
+        # the current device is where un-placed CUDA work goes (streams, events, compiled
+        # graphs); --device cuda:1 in one process must not leave it on GPU 0
+        torch.cuda.set_device(resolved)
+    if place is None:
+        return DistributedContext(device=resolved)
     if world == 1:
         return DistributedContext(rank=rank, world_size=1, local_rank=local, device=resolved)
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
@@ -168,8 +172,6 @@ def setup(
     import torch.distributed as dist
 
     backend = "nccl" if resolved.type == "cuda" else "gloo"
-    if resolved.type == "cuda":
-        torch.cuda.set_device(resolved)
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
         if backend == "nccl":
