@@ -335,6 +335,25 @@ def test_init_from_a_file_with_other_shapes_names_the_keys(tmp_path, data):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_num_classes_widens_the_label_space_to_fine_tune_a_larger_model(tmp_path, data):
+    """A 10-class subset fine-tunes a 25-class model (as ImageNet subsets fine-tune the released
+    1000-class one): the init file loads, the null label is 25, and the label space stays."""
+    wide = tmp_path / "wide.pt"
+    save_model(SelfFlowDiT(replace(ModelConfig.tiny(), num_classes=25)), wide)
+    resolved = tiny_config(data, tmp_path / "x", num_classes=25).resolve((4, 8, 8), 10)
+    assert resolved.model.num_classes == 25 and resolved.model.null_class == 25
+    out = tmp_path / "run"
+    train(tiny_config(data, out, steps=2, init_from=str(wide), num_classes=25))
+    exported = load_model(run_state.export_path(out, 2))
+    assert exported.config.num_classes == 25
+    assert exported.y_embedder.embedding_table.weight.shape[0] == 26  # 25 classes + null
+    # resuming without the option is another model: refused, naming the difference
+    with pytest.raises(ConfigurationError, match="num_classes"):
+        train(tiny_config(data, out, steps=3, init_from=str(wide)))
+    with pytest.raises(ConfigurationError, match="at least that many"):
+        train(tiny_config(data, tmp_path / "narrow", num_classes=9))
+
+
 def test_init_from_an_export_starts_from_its_weights(tmp_path, data, reference):
     source = run_state.export_path(reference, 4)
     out = tmp_path / "finetune"

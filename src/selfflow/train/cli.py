@@ -56,11 +56,19 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         "--model",
         default="XL/2",
         choices=("tiny", "S/2", "B/2", "L/2", "XL/2"),
-        help="SiT size: S/2 384/12/6, B/2 768/12/12, L/2 1024/24/16, XL/2 1152/28/16 (width/depth/heads), tiny = ModelConfig.tiny(); input shape and classes come from the data (default: XL/2)",
+        help="SiT size: S/2 384/12/6, B/2 768/12/12, L/2 1024/24/16, XL/2 1152/28/16 (width/depth/heads), tiny = ModelConfig.tiny(); the input shape comes from the data, the classes too unless --num-classes (default: XL/2)",
     )
     model.add_argument("--hidden-size", type=int, default=None, help="override the width")
     model.add_argument("--depth", type=int, default=None, help="override the number of blocks")
     model.add_argument("--num-heads", type=int, default=None, help="override the attention heads")
+    model.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="the model's label space, at least the dataset's classes (default: the dataset's); "
+        "--num-classes 1000 fine-tunes the released model on a subset made with "
+        "selfflow prepare --classes K, whose labels are ImageNet's 0..K-1",
+    )
 
 
 def _objective_options(parser: argparse.ArgumentParser) -> None:

@@ -55,6 +55,8 @@ RESUMABLE_CHANGES = frozenset(
         "sample_every",
         "log_every",
         "progress",
+        # the label space is in the identity's model_config (num_classes) already
+        "num_classes",
     }
 )
 
@@ -75,6 +77,7 @@ class TrainConfig:
     hidden_size: int | None = None
     depth: int | None = None
     num_heads: int | None = None
+    num_classes: int | None = None  # default: the dataset's classes; null label = this number
     student_layer: int | None = None  # 1-based block; default round(0.3 · depth)
     teacher_layer: int | None = None  # 1-based block; default round(0.7 · depth)
     global_batch_size: int = 256
@@ -121,6 +124,7 @@ class TrainConfig:
             ("--teacher-layer", self.teacher_layer),
             ("--batch-size", self.batch_size),
             ("--keep-every", self.keep_every),
+            ("--num-classes", self.num_classes),
         ):
             if value is not None:
                 _whole(name, value, 1)
@@ -227,7 +231,13 @@ class ResolvedConfig:
 def model_config(
     config: TrainConfig, latent_shape: tuple[int, int, int], num_classes: int
 ) -> ModelConfig:
-    """The network for ``--model`` (and its overrides) on data of ``latent_shape``."""
+    """The network for ``--model`` (and its overrides) on data of ``latent_shape``.
+
+    Its label space is the dataset's ``num_classes`` unless ``--num-classes`` widens it: a
+    subset prepared with ``selfflow prepare --classes K`` keeps ImageNet's labels 0..K-1, so
+    ``--num-classes 1000`` trains in the released model's label space (null label 1000) and can
+    start from its checkpoint.
+    """
     channels, height, width = (int(n) for n in latent_shape)
     patch = 2
     if height != width or height % patch or height < patch:
@@ -235,6 +245,13 @@ def model_config(
             f"the dataset's latents are {channels} × {height} × {width}; the model needs square "
             f"latents whose side is a multiple of the patch size {patch}"
         )
+    if config.num_classes is not None:
+        if config.num_classes < num_classes:
+            raise ConfigurationError(
+                f"--num-classes {config.num_classes}: the dataset has {num_classes} classes "
+                f"(labels 0..{num_classes - 1}); the model needs at least that many"
+            )
+        num_classes = config.num_classes
     hidden, depth, heads = MODEL_SIZES[config.model]
     hidden = config.hidden_size or hidden
     depth = config.depth or depth

@@ -190,8 +190,7 @@ class Watch:
         ema = self._ema_module()
         if self.main:
             trainer = self.trainer
-            config = trainer.resolved.model
-            labels = grid_labels(config.num_classes)
+            labels = grid_labels(trainer.dataset.num_classes)  # classes it has seen
             pipe = SelfFlowPipeline(ema, self.vae, device=trainer.context.device)
             latents = pipe.sample_latents(
                 labels,
