@@ -152,7 +152,12 @@ def resolve_device(spec: str | None, local_rank: int = 0, world_size: int = 1) -
 def setup(
     device: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT
 ) -> DistributedContext:
-    """Join the process group that torchrun describes (or none) and pick this process's device."""
+    """Join the process group that torchrun describes (or none) and pick this process's device.
+
+    A CUDA device becomes the process's current device (``torch.cuda.set_device``) and stays
+    so after :func:`teardown`: a caller in a notebook that passes ``cuda:1`` then finds plain
+    ``"cuda"`` tensors on GPU 1 too.
+    """
     place = torchrun_environment()
     rank, world, local = place or (0, 1, 0)
     resolved = resolve_device(device, local, world)

@@ -335,7 +335,9 @@ def test_init_from_a_file_with_other_shapes_names_the_keys(tmp_path, data):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_num_classes_widens_the_label_space_to_fine_tune_a_larger_model(tmp_path, data):
+def test_num_classes_widens_the_label_space_to_fine_tune_a_larger_model(
+    tmp_path, data, monkeypatch
+):
     """A 10-class subset fine-tunes a 25-class model (as ImageNet subsets fine-tune the released
     1000-class one): the init file loads, the null label is 25, and the label space stays."""
     wide = tmp_path / "wide.pt"
@@ -343,12 +345,22 @@ def test_num_classes_widens_the_label_space_to_fine_tune_a_larger_model(tmp_path
     resolved = tiny_config(data, tmp_path / "x", num_classes=25).resolve((4, 8, 8), 10)
     assert resolved.model.num_classes == 25 and resolved.model.null_class == 25
     out = tmp_path / "run"
-    train(tiny_config(data, out, steps=2, init_from=str(wide), num_classes=25))
+    real_step, labels = TrainStep.__call__, []
+
+    def recording(self, batches, stop=False):
+        labels.extend(int(y) for batch in batches for y in batch.y)
+        return real_step(self, batches, stop)
+
+    monkeypatch.setattr(TrainStep, "__call__", recording)
+    config = tiny_config(data, out, steps=2, init_from=str(wide), num_classes=25)
+    train(replace(config, label_dropout=0.5, sample_every=2))
+    assert 25 in labels and set(labels) <= set(range(10)) | {25}  # dropped: the model's null
+    assert (out / "samples" / "step_000000002.png").is_file()
     exported = load_model(run_state.export_path(out, 2))
     assert exported.config.num_classes == 25
     assert exported.y_embedder.embedding_table.weight.shape[0] == 26  # 25 classes + null
     # resuming without the option is another model: refused, naming the difference
-    with pytest.raises(ConfigurationError, match="num_classes"):
+    with pytest.raises(ConfigurationError, match=r"model_config\.num_classes: 25 → 10"):
         train(tiny_config(data, out, steps=3, init_from=str(wide)))
     with pytest.raises(ConfigurationError, match="at least that many"):
         train(tiny_config(data, tmp_path / "narrow", num_classes=9))

@@ -336,14 +336,21 @@ def micro_batch(global_batch: int, batch_size: int | None, world_size: int) -> i
     return batch
 
 
-def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``"name: stored → current"`` for every identity setting that differs."""
-    keys = sorted(set(stored) | set(current))
-    return [
-        f"{key}: {stored.get(key, '(absent)')!r} → {current.get(key, '(absent)')!r}"
-        for key in keys
-        if stored.get(key) != current.get(key)
-    ]
+def differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"name: stored → current"`` for every identity setting that differs; nested settings
+    (the model's config) by their own names, e.g. ``model_config.num_classes: 25 → 10``."""
+    found = []
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key), current.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += differences(old, new, f"{prefix}{key}.")
+        else:
+            shown_old = "(absent)" if key not in stored else repr(old)
+            shown_new = "(absent)" if key not in current else repr(new)
+            found.append(f"{prefix}{key}: {shown_old} → {shown_new}")
+    return found
 
 
 def _whole(name: str, value: Any, minimum: int) -> None:

@@ -72,6 +72,11 @@ class Parallel:
     def after_update(self) -> None:
         """Called after AdamW, before the EMA update."""
 
+    #: Free the gradients after each step (``zero_grad(set_to_none=True)``). DDP with
+    #: ``gradient_as_bucket_view`` wants them zeroed in place instead: then they stay views of
+    #: its reduction buckets, and accumulation adds into those rather than into new tensors.
+    release_gradients: bool = True
+
 
 class TrainStep:
     """One optimiser step; ``step(batches, stop)`` returns the summary of ``SUMMARY_FIELDS``.
@@ -134,7 +139,7 @@ class TrainStep:
         flag = torch.full((1,), float(asked), dtype=torch.float64, device=self.device)
         reduced = self.parallel.mean(torch.cat([totals, flag]))
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.parallel.release_gradients)
         self.parallel.after_update()
         update_ema(self.ema, self.model, r.ema_decay)
         norm = norm.detach().to(torch.float64).reshape(1)

@@ -318,7 +318,8 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.context.device.index] if self.context.device.type == "cuda" else None
-        # gradients live in DDP's reduction buckets: no copy into .grad, no second copy in memory
+        # gradients are views of DDP's reduction buckets (zeroed in place after each step, see
+        # _Processes): no copy between .grad and the buckets, no second gradient in memory
         wrapped = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
         return wrapped, ema
 
@@ -419,7 +420,7 @@ class Trainer:
         return (
             f"training {s.model} ({m.hidden_size}/{m.depth}/{m.num_heads}, {params / 1e6:.2f} M "
             f"parameters) on {m.in_channels}×{m.input_size}×{m.input_size} data, "
-            f"{m.num_classes} classes, method {s.method} (mask ratio {s.mask_ratio}, rep weight "
+            f"{m.num_classes} classes{self._data_classes()}, method {s.method} (mask ratio {s.mask_ratio}, rep weight "
             f"{s.rep_weight}, layers {s.student_layer}→{s.teacher_layer}), from step {step} to "
             f"{s.steps}; global batch {s.global_batch_size} = {self.context.world_size} "
             f"process(es) × {r.accumulation} micro-batch(es) × {s.batch_size}; "
@@ -427,6 +428,10 @@ class Trainer:
             f"{s.network} network"
             + (" with FSDP" if s.fsdp and self.context.is_distributed else "")
         )
+
+    def _data_classes(self) -> str:
+        data = self.dataset.num_classes
+        return "" if data == self.resolved.model.num_classes else f" (the data has {data})"
 
     def _make_batches(self, step: int) -> list[MicroBatch]:
         """This process's micro-batches of step ``step`` (runs on the prefetch thread)."""
@@ -511,6 +516,8 @@ class _Processes(Parallel):
         self.context = trainer.context
         self.student, self.teacher = trainer.student, trainer.teacher
         self.sharded = trainer.config.fsdp and trainer.context.is_distributed
+        # DDP's gradients are views of its buckets (gradient_as_bucket_view): zero, keep them
+        self.release_gradients = self.sharded or not self.context.is_distributed
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
         if not self.context.is_distributed:
