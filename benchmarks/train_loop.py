@@ -40,11 +40,13 @@ except ImportError:  # run from a checkout that is not installed
 from selfflow.data import LatentDataset, write_dataset
 from selfflow.distributed import resolve_device, resolve_dtype
 from selfflow.train import TrainConfig, train
-from selfflow.train.ema import make_ema
-from selfflow.train.fast import FastTrainingDiT, training_optimizer
-from selfflow.train.step import StepRecipe, TrainStep
+from selfflow.train.fast import FastTrainingDiT
+from selfflow.train.step import StepRecipe
 from selfflow.train.streams import draw_step, materialise, micro_batches, run_streams
 from selfflow.train.trainer import initial_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the throughput benchmark's helpers
+from train_throughput import trainer_step  # noqa: E402
 
 
 def bare_windows(config: TrainConfig, data: Path, device: torch.device) -> list[float]:
@@ -64,15 +66,10 @@ def bare_windows(config: TrainConfig, data: Path, device: torch.device) -> list[
         ]
         for k in range(min(s.steps, 8))  # a few distinct batches, cycled
     ]
-    model = FastTrainingDiT.from_model(initial_model(resolved, None)).to(device)
-    ema = make_ema(model)
-    step = TrainStep(
-        student=model,
-        teacher=ema,
-        model=model,
-        ema=ema,
-        optimizer=training_optimizer(model.parameters(), lr=s.lr),
-        recipe=StepRecipe.of(s),
+    step = trainer_step(
+        FastTrainingDiT.from_model(initial_model(resolved, None)).to(device),
+        StepRecipe.of(s),
+        lr=s.lr,
         autocast=torch.bfloat16 if resolve_dtype(None, device) == torch.bfloat16 else None,
     )
     windows = []

@@ -63,7 +63,7 @@ from selfflow.train import (  # noqa: E402
 )
 from selfflow.train.config import choose_layers  # noqa: E402
 from selfflow.train.ema import make_ema  # noqa: E402
-from selfflow.train.step import StepRecipe, TrainStep  # noqa: E402
+from selfflow.train.step import SUMMARY_FIELDS, StepRecipe, TrainStep  # noqa: E402
 from selfflow.train.streams import MicroBatch  # noqa: E402
 
 PATHS = ("straightforward", "fast", "fast-eager", "fast-float32")
@@ -173,6 +173,24 @@ def layers(config: ModelConfig) -> dict:
     return dict(student_layer=student, teacher_layer=teacher)
 
 
+def trainer_step(
+    model: FastTrainingDiT, recipe: StepRecipe, *, lr: float, autocast: torch.dtype | None
+) -> TrainStep:
+    """``selfflow train``'s step in one process, built as the trainer builds it: ``model``
+    trains, its exact float32 copy is the EMA teacher, AdamW as ``training_optimizer`` makes it
+    (fused on CUDA). ``benchmarks/train_loop.py`` uses it too."""
+    ema = make_ema(model)
+    return TrainStep(
+        student=model,
+        teacher=ema,
+        model=model,
+        ema=ema,
+        optimizer=training_optimizer(model.parameters(), lr=lr),
+        recipe=recipe,
+        autocast=autocast,
+    )
+
+
 def build_step(path: str, initial: SelfFlowDiT, device: torch.device) -> Step:
     """One optimiser step of ``path`` on copies of ``initial``: returns (loss, grad norm).
 
@@ -182,21 +200,17 @@ def build_step(path: str, initial: SelfFlowDiT, device: torch.device) -> Step:
     kw = layers(initial.config)
     if path.startswith("fast"):
         compile = False if path == "fast-eager" else None  # None: on CUDA only
-        student = FastTrainingDiT.from_model(initial, compile=compile).train().requires_grad_()
-        teacher = make_ema(student)
-        train_step = TrainStep(
-            student=student,
-            teacher=teacher,
-            model=student,
-            ema=teacher,
-            optimizer=training_optimizer(student.parameters(), lr=LR),
-            recipe=StepRecipe(REP_WEIGHT, grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, **kw),
+        train_step = trainer_step(
+            FastTrainingDiT.from_model(initial, compile=compile).train().requires_grad_(),
+            StepRecipe(REP_WEIGHT, grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, **kw),
+            lr=LR,
             autocast=None if path == "fast-float32" else torch.bfloat16,
         )
+        loss_at, norm_at = SUMMARY_FIELDS.index("loss"), SUMMARY_FIELDS.index("grad_norm")
 
         def fast_step(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
             summary = train_step([MicroBatch(**batch)])
-            return summary[0], summary[3]
+            return summary[loss_at], summary[norm_at]
 
         return fast_step
     if path == "reference":  # float32 throughout, the plain model

@@ -1,11 +1,11 @@
 """Which samples went NaN or inf on the sampling path, found once and reported one way.
 
-A bad sample is a row of a batch with any non-finite value. Three places can see one: the
-sampler (after each step, :class:`FirstNonFinite`, which keeps its flags on the device so that
-no step waits for the host), the decoder's uint8 mapping, and the FID batch's shard writer (both
-through :func:`check_rows`). Each raises :class:`NonFiniteSamplesError` naming the rows it saw;
-a caller that knows what the rows are (the pipeline knows each row's sample index, the writer
-its shard indices) re-raises it under those names with :meth:`NonFiniteSamplesError.renamed`.
+A bad sample is a row of a batch with any non-finite value. Two places look: the sampler after
+each step (:class:`FirstNonFinite`, which keeps its flags on the device so that no step waits
+for the host) and the decoder's uint8 mapping (:func:`check_rows`). Each raises
+:class:`NonFiniteSamplesError` naming the rows it saw; a caller that knows what the rows are
+(the pipeline knows each row's sample index, the FID batch's writer its shard indices)
+re-raises it under those names with :meth:`NonFiniteSamplesError.renamed`.
 """
 
 from __future__ import annotations
@@ -41,14 +41,12 @@ class NonFiniteSamplesError(SelfFlowError, FloatingPointError):
         listing = f"[{shown}{f', … {more} more' if more > 0 else ''}]"
         super().__init__(f"{where} produced NaN or inf for {what} {listing}{detail}")
 
-    def renamed(
-        self, names: Sequence[int], *, what: str = "sample indices", detail: str | None = None
-    ) -> NonFiniteSamplesError:
-        """The same failure with each row ``r`` reported as ``names[r]`` (repeats merge)."""
+    def renamed(self, names: Sequence[int], *, detail: str | None = None) -> NonFiniteSamplesError:
+        """The same failure with each row ``r`` reported as sample index ``names[r]`` (repeats
+        merge); ``detail`` replaces the raiser's when given."""
         return NonFiniteSamplesError(
             [int(names[row]) for row in self.indices],
             self.where,
-            what=what,
             detail=self.detail if detail is None else detail,
         )
 
@@ -64,14 +62,14 @@ def bad_rows(values: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(values).reshape(values.shape[0], -1).all(dim=1)
 
 
-def check_rows(values: torch.Tensor, where: str, *, what: str = "batch rows") -> None:
+def check_rows(values: torch.Tensor, where: str) -> None:
     """Raise :class:`NonFiniteSamplesError` naming the rows of ``values`` that are not finite.
 
     One host synchronisation; for per-step checks inside a loop use :class:`FirstNonFinite`.
     """
     bad = bad_rows(values)
     if bool(bad.any()):
-        raise NonFiniteSamplesError(bad.nonzero().flatten().tolist(), where, what=what)
+        raise NonFiniteSamplesError(bad.nonzero().flatten().tolist(), where, what="batch rows")
 
 
 class FirstNonFinite:

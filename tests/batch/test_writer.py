@@ -10,7 +10,7 @@ import torch
 
 from selfflow.batch import store
 from selfflow.batch.writer import ShardWriter
-from selfflow.finite import NonFiniteSamplesError
+from selfflow.finite import NonFiniteSamplesError, check_rows
 
 SHAPE = (2, 2, 3)
 
@@ -59,13 +59,18 @@ def test_too_few_samples_are_reported(tmp_path):
         writer.finish()
 
 
-def test_non_finite_latents_name_their_indices_and_write_nothing(tmp_path):
-    shard = store.ShardPlan(4, 4).shard(0)
-    writer = ShardWriter(fake_decode, tmp_path, [shard], SHAPE, 4).start()
-    latents = latents_for([0, 1, 2, 3]).clone()
+def test_a_decoding_failure_names_the_sample_indices_and_writes_nothing(tmp_path):
+    def checking_decode(latents):
+        """Refuses non-finite rows as the real decoder's uint8 mapping does (by batch row)."""
+        check_rows(latents, "decoding")
+        return fake_decode(latents)
+
+    shard = store.ShardPlan(8, 4).shard(1)  # samples 4-7
+    writer = ShardWriter(checking_decode, tmp_path, [shard], SHAPE, 8).start()
+    latents = latents_for([4, 5, 6, 7]).clone()
     latents[2, 1, 0, 0] = float("inf")
-    writer.submit(np.arange(4), np.zeros(4), latents)
-    with pytest.raises(NonFiniteSamplesError, match=r"sample indices \[2\]"):
+    writer.submit(shard.indices, np.zeros(4), latents)
+    with pytest.raises(NonFiniteSamplesError, match=r"decoding .*sample indices \[6\]"):
         writer.finish()
     assert not store.shard_path(tmp_path, shard).exists()
 

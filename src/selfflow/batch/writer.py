@@ -3,7 +3,7 @@
 The main thread samples batch after batch and hands each batch of latents to a
 :class:`ShardWriter` through a bounded queue. The writer thread decodes them (on a CUDA side
 stream when the latents live on a GPU, so the decode overlaps the next batch's sampling
-instead of queueing behind it), checks every sample for NaN/inf, fills the current shard and,
+instead of queueing behind it; the decoder refuses NaN/inf), fills the current shard and,
 when it is full, writes its PNGs (with ``--save-images``) and then the shard file. The queue
 holds at most ``queue_size`` batches of latents, and the writer at most one shard of images,
 so memory stays bounded however fast the sampler runs.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from selfflow.batch.store import Shard, png_path, write_shard
-from selfflow.finite import NonFiniteSamplesError, check_rows
+from selfflow.finite import NonFiniteSamplesError
 
 _STOP = object()
 NOTHING_WRITTEN = (
@@ -154,8 +154,7 @@ class ShardWriter:
         self, indices: np.ndarray, labels: np.ndarray, latents: torch.Tensor, ready
     ) -> None:
         with torch.no_grad(), self._on_stream(latents, ready):
-            try:
-                check_rows(latents, "sampling")
+            try:  # the sampler has checked the latents; the decoder checks its images
                 images = self.decode(latents)
             except NonFiniteSamplesError as error:
                 raise error.renamed(indices, detail=NOTHING_WRITTEN) from None

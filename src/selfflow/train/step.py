@@ -9,8 +9,9 @@ In order:
    processes on the last micro-batch only (:meth:`Parallel.accumulating`). The metrics are
    summed on the device.
 2. The gradient is clipped; the metrics are averaged over processes (one small all-reduce).
-3. AdamW steps (fused on CUDA, for-each under FSDP), then the EMA follows: ``ema ← ema + w·(θ − ema)`` with
-   ``w = 1 − decay`` (:func:`~selfflow.train.ema.update_ema`, one multi-tensor call).
+3. AdamW steps (fused on CUDA, for-each under FSDP), then the EMA follows:
+   ``ema ← ema + w·(θ − ema)`` with ``w = 1 − decay`` (:func:`~selfflow.train.ema.update_ema`,
+   one multi-tensor call).
 
 No value leaves the device during the step: it returns the summary as a device tensor, and the
 caller reads it later with :class:`SummaryReader`, one step behind (on CUDA, while the GPU runs

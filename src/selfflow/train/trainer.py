@@ -352,7 +352,7 @@ class Trainer:
         watch = Watch(self, step)
         prefetch = Prefetcher(self._make_batches, step, end)
         reader = SummaryReader()
-        metrics: dict[str, float] = {}
+        self.metrics: dict[str, float] = {}
         try:
             with _SignalFlag() as flag:
                 while step < end:
@@ -360,13 +360,12 @@ class Trainer:
                     step += 1
                     reader.push(step, summary)
                     # the previous step's numbers, read while this one runs on the device
-                    stop, metrics = self._read(reader, watch, keep=1, metrics=metrics)
+                    stop = self._read(reader, watch, keep=1)
                     saving = stop or step % settings.checkpoint_every == 0 or step == end
                     if not (saving or watch.due(step, end)):
                         continue
                     # nothing is kept before every step up to here was read and was finite
-                    late_stop, metrics = self._read(reader, watch, keep=0, metrics=metrics)
-                    stop = stop or late_stop
+                    stop = self._read(reader, watch, keep=0) or stop
                     if stop or saving:
                         self.save(step)
                     if not stop:  # a stopping run spends its grace period on the checkpoint
@@ -386,17 +385,13 @@ class Trainer:
             self.last_checkpoint,
             self.last_export,
             time.perf_counter() - started,
-            metrics,
+            self.metrics,
             self.context.rank,
         )
 
-    def _read(
-        self, reader: SummaryReader, watch: Any, *, keep: int, metrics: dict[str, float]
-    ) -> tuple[bool, dict[str, float]]:
-        """Read step summaries until ``keep`` remain: log them, and stop at a non-finite one.
-
-        Returns whether any process asked to stop, and the newest metrics read.
-        """
+    def _read(self, reader: SummaryReader, watch: Any, *, keep: int) -> bool:
+        """Read step summaries until ``keep`` remain: log them (the newest in ``self.metrics``)
+        and stop at a non-finite one. Returns whether any process asked to stop."""
         stop = False
         while len(reader) > keep:
             step, values = reader.pop()
@@ -409,9 +404,9 @@ class Trainer:
                     f"resumes from it) and lower --lr, or check the data"
                 )
             stop = stop or values.pop("stop") > 0
-            metrics = values
-            watch.after_step(step, metrics)
-        return stop, metrics
+            self.metrics = values
+            watch.after_step(step, values)
+        return stop
 
     def _describe(self, step: int) -> str:
         r, s = self.resolved, self.resolved.settings
@@ -420,8 +415,8 @@ class Trainer:
         return (
             f"training {s.model} ({m.hidden_size}/{m.depth}/{m.num_heads}, {params / 1e6:.2f} M "
             f"parameters) on {m.in_channels}×{m.input_size}×{m.input_size} data, "
-            f"{m.num_classes} classes{self._data_classes()}, method {s.method} (mask ratio {s.mask_ratio}, rep weight "
-            f"{s.rep_weight}, layers {s.student_layer}→{s.teacher_layer}), from step {step} to "
+            f"{m.num_classes} classes{self._data_classes()}, method {s.method} (mask ratio "
+            f"{s.mask_ratio}, rep weight {s.rep_weight}, layers {s.student_layer}→{s.teacher_layer}), from step {step} to "
             f"{s.steps}; global batch {s.global_batch_size} = {self.context.world_size} "
             f"process(es) × {r.accumulation} micro-batch(es) × {s.batch_size}; "
             f"{str(self.dtype).removeprefix('torch.')} on {self.context.device}, "

@@ -69,6 +69,11 @@ def to_pictures(arrays: torch.Tensor, min_size: int = 64) -> np.ndarray:
     return to_uint8(x)
 
 
+def _at(every: int, step: int, end: int) -> bool:
+    """Whether a ``--*-every`` task (0: never) runs after ``step`` of a run ending at ``end``."""
+    return bool(every) and (step % every == 0 or step == end)
+
+
 def grid_labels(num_classes: int, count: int = GRID_SAMPLES) -> torch.Tensor:
     """Labels spread evenly over the classes (ImageNet's first 16 would all be fish and birds)."""
     return torch.tensor([(i * num_classes) // count for i in range(count)], dtype=torch.int64)
@@ -146,20 +151,14 @@ class Watch:
 
     def due(self, step: int, end: int) -> bool:
         """Whether :meth:`periodic` has work after ``step``."""
-        return self._sampling(step, end) or self._evaluating(step, end)
-
-    def _sampling(self, step: int, end: int) -> bool:
-        every = self.settings.sample_every
-        return bool(every) and (step % every == 0 or step == end)
-
-    def _evaluating(self, step: int, end: int) -> bool:
-        every = self.settings.eval_every
-        return bool(every) and (step % every == 0 or step == end)
+        s = self.settings
+        return _at(s.sample_every, step, end) or _at(s.eval_every, step, end)
 
     def periodic(self, step: int, end: int) -> None:
-        if self._sampling(step, end):
+        s = self.settings
+        if _at(s.sample_every, step, end):
             self.sample_grid(step)
-        if self._evaluating(step, end):
+        if _at(s.eval_every, step, end):
             self.evaluate(step)
 
     # -- samples ------------------------------------------------------------------------------
