@@ -12,7 +12,11 @@ Trains the same model on the same kind of data twice, both with ``selfflow train
 Both are timed the same way, in windows of ``--log-every`` steps after a first window of
 warm-up (compilation): the loop's own ``steps_per_s`` records in ``log.jsonl``, the bare step
 by the wall clock with the device synchronised at each window's end. The median window of each
-is reported; the loop is within 5 % of the bare step when its data path keeps up.
+is reported; the loop is within 5 % of the bare step when its data path keeps up. Two costs the
+windows leave out are reported beside them: drawing and reading one step's batch on the host
+(the prefetch thread's work, which must stay below a step) and writing the checkpoint (from the
+loop's ``"checkpoint"`` line in ``log.jsonl``), with its share of the steps between two
+checkpoints at the default ``--checkpoint-every``.
 
     python benchmarks/train_loop.py --steps 200 --batch 64 --threads 1           # CPU, tiny
     python benchmarks/train_loop.py --model XL/2 --device cuda --batch 64 --steps 60 --log-every 10
@@ -49,23 +53,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the throughput bench
 from train_throughput import trainer_step  # noqa: E402
 
 
-def bare_windows(config: TrainConfig, data: Path, device: torch.device) -> list[float]:
+def bare_windows(
+    config: TrainConfig, data: Path, device: torch.device
+) -> tuple[list[float], list[float]]:
     """Seconds per step of each window of ``log_every`` steps of the bare step (the first,
-    warm-up window left out)."""
+    warm-up window left out), and the seconds the host took to draw and read each of the
+    batches it cycles through (what the trainer's prefetch thread does for every step)."""
     dataset = LatentDataset(data)
     resolved = config.resolve(tuple(dataset.latent_shape), dataset.num_classes)
     s, m = resolved.settings, resolved.model
     spec, order = run_streams(resolved, dataset)
-    batches = [
-        [
-            part.to(device)
-            for part in (
-                materialise(rows, dataset, m.null_class)
-                for rows in micro_batches(draw_step(spec, order, k), s.batch_size)
-            )
+    batches, data_s = [], []
+    for k in range(min(s.steps, 8)):  # a few distinct batches, cycled
+        began = time.perf_counter()
+        parts = [
+            materialise(rows, dataset, m.null_class)
+            for rows in micro_batches(draw_step(spec, order, k), s.batch_size)
         ]
-        for k in range(min(s.steps, 8))  # a few distinct batches, cycled
-    ]
+        data_s.append(time.perf_counter() - began)
+        batches.append([part.to(device) for part in parts])
     step = trainer_step(
         FastTrainingDiT.from_model(initial_model(resolved, None)).to(device),
         StepRecipe.of(s),
@@ -80,15 +86,17 @@ def bare_windows(config: TrainConfig, data: Path, device: torch.device) -> list[
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         windows.append((time.perf_counter() - began) / (min(start + s.log_every, s.steps) - start))
-    return windows[1:] or windows
+    return windows[1:] or windows, data_s
 
 
-def loop_windows(config: TrainConfig) -> list[float]:
-    """Seconds per step of each logged window of ``selfflow train`` (the first left out)."""
+def loop_windows(config: TrainConfig) -> tuple[list[float], list[float]]:
+    """Seconds per step of each logged window of ``selfflow train`` (the first left out), and
+    the seconds of each checkpoint it wrote (model, EMA, AdamW state and the EMA export)."""
     train(config, log=lambda _: None)
     records = [json.loads(line) for line in (Path(config.output_dir) / "log.jsonl").open()]
     windows = [1.0 / r["steps_per_s"] for r in records if "steps_per_s" in r]
-    return windows[1:] or windows
+    saves = [r["seconds"] for r in records if r.get("kind") == "checkpoint"]
+    return windows[1:] or windows, saves
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -136,16 +144,24 @@ def main(argv: list[str] | None = None) -> int:
         write_dataset(
             config.data, means, np.arange(args.images) % 10, stds=np.full_like(means, 0.3)
         )
-        record["bare_s"] = bare_windows(config, Path(config.data), device)
+        record["bare_s"], record["data_s"] = bare_windows(config, Path(config.data), device)
         bare_s = statistics.median(record["bare_s"])
         print(f"| bare step (batches on the device beforehand) | {1000 * bare_s:.2f} |", flush=True)
         save()
-        record["loop_s"] = loop_windows(config)
+        record["loop_s"], record["checkpoint_s"] = loop_windows(config)
     loop_s = statistics.median(record["loop_s"])
     record["ratio"] = loop_s / bare_s
     save()
     print(f"| selfflow train (data path, logs, prefetch) | {1000 * loop_s:.2f} |")
     print(f"\nloop / bare: {loop_s / bare_s:.3f}")
+    data_s = statistics.median(record["data_s"])
+    print(f"drawing and reading one step's batch on the host: {1000 * data_s:.2f} ms (median "
+          f"of {len(record['data_s'])}; the trainer does it on its prefetch thread)")  # fmt: skip
+    for seconds in record["checkpoint_s"]:
+        every = TrainConfig.checkpoint_every
+        print(f"one checkpoint (model, EMA, AdamW state, EMA export): {seconds:.2f} s, "
+              f"{100 * seconds / (every * loop_s):.3f} % of the steps between two at the "
+              f"default --checkpoint-every {every}")  # fmt: skip
     return 0
 
 

@@ -89,10 +89,16 @@ def assert_states_close(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6
             torch.testing.assert_close(a[part][key], b[part][key], rtol=rtol, atol=atol)
 
 
-def logged_steps(run: Path) -> dict[int, dict]:
-    """``log.jsonl`` by step (a resumed run's later line for a step wins)."""
+def log_records(run: Path, kind: str | None = None) -> list[dict]:
+    """The lines of ``log.jsonl`` of one kind: the training windows (no ``kind``) by default,
+    else ``"eval"`` or ``"checkpoint"`` lines."""
     lines = (Path(run) / "log.jsonl").read_text().splitlines()
-    return {record["step"]: record for record in map(json.loads, lines)}
+    return [record for record in map(json.loads, lines) if record.get("kind") == kind]
+
+
+def logged_steps(run: Path) -> dict[int, dict]:
+    """The training lines of ``log.jsonl`` by step (a resumed run's later line wins)."""
+    return {record["step"]: record for record in log_records(run)}
 
 
 def assert_logs_close(a: Path, b: Path, rtol: float = 1e-5) -> None:

@@ -11,7 +11,6 @@ Label dropout 0.3 and a clip norm of 0.05 make sure dropping and clipping both a
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from selfflow.model import SelfFlowDiT
 from selfflow.seeds import stream_seed
 from selfflow.train.trainer import train
 
-from .helpers import final_state, make_dataset, tiny_config
+from .helpers import final_state, log_records, make_dataset, tiny_config
 
 STEPS = 3
 
@@ -89,7 +88,7 @@ def test_three_steps_match_an_independent_recomputation(tmp_path):
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=s.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
     )
-    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    logged = log_records(run)
     drops, clipped = 0, 0
     for step in range(STEPS):
         batch = step_inputs(ds, s.seed, step, s.global_batch_size, mc.num_tokens, s)

@@ -3,7 +3,6 @@ exports, bad input. (Several processes and killed runs: test_trainer_processes.p
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -21,7 +20,7 @@ from selfflow.model import ModelConfig, SelfFlowDiT
 from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
 from selfflow.train import state as run_state
 from selfflow.train import step as step_module
-from selfflow.train.config import TrainConfig, choose_layers
+from selfflow.train.config import TrainConfig, choose_layers, label_space_note
 from selfflow.train.ema import make_ema, update_ema
 from selfflow.train.step import TrainStep
 from selfflow.train.streams import (
@@ -39,6 +38,7 @@ from .helpers import (
     assert_states_close,
     assert_states_equal,
     final_state,
+    log_records,
     make_dataset,
     tiny_config,
 )
@@ -194,8 +194,8 @@ def test_bf16_autocast_trains_close_to_float32(tmp_path, data, reference):
     assert any("bfloat16 on cpu" in line for line in lines)
     state = final_state(out)
     assert state["model"]["blocks.0.attn.qkv.weight"].dtype == torch.float32  # weights stay fp32
-    bf16 = [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()]
-    fp32 = [json.loads(x)["loss"] for x in (reference / "log.jsonl").read_text().splitlines()]
+    bf16 = [record["loss"] for record in log_records(out)]
+    fp32 = [record["loss"] for record in log_records(reference)]
     # same batches, bf16 rounding only
     assert all(abs(a - b) < 0.05 * abs(b) for a, b in zip(bf16, fp32, strict=True))
     assert bf16 != fp32  # autocast did change the arithmetic
@@ -234,7 +234,7 @@ def test_stopping_and_rerunning_continues_bit_identically(tmp_path, data, refere
     result = train(tiny_config(data, out))  # same command with more steps: resumes at 2
     assert result.step == 4
     assert_states_equal(final_state(reference), final_state(out))
-    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in log_records(out)]
     assert steps == [1, 2, 3, 4]  # nothing replayed, nothing skipped
 
 
@@ -366,6 +366,25 @@ def test_num_classes_widens_the_label_space_to_fine_tune_a_larger_model(
         train(tiny_config(data, tmp_path / "narrow", num_classes=9))
 
 
+def test_a_1000_class_model_on_other_classes_says_which_imagenet_label_each_retrains(
+    tmp_path, data
+):
+    """Folders that are not ImageNet's first K wnids in a 1000-class label space: a note (not a
+    refusal: re-using the label slots may be meant) naming where the first stray class lands."""
+    lines: list[str] = []
+    train(tiny_config(data, tmp_path / "run", steps=1, num_classes=1000), log=lines.append)
+    notes = [line for line in lines if "not ImageNet's first 10" in line]
+    assert len(notes) == 1, lines
+    assert "'c0'" in notes[0] and "n01440764 'tench'" in notes[0] and "--classes K" in notes[0]
+    # ImageNet's own first three and then a stranger: the fourth (tiger shark) is named
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    note = label_space_note([*wnids, "my_cat"], 1000)
+    assert note is not None and "class 3 is 'my_cat'" in note and "'tiger shark'" in note
+    assert label_space_note([*wnids, "n01491361"], 1000) is None  # the first four: as prepared
+    assert label_space_note(["c0", "c1"], 25) is None  # not the released model's label space
+    assert label_space_note(["c0", "c1"], 2) is None  # the data's own label space
+
+
 def test_init_from_an_export_starts_from_its_weights(tmp_path, data, reference):
     source = run_state.export_path(reference, 4)
     out = tmp_path / "finetune"
@@ -456,7 +475,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_checkpoint(
         train(tiny_config(data, out))
     assert [s for s, _ in run_state.list_checkpoints(out)] == kept
     assert not run_state.export_path(out, bad_step).exists()
-    logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    logged = [record["step"] for record in log_records(out)]
     assert bad_step not in logged and all(step < bad_step for step in logged)
 
 
@@ -502,9 +521,13 @@ def test_evaluation_of_a_pixel_dataset_is_refused_before_training(tmp_path, data
 
 def test_logs_and_sample_grid(tmp_path, data):
     out = tmp_path / "run"
-    train(tiny_config(data, out, steps=2, sample_every=2))
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2]
+    train(tiny_config(data, out, steps=3, sample_every=2, checkpoint_every=2))
+    records = log_records(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # what each checkpoint (steps 2 and the end, 3) took to write, beside the training rates
+    saves = log_records(out, "checkpoint")
+    assert [r["step"] for r in saves] == [2, 3]
+    assert all(0 < r["seconds"] < 60 for r in saves)
     for key in ("loss", "flow", "rep", "grad_norm", "lr", "images_per_s", "steps_per_s"):
         assert all(math.isfinite(r[key]) for r in records), key
     assert all(abs(r["loss"] - (r["flow"] + 0.8 * r["rep"])) < 1e-5 for r in records)
@@ -566,8 +589,7 @@ def test_periodic_evaluation_runs_the_fid_batch_on_the_ema_and_logs_the_metrics(
     )
     train(config)
     assert seen == {"step_000000002": (4, 16, 16, 3)}  # 4 images decoded by the tiny VAE
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    evals = [r for r in records if r.get("kind") == "eval"]
+    evals = log_records(out, "eval")
     assert evals == [evals[0]] and evals[0]["step"] == 2 and evals[0]["fid"] == 12.5
     assert (out / "samples" / "step_000000002.png").is_file()  # the grid, decoded by the VAE
     assert not (out / "eval" / "step_000000002" / "samples_4.npz").exists()  # scored, removed
@@ -601,6 +623,8 @@ def test_loop_benchmark_smoke(capsys):
         torch.set_num_threads(threads)
     table = capsys.readouterr().out
     assert table.count("| ") >= 4 and "ms per step" in table
+    assert "one step's batch on the host" in table
+    assert table.count("one checkpoint (model, EMA, AdamW state, EMA export)") == 1
 
 
 def test_progress_bar_shows_steps_per_second_images_per_second_and_eta(tmp_path, data, capsys):

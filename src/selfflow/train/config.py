@@ -15,9 +15,11 @@ to save, log, sample and evaluate), which a resume may change freely.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from selfflow.classes import NUM_IMAGENET_CLASSES, imagenet_classes
 from selfflow.errors import ConfigurationError
 from selfflow.model import ModelConfig
 
@@ -226,6 +228,31 @@ class ResolvedConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": asdict(self.settings), "model": self.model.to_dict()}
+
+
+def label_space_note(class_names: Sequence[str], num_classes: int) -> str | None:
+    """A word when a 1000-class model trains on fewer classes that are not ImageNet's first K.
+
+    Data label k trains the model's label k, which in the released model's label space is
+    ImageNet class k. ``selfflow prepare`` keeps that true for WordNet-id folders; for other
+    folders the trainer cannot tell a deliberate re-use of the label slots from a mistake, so it
+    says which class lands where rather than refuse.
+    """
+    k = len(class_names)
+    if num_classes != NUM_IMAGENET_CLASSES or k >= num_classes:
+        return None
+    standard = imagenet_classes()[:k]
+    if list(class_names) == [c.wnid for c in standard]:
+        return None
+    first = next(i for i, c in enumerate(standard) if class_names[i] != c.wnid)
+    return (
+        f"the data's {k} classes are not ImageNet's first {k} (its class {first} is "
+        f"{class_names[first]!r}; ImageNet's label {first} is {standard[first].wnid} "
+        f"{standard[first].name!r}): a 1000-class model learns each data label k as ImageNet's "
+        f"label k, so from the released checkpoint {standard[first].name!r} would be retrained "
+        f"on {class_names[first]!r}. For part of ImageNet, make the data with `selfflow prepare "
+        f"--classes K` on ImageNet's train folder"
+    )
 
 
 def model_config(

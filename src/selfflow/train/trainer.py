@@ -42,7 +42,7 @@ from selfflow.errors import ConfigurationError, SelfFlowError
 from selfflow.model import SelfFlowDiT
 from selfflow.seeds import stream_seed
 from selfflow.train import state as run_state
-from selfflow.train.config import ResolvedConfig, TrainConfig
+from selfflow.train.config import ResolvedConfig, TrainConfig, label_space_note
 from selfflow.train.ema import make_ema
 from selfflow.train.fast import FastTrainingDiT, training_optimizer
 from selfflow.train.step import Parallel, StepRecipe, SummaryReader, TrainStep
@@ -195,7 +195,8 @@ class Trainer:
         self.resolved: ResolvedConfig = config.resolve(
             tuple(self.dataset.latent_shape), self.dataset.num_classes, self.context.world_size
         )
-        for note in self.resolved.notes:
+        label_note = label_space_note(self.dataset.class_names, self.resolved.model.num_classes)
+        for note in [*self.resolved.notes, *filter(None, [label_note])]:
             self.log(f"note: {note}")
         self.dtype = distributed.resolve_dtype(config.dtype, self.context.device)
         check_watch_options(self.resolved, self.dataset)
@@ -367,7 +368,11 @@ class Trainer:
                     # nothing is kept before every step up to here was read and was finite
                     stop = self._read(reader, watch, keep=0) or stop
                     if stop or saving:
+                        began = time.perf_counter()
                         self.save(step)
+                        seconds = time.perf_counter() - began
+                        if self.context.is_main:  # what a checkpoint costs, beside the rates
+                            watch.log_record({"step": step, "seconds": seconds}, "checkpoint")
                     if not stop:  # a stopping run spends its grace period on the checkpoint
                         watch.periodic(step, end)
                     if stop:

@@ -2,8 +2,10 @@
 
 Rank 0 writes the scalars (loss, flow, rep, gradient norm, learning rate, images/s, steps/s)
 every ``--log-every`` steps, averaged over those steps, to TensorBoard (``RUN/tensorboard``)
-and as one JSON line to ``RUN/log.jsonl``; the bar shows steps/s, images/s and the ETA. A resumed
-run first drops the records of steps after its checkpoint (they are trained again), in both.
+and as one JSON line to ``RUN/log.jsonl``; the bar shows steps/s, images/s and the ETA. Lines
+with a ``kind`` are the other records: ``"eval"`` metrics and ``"checkpoint"`` write times (the
+trainer's, so a slow file system shows beside the rates it lowers). A resumed run first drops
+the records of steps after its checkpoint (they are trained again), in both.
 
 Every ``--sample-every`` steps the EMA samples a grid from fixed labels and fixed start noise
 (the same images of the run at every step, so progress is visible): decoded with the dataset's
