@@ -11,10 +11,12 @@
 #      images/s, MFU, peak memory, host syncs per step), then both trained 20 steps from the same
 #      weights and batches against the float32 reference (losses and gradient norms) at batch 32,
 #      right after batch 32's timings (its graphs are compiled then; the float32 reference is
-#      cheapest there);
+#      cheapest there); last, one warm step of each at batch 64 under torch.profiler
+#      ($OUT/train_profile.txt: the kernels that take the time, for when a target is missed);
 #   2. loop: benchmarks/train_loop.py on XL/2 at batch 64: `selfflow train` itself (memory-mapped
 #      dataset, posterior re-sampling, keyed streams, prefetch, logs, a checkpoint at the end)
-#      against its bare step, median of 10-step windows after a warm-up window;
+#      against its bare step, median of 10-step windows after a warm-up window, with the host's
+#      time to draw one step's batch and the time the XL/2 checkpoint took to write;
 #   3. variants, if time is left: at batch 32 the fast step without torch.compile (what compiling
 #      buys) and the compiled fast step in float32, both trained 20 steps against the float32
 #      reference: the float32 one must follow it to float32 rounding (the device's compiled maths).
@@ -56,7 +58,7 @@ bench() { # bench NAME SECONDS ARGS...: one time-boxed benchmarks/train_throughp
 }
 
 bench train 270 --batches 64 128 32 --paths straightforward fast --compare-steps 20 \
-	--compare-batch 32
+	--compare-batch 32 --profile "$OUT/train_profile.txt"
 status=$?
 
 echo "=== loop (limit 180 s, $(left) s left) ==="

@@ -128,6 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "and stall on a busy machine; else PyTorch's default)",
     )
     p.add_argument("--seed", type=int, default=0, help="weights and data (default: 0)")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="after the figures, profile one warm step of each path at the first of --batches "
+        "and write the operators that take the time (device time on CUDA) to this file",
+    )
     p.add_argument("--out", "--json", type=Path, default=None, help="write all figures as JSON")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -360,6 +367,41 @@ def compare(initial: SelfFlowDiT, report: dict, args, device, save) -> None:
         torch.cuda.empty_cache()
 
 
+def profile_paths(initial: SelfFlowDiT, report: dict, args, device: torch.device) -> None:
+    """One warm step of each timed path under ``torch.profiler``, the top operators by self time
+    written to ``--profile``: where the time goes when a figure misses its target. Runs last, at
+    the first batch size, whose graphs are already compiled."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    batch = args.batches[0]
+    data = make_batches(initial.config, batch, 2, args.seed, device)
+    parts = []
+    for path in args.paths:
+        if path in report["failures"]:
+            continue
+        try:
+            step = build_step(path, initial, device)
+            step(data[0])  # warm: its first call builds state (and finds the compiled graphs)
+            sync(device)
+            with profile(activities=activities) as prof:
+                step(data[1])
+                sync(device)
+            table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
+            parts.append(f"## {path}, batch {batch}: one step, sorted by {sort}\n\n{table}")
+            del step
+        except Exception as error:  # the profile is a diagnosis; the figures must survive it
+            report["failures"][f"profile {path}"] = f"{type(error).__name__}: {error}"
+            log(f"profile {path}: {report['failures'][f'profile {path}']}")
+        if cuda:
+            torch.cuda.empty_cache()
+    args.profile.parent.mkdir(parents=True, exist_ok=True)
+    args.profile.write_text("\n\n".join(parts) + "\n")
+    log(f"wrote the profile of {len(parts)} path(s) to {args.profile}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -403,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         if batch == args.compare_batch:  # while its graphs are compiled, before the next size
             compare(initial, report, args, device, save)
     compare(initial, report, args, device, save)  # a --compare-batch outside --batches
+    if args.profile is not None:
+        profile_paths(initial, report, args, device)
     save()
     print(format_report(report))
     if args.out is not None:

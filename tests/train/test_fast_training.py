@@ -319,12 +319,19 @@ def test_fsdp2_sharded_fast_student_gives_the_same_loss_and_gradients(tmp_path):
 def test_compiled_fast_path_matches_the_plain_model():
     """torch.compile of the block function (the CUDA default), here on the CPU in float32:
     one graph for every block, with gradients, and the teacher's no-grad per-sample variant."""
+    from torch._dynamo.utils import counters
+
     student, teacher = pair(seed=8)
     fast_student = FastTrainingDiT.from_model(student, dtype=torch.float32, compile=True)
     fast_teacher = FastTrainingDiT.from_model(teacher, dtype=torch.float32, compile=True)
     x0, y, kwargs = data(seed=10)
     want, _, want_grads = loss_and_grads(student, teacher, x0, y, kwargs)
+    torch._dynamo.reset()  # nothing compiled by earlier tests counts
+    counters.clear()
     got, _, got_grads = loss_and_grads(fast_student, fast_teacher, x0, y, kwargs)
+    # the student's 4 blocks and the teacher's 3 run two graphs: the block function's weights
+    # are its arguments (a graph per block would also hit dynamo's recompile limit of 8)
+    assert counters["stats"]["unique_graphs"] == 2
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     for name, grad in want_grads.items():
         assert rel(got_grads[name], grad) < 1e-5, name

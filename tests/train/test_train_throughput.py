@@ -19,7 +19,7 @@ def test_train_throughput_tiny_cpu(tmp_path):
         *("--tiny", "--device", "cpu", "--batches", "4", "6", "--warmup", "1", "--repeats", "2"),
         *("--paths", "straightforward", "fast", "fast-eager", "fast-float32"),
         *("--compare-steps", "4"),
-        *("--out", str(out)),
+        *("--out", str(out), "--profile", str(tmp_path / "profile.txt")),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -50,6 +50,11 @@ def test_train_throughput_tiny_cpu(tmp_path):
     assert max(compare["fast-float32"]["loss_rel_diff"]) < max(compare["fast"]["loss_rel_diff"])
     # off CUDA nothing is compiled, so fast and fast-eager are the same computation
     assert compare["fast"]["loss"] == compare["fast-eager"]["loss"]
+    # the profile: one table per path, at the first batch size, with the operators that ran
+    profile = (tmp_path / "profile.txt").read_text()
+    for path in ("straightforward", "fast", "fast-eager", "fast-float32"):
+        assert f"## {path}, batch 4: one step" in profile, path
+    assert profile.count("aten::addmm") + profile.count("aten::linear") >= 4  # the matmuls
 
 
 def test_train_throughput_help():
@@ -57,5 +62,5 @@ def test_train_throughput_help():
         [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0
-    for flag in ("--tiny", "--batches", "--compare-steps", "--out"):
+    for flag in ("--tiny", "--batches", "--compare-steps", "--out", "--profile"):
         assert flag in done.stdout
