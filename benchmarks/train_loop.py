@@ -14,9 +14,10 @@ warm-up (compilation): the loop's own ``steps_per_s`` records in ``log.jsonl``, 
 by the wall clock with the device synchronised at each window's end. The median window of each
 is reported; the loop is within 5 % of the bare step when its data path keeps up. Two costs the
 windows leave out are reported beside them: drawing and reading one step's batch on the host
-(the prefetch thread's work, which must stay below a step) and writing the checkpoint (from the
-loop's ``"checkpoint"`` line in ``log.jsonl``), with its share of the steps between two
-checkpoints at the default ``--checkpoint-every``.
+(the prefetch thread's work, which must stay below a step; the loop's logged ``data_wait`` says
+whether it did) and writing the checkpoint (from the loop's ``"checkpoint"`` line in
+``log.jsonl``), with its share of the steps between two checkpoints at the default
+``--checkpoint-every``.
 
     python benchmarks/train_loop.py --steps 200 --batch 64 --threads 1           # CPU, tiny
     python benchmarks/train_loop.py --model XL/2 --device cuda --batch 64 --steps 60 --log-every 10
@@ -89,14 +90,19 @@ def bare_windows(
     return windows[1:] or windows, data_s
 
 
-def loop_windows(config: TrainConfig) -> tuple[list[float], list[float]]:
-    """Seconds per step of each logged window of ``selfflow train`` (the first left out), and
-    the seconds of each checkpoint it wrote (model, EMA, AdamW state and the EMA export)."""
+def loop_windows(config: TrainConfig) -> dict[str, list[float]]:
+    """Of ``selfflow train``'s logged windows (the first left out): seconds per step
+    (``loop_s``) and the share spent waiting for batches (``data_wait``); and the seconds of
+    each checkpoint it wrote (``checkpoint_s``: model, EMA, AdamW state and the EMA export)."""
     train(config, log=lambda _: None)
     records = [json.loads(line) for line in (Path(config.output_dir) / "log.jsonl").open()]
-    windows = [1.0 / r["steps_per_s"] for r in records if "steps_per_s" in r]
-    saves = [r["seconds"] for r in records if r.get("kind") == "checkpoint"]
-    return windows[1:] or windows, saves
+    windows = [r for r in records if "kind" not in r]
+    windows = windows[1:] or windows
+    return {
+        "loop_s": [1.0 / r["steps_per_s"] for r in windows],
+        "data_wait": [r["data_wait"] for r in windows],
+        "checkpoint_s": [r["seconds"] for r in records if r.get("kind") == "checkpoint"],
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         bare_s = statistics.median(record["bare_s"])
         print(f"| bare step (batches on the device beforehand) | {1000 * bare_s:.2f} |", flush=True)
         save()
-        record["loop_s"], record["checkpoint_s"] = loop_windows(config)
+        record.update(loop_windows(config))
     loop_s = statistics.median(record["loop_s"])
     record["ratio"] = loop_s / bare_s
     save()
@@ -156,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nloop / bare: {loop_s / bare_s:.3f}")
     data_s = statistics.median(record["data_s"])
     print(f"drawing and reading one step's batch on the host: {1000 * data_s:.2f} ms (median "
-          f"of {len(record['data_s'])}; the trainer does it on its prefetch thread)")  # fmt: skip
+          f"of {len(record['data_s'])}; the trainer does it on its prefetch thread); the loop "
+          f"waited for its batches {100 * statistics.median(record['data_wait']):.1f} % of "
+          f"the time (median window)")  # fmt: skip
     for seconds in record["checkpoint_s"]:
         every = TrainConfig.checkpoint_every
         print(f"one checkpoint (model, EMA, AdamW state, EMA export): {seconds:.2f} s, "

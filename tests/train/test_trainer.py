@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -530,9 +531,27 @@ def test_logs_and_sample_grid(tmp_path, data):
     assert all(0 < r["seconds"] < 60 for r in saves)
     for key in ("loss", "flow", "rep", "grad_norm", "lr", "images_per_s", "steps_per_s"):
         assert all(math.isfinite(r[key]) for r in records), key
+    assert all(0 <= r["data_wait"] <= 1 for r in records)
     assert all(abs(r["loss"] - (r["flow"] + 0.8 * r["rep"])) < 1e-5 for r in records)
     assert (out / "samples" / "step_000000002.png").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_data_wait_shows_when_the_batches_cannot_keep_up(tmp_path, data, monkeypatch):
+    """A step's batches that take 0.2 s to make, against tiny steps of milliseconds: the loop
+    spends most of each window waiting for them, and the log says so."""
+    import selfflow.train.trainer as trainer_module
+
+    make = trainer_module.Trainer._make_batches
+
+    def slow(self, step):
+        time.sleep(0.2)
+        return make(self, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_make_batches", slow)
+    train(tiny_config(data, tmp_path / "slow", steps=6, log_every=2))
+    waits = [r["data_wait"] for r in log_records(tmp_path / "slow")]
+    assert len(waits) == 3 and all(w > 0.5 for w in waits[1:]), waits
 
 
 def test_help_lists_every_option(capsys):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -208,11 +209,13 @@ class Prefetcher:
     """Prepares step ``k + 1``'s micro-batches on a thread while step ``k`` trains.
 
     ``make(step)`` returns the step's list of :class:`MicroBatch` (CPU tensors, pinned when
-    training on CUDA). An exception in the thread is raised again by :meth:`get`.
+    training on CUDA). An exception in the thread is raised again by :meth:`get`. ``waited``
+    adds up the seconds :meth:`get` blocked: when it grows, the data cannot keep up.
     """
 
     def __init__(self, make: Callable[[int], list[MicroBatch]], first: int, last: int) -> None:
         self._make = make
+        self.waited = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -236,7 +239,9 @@ class Prefetcher:
                 return
 
     def get(self, step: int) -> list[MicroBatch]:
+        began = time.perf_counter()
         got, batches, error = self._queue.get()
+        self.waited += time.perf_counter() - began
         if error is not None:
             raise error
         if got != step:

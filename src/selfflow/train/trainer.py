@@ -351,7 +351,7 @@ class Trainer:
             return TrainResult(step, self.last_checkpoint, None, 0.0, {}, self.context.rank)
         self.log(self._describe(step))
         watch = Watch(self, step)
-        prefetch = Prefetcher(self._make_batches, step, end)
+        prefetch = self.prefetch = Prefetcher(self._make_batches, step, end)
         reader = SummaryReader()
         self.metrics: dict[str, float] = {}
         try:

@@ -1,7 +1,8 @@
 """What a researcher watches: TensorBoard, ``log.jsonl``, a progress bar, sample grids, FID.
 
-Rank 0 writes the scalars (loss, flow, rep, gradient norm, learning rate, images/s, steps/s)
-every ``--log-every`` steps, averaged over those steps, to TensorBoard (``RUN/tensorboard``)
+Rank 0 writes the scalars (loss, flow, rep, gradient norm, learning rate, images/s, steps/s,
+and ``data_wait``: the share of the time it waited for its batches) every ``--log-every``
+steps, averaged over those steps, to TensorBoard (``RUN/tensorboard``)
 and as one JSON line to ``RUN/log.jsonl``; the bar shows steps/s, images/s and the ETA. Lines
 with a ``kind`` are the other records: ``"eval"`` metrics and ``"checkpoint"`` write times (the
 trainer's, so a slow file system shows beside the rates it lowers). A resumed run first drops
@@ -92,6 +93,7 @@ class Watch:
         self.start_step = step
         self.window: list[dict[str, float]] = []
         self.window_started = time.perf_counter()
+        self.waited_before = 0.0  # the prefetcher's wait when the window began
         self.last = time.perf_counter()
         self.writer = None
         self.bar = None
@@ -134,7 +136,11 @@ class Watch:
         record["lr"] = self.settings.lr
         record["steps_per_s"] = count / seconds
         record["images_per_s"] = count * self.settings.global_batch_size / seconds
-        self.window, self.window_started = [], now
+        # the share of the window this process spent waiting for its batches: 0 while the
+        # prefetch thread keeps up, towards 1 when the data (disk, CPU) is the bottleneck
+        waited = self.trainer.prefetch.waited
+        record["data_wait"] = min(1.0, (waited - self.waited_before) / seconds)
+        self.window, self.window_started, self.waited_before = [], now, waited
         if self.main:
             self.log_record(record)
 
