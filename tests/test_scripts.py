@@ -1,8 +1,10 @@
 """The scripts around the package: gpu_check.sh (no CUDA, budget, signals, ignored output),
+train_gpu_check.sh (no CUDA, a CPU dry run of every stage),
 the bench's device error, evaluator.py from a checkout, eval_speed.py's help."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -102,6 +104,46 @@ def test_gpu_check_output_folder_is_ignored_by_git():
         ["git", "check-ignore", "-q", "gpu_check_out/throughput.log"], cwd=REPO, timeout=60
     )
     assert proc.returncode == 0
+
+
+TRAIN_SCRIPT = REPO / "benchmarks" / "train_gpu_check.sh"
+
+
+@pytest.mark.skipif(not _no_cuda(), reason="this machine has CUDA")
+def test_train_gpu_check_stops_at_once_without_cuda(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(TRAIN_SCRIPT)], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stdout and "ALLOW_CPU=1" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["nvidia-smi.txt"]
+
+
+@pytest.mark.slow
+def test_train_gpu_check_dry_run_writes_every_figure(tmp_path):
+    """The training GPU check's one shot, rehearsed on the CPU with a tiny model: each stage
+    runs and leaves the files a GPU session is read from."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", str(TRAIN_SCRIPT)], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OUT": str(out), "PYTHON": sys.executable, "ALLOW_CPU": "1",
+             "BENCH_ARGS": "--tiny --device cpu --batches 4 8", "LOOP_ARGS": "--steps 20"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    train = json.loads((out / "train.json").read_text())
+    assert train["failures"] == {}
+    assert [(r["path"], r["batch"]) for r in train["rows"]] == [
+        (path, batch) for batch in (4, 8) for path in ("straightforward", "fast")
+    ]
+    assert set(train["compare"]) == {"reference", "straightforward", "fast"}
+    profile = (out / "train_profile.txt").read_text()
+    assert "## straightforward, batch 4" in profile and "## fast, batch 4" in profile
+    variants = json.loads((out / "variants.json").read_text())
+    assert {r["path"] for r in variants["rows"]} == {"fast-eager", "fast-float32"}
+    loop = json.loads((out / "loop.json").read_text())
+    assert loop["ratio"] > 0 and len(loop["checkpoint_s"]) == 1 and loop["data_wait"]
+    assert "=== summary" in proc.stdout and "loop / bare" in proc.stdout
 
 
 def test_script_headers_carry_no_internal_words():
