@@ -67,6 +67,8 @@ from selfflow.train.step import SUMMARY_FIELDS, StepRecipe, TrainStep  # noqa: E
 from selfflow.train.streams import MicroBatch  # noqa: E402
 
 PATHS = ("straightforward", "fast", "fast-eager", "fast-float32")
+#: The paper's run: 4 M steps at global batch 256, in images (what a GPU-hour figure is of).
+PAPER_RUN_IMAGES = 4_000_000 * 256
 LR, EMA_DECAY, GRAD_CLIP, REP_WEIGHT = 1e-4, 0.9999, 1.0, 0.8
 
 Step = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
@@ -461,10 +463,13 @@ def format_report(report: dict) -> str:
         "",
         f"bf16 matmul peak {peak / 1e12:.3g} TFLOP/s; useful work {flops / 1e9:.4g} GFLOP per "
         f"image per step (student forward + backward with projector, teacher to block "
-        f"{report['layers']['teacher_layer']}); at peak {peak / flops:.4g} images/s.",
+        f"{report['layers']['teacher_layer']}); at peak {peak / flops:.4g} images/s. GPU-hours: "
+        f"the paper's 4 M steps at global batch 256 ({PAPER_RUN_IMAGES:.4g} images) at the row's "
+        f"images/s per GPU.",
         "",
-        "| path | batch | ms / step | images/s | MFU | peak memory (GiB) | host syncs | speed-up |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | batch | ms / step | images/s | MFU | peak memory (GiB) | host syncs | speed-up "
+        "| 4 M-step run (GPU-hours) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         speedup = f"{r['speedup']:.2f}×" if r["speedup"] else "–"
@@ -472,7 +477,8 @@ def format_report(report: dict) -> str:
         syncs = r.get("host_syncs", "–")
         lines.append(
             f"| {r['path']} | {r['batch']} | {r['step_s'] * 1e3:.1f} | {r['images_per_s']:.4g} | "
-            f"{r['mfu']:.3f} | {memory} | {syncs} | {speedup} |"
+            f"{r['mfu']:.3f} | {memory} | {syncs} | {speedup} | "
+            f"{PAPER_RUN_IMAGES / 3600 / r['images_per_s']:,.0f} |"
         )
     compare = report["compare"]
     if compare:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "train_throughput.py"
 
@@ -24,9 +26,16 @@ def test_train_throughput_tiny_cpu(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     header = next(line for line in done.stdout.splitlines() if line.startswith("| path |"))
-    for column in ("images/s", "MFU", "peak memory", "host syncs", "speed-up"):
+    for column in ("images/s", "MFU", "peak memory", "host syncs", "speed-up", "GPU-hours"):
         assert column in header, column
     report = json.loads(out.read_text())
+    # the GPU-hours of the paper's run (4 M steps × 256 images) at each row's speed
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| fast |")]
+    rows = [row for row in rows if len(row) == len(header.split("|"))]  # the timing table's
+    for row, r in zip(rows, [r for r in report["rows"] if r["path"] == "fast"], strict=True):
+        assert float(row[-2].replace(",", "")) == pytest.approx(
+            4e6 * 256 / 3600 / r["images_per_s"], rel=1e-3, abs=1
+        )
     assert report["failures"] == {}
     # depth 2: the trainer's layers (the teacher strictly deeper than the student), not 1 and 1
     assert report["layers"] == {"student_layer": 1, "teacher_layer": 2}
