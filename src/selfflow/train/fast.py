@@ -1,8 +1,8 @@
 """A faster training forward pass with the same parameters, state dict and call as the model.
 
 Self-Flow conditions every token on its own time, and the released network computes the adaLN
-modulation of every block for every token: for XL/2 that is 115 GFLOP per image per forward
-pass on top of 237 of useful work (+48 %). During training a sample only ever holds two
+modulation of every block for every token: for XL/2 that is 116 GFLOP per image per forward
+pass on top of 237 of useful work (+49 %). During training a sample only ever holds two
 distinct times (``t`` for the kept tokens, ``s`` for the masked ones), and the teacher one.
 :class:`FastTrainingDiT` therefore computes the modulation for those (at most) two times per
 sample and picks, per token, the row of its time: the same numbers, without the repeated rows.
@@ -269,7 +269,7 @@ def train_step_flops(
 
     Student forward and backward (3 × the per-sample-adaLN forward, plus the projector) and,
     when ``rep_weight > 0``, the teacher's forward to ``teacher_layer`` (its skipped final layer,
-    < 0.01 % of the step, is counted). ≈ 880 GFLOP for XL/2. Element-wise work is left out.
+    < 0.01 % of the step, is counted). ≈ 889 GFLOP for XL/2. Element-wise work is left out.
     """
     from selfflow.fast import forward_flops
 
