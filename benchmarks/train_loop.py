@@ -59,7 +59,8 @@ def bare_windows(
 ) -> tuple[list[float], list[float]]:
     """Seconds per step of each window of ``log_every`` steps of the bare step (the first,
     warm-up window left out), and the seconds the host took to draw and read each of the
-    batches it cycles through (what the trainer's prefetch thread does for every step)."""
+    batches it cycles through (the trainer's prefetch thread does that for every step, and on
+    CUDA also pins the batch, which this leaves out)."""
     dataset = LatentDataset(data)
     resolved = config.resolve(tuple(dataset.latent_shape), dataset.num_classes)
     s, m = resolved.settings, resolved.model

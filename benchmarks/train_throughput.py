@@ -394,9 +394,10 @@ def profile_paths(initial: SelfFlowDiT, report: dict, args, device: torch.device
             table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
             parts.append(f"## {path}, batch {batch}: one step, sorted by {sort}\n\n{table}")
             del step
-        except Exception as error:  # the profile is a diagnosis; the figures must survive it
-            report["failures"][f"profile {path}"] = f"{type(error).__name__}: {error}"
-            log(f"profile {path}: {report['failures'][f'profile {path}']}")
+        except Exception as error:  # a diagnosis: recorded, but neither a figure nor a failure
+            message = f"{type(error).__name__}: {error}"
+            report.setdefault("profile_errors", {})[path] = message
+            log(f"profile {path}: {message}")
         if cuda:
             torch.cuda.empty_cache()
     args.profile.parent.mkdir(parents=True, exist_ok=True)
@@ -447,12 +448,13 @@ def main(argv: list[str] | None = None) -> int:
         if batch == args.compare_batch:  # while its graphs are compiled, before the next size
             compare(initial, report, args, device, save)
     compare(initial, report, args, device, save)  # a --compare-batch outside --batches
-    if args.profile is not None:
-        profile_paths(initial, report, args, device)
     save()
-    print(format_report(report))
+    print(format_report(report), flush=True)  # before the profile: a time limit there loses none
     if args.out is not None:
         log(f"wrote {args.out}")
+    if args.profile is not None:
+        profile_paths(initial, report, args, device)
+        save()
     return 1 if report["failures"] else 0
 
 

@@ -23,9 +23,10 @@ from selfflow.train import state as run_state
 from selfflow.train import step as step_module
 from selfflow.train.config import TrainConfig, choose_layers, label_space_note
 from selfflow.train.ema import make_ema, update_ema
-from selfflow.train.step import TrainStep
+from selfflow.train.step import SUMMARY_FIELDS, TrainStep
 from selfflow.train.streams import (
     DataOrder,
+    Prefetcher,
     StreamSpec,
     draw_step,
     materialise,
@@ -537,9 +538,24 @@ def test_logs_and_sample_grid(tmp_path, data):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_the_prefetcher_adds_up_the_time_its_caller_waited():
+    """Batches that take 0.1 s each, asked for back to back: every get waits for one."""
+
+    def make(step):
+        time.sleep(0.1)
+        return [step]
+
+    prefetch = Prefetcher(make, 0, 4)
+    try:
+        assert [prefetch.get(k) for k in range(4)] == [[0], [1], [2], [3]]
+    finally:
+        prefetch.close()
+    assert prefetch.waited >= 0.8 * 4 * 0.1  # a sleep never ends early; the thread runs 1 ahead
+
+
 def test_data_wait_shows_when_the_batches_cannot_keep_up(tmp_path, data, monkeypatch):
-    """A step's batches that take 0.2 s to make, against tiny steps of milliseconds: the loop
-    spends most of each window waiting for them, and the log says so."""
+    """Batches that take 0.2 s to make and a step that takes no time (a stand-in returning a
+    finite summary): each logged window is almost all waiting, and the log says so."""
     import selfflow.train.trainer as trainer_module
 
     make = trainer_module.Trainer._make_batches
@@ -548,8 +564,11 @@ def test_data_wait_shows_when_the_batches_cannot_keep_up(tmp_path, data, monkeyp
         time.sleep(0.2)
         return make(self, step)
 
+    values = {"loss": 1.0, "flow": 1.0, "rep": 0.0, "grad_norm": 1.0, "stop": 0.0}
+    finite = torch.tensor([values[name] for name in SUMMARY_FIELDS], dtype=torch.float64)
     monkeypatch.setattr(trainer_module.Trainer, "_make_batches", slow)
-    train(tiny_config(data, tmp_path / "slow", steps=6, log_every=2))
+    monkeypatch.setattr(TrainStep, "__call__", lambda self, batches, stop=False: finite.clone())
+    train(tiny_config(data, tmp_path / "slow", steps=6, log_every=2, checkpoint_every=100))
     waits = [r["data_wait"] for r in log_records(tmp_path / "slow")]
     assert len(waits) == 3 and all(w > 0.5 for w in waits[1:]), waits
 

@@ -249,9 +249,9 @@ def label_space_note(class_names: Sequence[str], num_classes: int) -> str | None
         f"the data's {k} classes are not ImageNet's first {k} (its class {first} is "
         f"{class_names[first]!r}; ImageNet's label {first} is {standard[first].wnid} "
         f"{standard[first].name!r}): a 1000-class model learns each data label k as ImageNet's "
-        f"label k, so from the released checkpoint {standard[first].name!r} would be retrained "
-        f"on {class_names[first]!r}. For part of ImageNet, make the data with `selfflow prepare "
-        f"--classes K` on ImageNet's train folder"
+        f"label k, so from a 1000-class checkpoint such as the released one "
+        f"{standard[first].name!r} would be retrained on {class_names[first]!r}. For part of "
+        f"ImageNet, make the data with `selfflow prepare --classes K` on ImageNet's train folder"
     )
 
 
