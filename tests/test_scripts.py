@@ -1,6 +1,6 @@
 """The scripts around the package: gpu_check.sh (no CUDA, budget, signals, ignored output),
-train_gpu_check.sh (no CUDA, a CPU dry run of every stage),
-the bench's device error, evaluator.py from a checkout, eval_speed.py's help."""
+train_gpu_check.sh (no CUDA, a CPU dry run of every stage), the bench's device error,
+evaluator.py from a checkout, eval_speed.py's help, pr_tensorflow.py from any folder."""
 
 from __future__ import annotations
 
@@ -197,3 +197,19 @@ def test_eval_speed_help_prints_each_default_once():
     for option in ("--batches", "--samples", "--reference", "--threads", "--device"):
         part = text.split(option, 2)[-1].split(" --", 1)[0]
         assert part.count("default") == 1, (option, part)
+
+
+def test_pr_tensorflow_runs_from_anywhere(tmp_path):
+    # It imports the tests' TF side and reference from the checkout, whatever the cwd.
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "pr_tensorflow.py"),
+         "--n", "200", "--seeds", "1", "--cases", "pool3"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| pool3 | 0 |")]
+    assert len(rows) == 1 and len(rows[0].split("|")) == 9
+    worst = re.search(
+        r"pool3: selfflow and TF's float16 kernels differ by at most ([\d.]+)", proc.stdout
+    )
+    assert worst and 0 <= float(worst.group(1)) <= 0.05

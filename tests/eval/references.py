@@ -60,3 +60,14 @@ def float16_distances_numpy(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     nv = (v16 * v16).sum(axis=1, dtype=np.float32).astype(np.float16)
     products = (u16.astype(np.float32) @ v16.astype(np.float32).T).astype(np.float16)
     return np.maximum(nu[:, None] - np.float16(2) * products + nv[None, :], np.float16(0))
+
+
+def pool3_like_features(
+    rng: np.random.Generator, n: int, shift: float = 0.0, dim: int = 2048
+) -> np.ndarray:
+    """Non-negative features with pool_3's width and scale (|N(shift, 1)| * 0.3, 2048 wide).
+
+    Squared norms near 185 and distances from about 120 to 150: float16's spacing there is
+    0.125, coarse enough that borderline points exist, as with real Inception features.
+    """
+    return (np.abs(rng.normal(shift, 1.0, (n, dim))) * 0.3).astype(np.float32)

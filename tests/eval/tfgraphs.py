@@ -90,3 +90,17 @@ def tf_built(build) -> bytes:
     with graph.as_default():
         build(t)
     return graph.as_graph_def().SerializeToString()
+
+
+def float16_distances(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """ADM's squared-distance block run in TensorFlow's own float16 kernels (eager, CPU).
+
+    The expression is the one FACTS gives for ADM's evaluator, ``max(|u|^2 - 2 u.v + |v|^2, 0)``
+    with every tensor float16: TF's ``reduce_sum`` of the squares and its ``matmul``, whose
+    accumulation orders are TF's, not ours. Returns float16.
+    """
+    t = tf()
+    a, b = t.constant(u.astype(np.float16)), t.constant(v.astype(np.float16))
+    norm_a = t.reshape(t.reduce_sum(t.square(a), axis=1), [-1, 1])
+    norm_b = t.reshape(t.reduce_sum(t.square(b), axis=1), [1, -1])
+    return t.maximum(norm_a - 2 * t.matmul(a, b, transpose_b=True) + norm_b, 0.0).numpy()
