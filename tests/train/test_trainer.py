@@ -19,6 +19,7 @@ from selfflow.checkpoint import load_model, save_model
 from selfflow.errors import CheckpointError, ConfigurationError, SelfFlowError
 from selfflow.model import ModelConfig, SelfFlowDiT
 from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
+from selfflow.train import fast as fast_module
 from selfflow.train import state as run_state
 from selfflow.train import step as step_module
 from selfflow.train.config import TrainConfig, choose_layers, label_space_note
@@ -187,6 +188,72 @@ def test_the_fast_network_trains_the_same_weights_as_the_plain_model(tmp_path, d
     train(tiny_config(data, out, network="plain"))
     assert_states_close(final_state(reference), final_state(out))
     assert_logs_close(reference, out)
+
+
+def test_compile_routes_every_block_through_the_compiled_function(
+    tmp_path, data, reference, monkeypatch
+):
+    # --compile on the CPU, with the compiled function replaced by a counting eager twin (the
+    # real compiled block is held to the plain model in test_fast_training.py): the switch
+    # reaches both networks, and the run is the default eager run's, weight for weight.
+    calls = []
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return fast_module.fast_block(*args)
+
+    monkeypatch.setattr(fast_module, "_compiled_block", counting)
+    out, lines = tmp_path / "compiled", []
+    train(tiny_config(data, out, compile=True), log=lines.append)
+    assert any("fast network (compiled)" in line for line in lines)
+    assert len(calls) >= 4 * 3  # 4 steps, student (2 blocks) and teacher (its block 2 of 2)
+    assert_states_equal(final_state(reference), final_state(out))
+    lines.clear()
+    calls.clear()
+    train(tiny_config(data, tmp_path / "eager", compile=False), log=lines.append)
+    assert calls == [] and any("fast network (eager)" in line for line in lines)
+
+
+def test_a_failing_compiler_is_one_line_that_names_no_compile(tmp_path, data, monkeypatch):
+    def broken(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed(
+            "inductor", RuntimeError("Failed to find C compiler. Please specify via CC"), None
+        )
+
+    monkeypatch.setattr(fast_module, "_compiled_block", broken)
+    with pytest.raises(SelfFlowError, match="--no-compile") as caught:
+        train(tiny_config(data, tmp_path / "run", compile=True))
+    message = str(caught.value)
+    assert "\n" not in message and "Failed to find C compiler" in message
+    # an error of the step itself is not dressed up as a compiler failure
+    monkeypatch.setattr(fast_module, "_compiled_block", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train(tiny_config(data, tmp_path / "other", compile=True))
+
+
+def test_a_missing_cpp_compiler_stops_the_first_step_with_that_line(tmp_path, data, monkeypatch):
+    # a real failure of torch.compile: inductor's CPU code needs a C++ compiler, as Triton on
+    # a GPU needs a C compiler
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # nothing from earlier runs
+    monkeypatch.setattr(fast_module, "_compiled_block", None)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(SelfFlowError, match="no-such-g\\+\\+.*--no-compile"):
+            train(tiny_config(data, tmp_path / "run", compile=True, steps=1))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compile_with_the_plain_network_is_refused_before_any_work(tmp_path, data):
+    with pytest.raises(ConfigurationError, match="--network plain"):
+        train(tiny_config(data, tmp_path / "run", compile=True, network="plain"))
+    assert not (tmp_path / "run").exists()
+    args = cli.build_parser().parse_args(["train", "--data", "d", "--output-dir", "o",
+                                          "--steps", "1", "--no-compile"])  # fmt: skip
+    assert args.compile is False
 
 
 def test_bf16_autocast_trains_close_to_float32(tmp_path, data, reference):

@@ -162,6 +162,15 @@ def _optimisation_options(parser: argparse.ArgumentParser) -> None:
         "tested reference twin. Same parameters and checkpoints (default: fast)",
     )
     optim.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the fast network's block function, one graph for every block "
+        "(default: on CUDA, off elsewhere). --no-compile trains the same network eagerly: "
+        "slower on a GPU, the same maths; for nodes where compilation fails (Triton, which "
+        "torch.compile uses on GPUs, needs a C compiler) or to debug",
+    )
+    optim.add_argument(
         "--fsdp",
         action="store_true",
         help="shard parameters, gradients and optimiser state over the processes (FSDP2 fully_shard), for models that outgrow one GPU",

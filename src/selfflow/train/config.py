@@ -48,6 +48,7 @@ RESUMABLE_CHANGES = frozenset(
         "dtype",
         "fsdp",
         "network",
+        "compile",
         "checkpoint_every",
         "keep_last",
         "keep_every",
@@ -98,6 +99,7 @@ class TrainConfig:
     method: str = "selfflow"
     fsdp: bool = False
     network: str = "fast"  # fast: FastTrainingDiT; plain: the model itself (reference twin)
+    compile: bool | None = None  # torch.compile the fast network's block; default on CUDA only
     keep_last: int = 3
     keep_every: int | None = None
     eval_every: int = 0
@@ -159,6 +161,11 @@ class TrainConfig:
                 )
         if self.network not in NETWORKS:
             raise ConfigurationError(f"--network must be fast or plain; got {self.network!r}")
+        if self.compile and self.network == "plain":
+            raise ConfigurationError(
+                "--compile compiles the fast network's block; --network plain is the eager "
+                "reference twin and is never compiled. Drop one of the two"
+            )
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigurationError(f"--dtype must be one of {DTYPES}; got {self.dtype!r}")
         if self.eval_every and self.eval_ref is None:

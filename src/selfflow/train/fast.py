@@ -26,7 +26,9 @@ What it changes, and what it keeps:
   GPU) run in bf16, LayerNorm and the residual stream stay float32.
 - **Compilation.** ``compile=None`` compiles the block function with ``torch.compile`` on CUDA
   only (one graph shared by all blocks: its weights are arguments, so compiling costs one block,
-  not 28); on the CPU it runs eagerly.
+  not 28); on the CPU it runs eagerly. ``True`` or ``False`` force it either way (the trainer's
+  ``--compile`` / ``--no-compile``); :func:`compile_failure` turns a failed compilation into a
+  one-line error that names ``--no-compile``.
 
 The teacher's forward stops at its block (``hidden_layer``) as the plain model's does, and the
 objective runs it under ``torch.no_grad()``. :func:`training_optimizer` is AdamW with the
@@ -43,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfflow.errors import ConfigurationError
+from selfflow.errors import ConfigurationError, SelfFlowError
 from selfflow.model import DiTBlock, ModelConfig, SelfFlowDiT, modulate, unpatchify
 from selfflow.train.objective import noised_input, representation_loss
 
@@ -120,6 +122,32 @@ def _block_function(compiled: bool) -> Callable:
     if _compiled_block is None:
         _compiled_block = torch.compile(fast_block, fullgraph=True, dynamic=False)
     return _compiled_block
+
+
+def compile_failure(error: BaseException) -> SelfFlowError | None:
+    """The one-line error to raise when ``error`` (or what it wraps) comes from torch.compile's
+    stack rather than from the step itself; None otherwise.
+
+    Compilation happens inside the first step, so its failures (a node without a C compiler for
+    Triton, an inductor bug) would otherwise surface as a long traceback with no way around it.
+    The message names the innermost cause, which is where such failures say what went wrong.
+    """
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = getattr(cause, "inner_exception", None) or cause.__cause__
+    compiler = ("torch._dynamo", "torch._inductor", "triton")
+    if not any(type(e).__module__.startswith(compiler) for e in chain):
+        return None
+    root = chain[-1]
+    first = next((line for line in str(root).splitlines() if line.strip()), "").strip()[:300]
+    return SelfFlowError(
+        f"torch.compile failed on the fast network's block ({type(root).__name__}: {first}). "
+        f"Rerun with --no-compile to train the same network eagerly (slower on a GPU, the same "
+        f"maths), or repair the compiler set-up: Triton, which torch.compile uses on GPUs, "
+        f"needs a working C compiler"
+    )
 
 
 class FastDiTBlock(DiTBlock):

@@ -63,6 +63,63 @@ def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def write_checkpoint(
+    run: Path,
+    step: int,
+    states: dict[str, dict[str, Any]],
+    *,
+    identity: dict[str, Any],
+    dataset: dict[str, Any],
+    settings: dict[str, Any],
+    images_seen: int,
+) -> Path:
+    """Write step ``step``'s training checkpoint atomically (the format :func:`read_checkpoint`
+    reads): ``states`` holds the full ``model``, ``ema`` and ``optimizer`` state dicts."""
+    path = checkpoint_path(run, step)
+    state = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "step": step,
+        **states,
+        "identity": identity,
+        "dataset": dataset,
+        "settings": settings,
+        "images_seen": images_seen,
+    }
+    return atomic_save(state, path)
+
+
+def full_state_dicts(
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    sharded: bool,
+    is_main: bool,
+    ema_only: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Full (unsharded) CPU state dicts of model, EMA and optimiser, on the main process.
+
+    A collective when ``sharded`` (every rank holds a shard; the main one receives the whole).
+    Without sharding the other ranks return empty dicts instead of copying what rank 0 writes.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    if not (sharded or is_main):
+        return {}, {}, {}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    ema_state = get_model_state_dict(ema, options=options)
+    if ema_only:
+        return {}, ema_state, {}
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    return model_state, ema_state, optimizer_state
+
+
 def atomic_save(obj: Any, path: Path, save: Callable[[Any, Path], None] | None = None) -> Path:
     """``torch.save`` (or ``save``) to a temporary name, fsync, rename: never half a file.
 

@@ -44,7 +44,7 @@ from selfflow.seeds import stream_seed
 from selfflow.train import state as run_state
 from selfflow.train.config import ResolvedConfig, TrainConfig, label_space_note
 from selfflow.train.ema import make_ema
-from selfflow.train.fast import FastTrainingDiT, training_optimizer
+from selfflow.train.fast import FastTrainingDiT, compile_failure, training_optimizer
 from selfflow.train.step import Parallel, StepRecipe, SummaryReader, TrainStep
 from selfflow.train.streams import (
     MicroBatch,
@@ -262,7 +262,9 @@ class Trainer:
             model.projector.requires_grad_(False)
         if self.config.network == "fast":
             # same parameters and state dict, modulation computed once per distinct time
-            model, ema = FastTrainingDiT.from_model(model), FastTrainingDiT.from_model(ema)
+            compile = self.config.compile
+            model = FastTrainingDiT.from_model(model, compile=compile)
+            ema = FastTrainingDiT.from_model(ema, compile=compile)
         device = self.context.device
         self.model, self.ema = model.to(device), ema.to(device)
         self.student, self.teacher = self._wrap(self.model, self.ema)
@@ -382,6 +384,11 @@ class Trainer:
                             f"Rerun the same command to continue",
                             flag.signum or signal.SIGTERM,
                         )
+        except Exception as error:
+            failure = compile_failure(error)
+            if failure is None:
+                raise
+            raise failure from error
         finally:
             prefetch.close()
             watch.close()
@@ -425,9 +432,16 @@ class Trainer:
             f"{s.steps}; global batch {s.global_batch_size} = {self.context.world_size} "
             f"process(es) × {r.accumulation} micro-batch(es) × {s.batch_size}; "
             f"{str(self.dtype).removeprefix('torch.')} on {self.context.device}, "
-            f"{s.network} network"
+            f"{s.network} network{self._compiled()}"
             + (" with FSDP" if s.fsdp and self.context.is_distributed else "")
         )
+
+    def _compiled(self) -> str:
+        if self.config.network != "fast":
+            return ""
+        compiled = self.model.compile
+        compiled = self.context.device.type == "cuda" if compiled is None else compiled
+        return " (compiled)" if compiled else " (eager)"
 
     def _data_classes(self) -> str:
         data = self.dataset.num_classes
@@ -453,27 +467,15 @@ class Trainer:
     def full_states(
         self, ema_only: bool = False
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """Full (unsharded) CPU state dicts of model, EMA and optimiser, on rank 0.
-
-        A collective under FSDP (every rank holds a shard; rank 0 receives the whole). Without
-        sharding the other ranks return empty dicts instead of copying what rank 0 writes.
-        """
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
+        """Full CPU state dicts of model, EMA and optimiser on rank 0 (a collective under FSDP)."""
+        return run_state.full_state_dicts(
+            self.model,
+            self.ema,
+            self.optimizer,
+            sharded=self.config.fsdp and self.context.is_distributed,
+            is_main=self.context.is_main,
+            ema_only=ema_only,
         )
-
-        sharded = self.config.fsdp and self.context.is_distributed
-        if not (sharded or self.context.is_main):
-            return {}, {}, {}
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        ema = get_model_state_dict(self.ema, options=options)
-        if ema_only:
-            return {}, ema, {}
-        model = get_model_state_dict(self.model, options=options)
-        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
-        return model, ema, optimizer
 
     def save(self, step: int) -> None:
         """Checkpoint and EMA export of ``step`` (rank 0 writes), then prune; all ranks wait."""
@@ -481,24 +483,18 @@ class Trainer:
 
         model, ema, optimizer = self.full_states()
         if self.context.is_main:
-            path = run_state.checkpoint_path(self.run_dir, step)
-            state = {
-                "format": run_state.FORMAT,
-                "version": run_state.FORMAT_VERSION,
-                "step": step,
-                "model": model,
-                "ema": ema,
-                "optimizer": optimizer,
-                "identity": self.resolved.identity(),
-                "dataset": self.dataset.identity,
-                "settings": self.resolved.to_dict(),
-                "images_seen": step * self.resolved.settings.global_batch_size,
-            }
-            run_state.atomic_save(state, path)
+            self.last_checkpoint = run_state.write_checkpoint(
+                self.run_dir,
+                step,
+                {"model": model, "ema": ema, "optimizer": optimizer},
+                identity=self.resolved.identity(),
+                dataset=self.dataset.identity,
+                settings=self.resolved.to_dict(),
+                images_seen=step * self.resolved.settings.global_batch_size,
+            )
             self.last_export = write_export(
                 self.resolved.model, ema, run_state.export_path(self.run_dir, step)
             )
-            self.last_checkpoint = path
             s = self.resolved.settings
             run_state.prune(self.run_dir, s.keep_last, s.keep_every)
         self.last_checkpoint = Path(
