@@ -35,7 +35,7 @@ def test_the_suite_duration_is_measured_not_guessed():
 
 
 def test_precision_recall_agreement_says_what_it_was_measured_against(capsys):
-    # The figures are the recorded run's worst cases, in the README and in evaluate --help.
+    # The figures are the recorded run's, in the README and in evaluate --help.
     record = (ROOT / "benchmarks/results/2026-11-29-cpu/pr_tensorflow.md").read_text()
     worst = dict(
         re.findall(r"# (\w+): selfflow and TF's float16 kernels differ by at most ([\d.]+)", record)
@@ -46,8 +46,17 @@ def test_precision_recall_agreement_says_what_it_was_measured_against(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for where in (" ".join(README.split()), text):
+    readme = " ".join(README.split())
+    for where in (readme, text):
         assert re.search(r"TensorFlow's (own )?float16", where) and "pr_tensorflow.py" in where
         assert "ADM's own evaluator" not in where  # it cannot be fetched here, nor run
         figures = {float(x) for x in re.findall(r"(?:at most|up to) (0\.\d+)", where)}
         assert {pool3, offset} <= figures, (pool3, offset, figures)
+    # the README's ranges against exact float64 (both float16 columns) and the run's size
+    rows = re.findall(r"^\| (pool3|offset) \| \d+ \|(.*)\|$", record, re.M)
+    assert len(rows) == 10 and "# x86_64" in record and "4000 + 4000 features" in record
+    for case, digits in (("pool3", 4), ("offset", 4)):  # as the table prints them
+        gaps = [float(x) for c, rest in rows if c == case for x in rest.split("|")[-2:]]
+        low, high = round(min(gaps), digits), round(max(gaps), digits)
+        assert f"{low:.{digits}f} to {high:.{digits}f} from exact" in readme, (case, low, high)
+    assert "4000 + 4000 random features of width 2048, 5 seeds" in readme

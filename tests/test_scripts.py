@@ -208,7 +208,7 @@ def test_pr_tensorflow_runs_from_anywhere(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| pool3 | 0 |")]
-    assert len(rows) == 1 and len(rows[0].split("|")) == 9
+    assert len(rows) == 1 and len(rows[0].split("|")) == 10
     worst = re.search(
         r"pool3: selfflow and TF's float16 kernels differ by at most ([\d.]+)", proc.stdout
     )

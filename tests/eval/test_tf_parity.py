@@ -305,16 +305,26 @@ def test_inception_features_match_tensorflow(inception_299, parity_images, size)
 # --- precision/recall against TensorFlow's float16 kernels ----------------------------------------
 
 
+def float32_distances(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Squared distances in float32 throughout: what a port that ignored float16 would use."""
+    return np.maximum((u * u).sum(1)[:, None] - 2 * u @ v.T + (v * v).sum(1)[None, :], 0)
+
+
 def test_precision_recall_follow_tensorflows_float16_kernels():
     # ADM computes its distances in float16 with TF's kernels, whose sums accumulate in another
-    # order than ours, so a borderline point may change sides; two seeds at 800 + 800 measured
-    # 0.0025 apart at most (benchmarks/pr_tensorflow.py measures it at scale). Exact float32
-    # distances, which ignore float16, land 0.0125 and 0.01375 away: the bound separates them.
+    # order than ours, so a borderline point may change sides: two seeds at 800 + 800 measured
+    # 0.0025 apart at most (benchmarks/pr_tensorflow.py measures it at scale). Each seed also
+    # shows that the bound tells float16 from float32: float32 distances land further away.
     for seed in (0, 1):
         features = np.random.default_rng(seed)
         ref = pool3_like_features(features, 800)
         sample = pool3_like_features(features, 800, shift=0.02)
         theirs = knn_precision_recall(ref, sample, distances=tfgraphs.float16_distances)
         ours = precision_recall(torch.from_numpy(ref), torch.from_numpy(sample))
+        float32 = knn_precision_recall(ref, sample, distances=float32_distances)
         assert 0.2 < theirs[0] < 0.8 and 0.2 < theirs[1] < 0.8
-        assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) <= 0.006
+        ours_gap, float32_gap = (
+            max(abs(a - b) for a, b in zip(values, theirs, strict=True))
+            for values in (ours, float32)
+        )
+        assert ours_gap <= 0.006 < float32_gap, (seed, ours, float32, theirs)

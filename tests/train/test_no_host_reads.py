@@ -6,8 +6,9 @@ GPU then idles while Python prepares the next kernels. PyTorch's CUDA sync debug
 them on a GPU (``benchmarks/train_throughput.py``); here a dispatch mode sees every aten
 operation of :class:`~selfflow.train.step.TrainStep` (forward, backward, clipping, fused AdamW
 as on CUDA, EMA) and fails on those that read values, wherever they are called from, Python or
-C++. The one exception is the CPU's own refusal of a third time in ``split_times``: on CUDA the
-same check is ``torch._assert_async``, which does not wait.
+C++. It also watches ``.tolist()``, ``.numpy()`` and ``.cpu()``, which need no aten operation on
+the CPU. The one exception is the CPU's own refusal of a third time in ``split_times``: on
+CUDA the same check is ``torch._assert_async``, which does not wait.
 """
 
 from __future__ import annotations
@@ -41,22 +42,53 @@ HOST_READS = {
 }
 
 
+# indexing with a boolean mask: the result's size (or the positions written) depend on values
+BOOLEAN_INDEXING = {"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"}
+# conversions that leave torch for Python or numpy: seen at the Python level, since on the CPU
+# they need no aten operation at all (on CUDA they copy to the host and wait)
+TO_PYTHON = ("tolist", "numpy", "cpu", "__array__")
+
+
 class HostReads(TorchDispatchMode):
-    """Records every operation that reads a value on the host, with where it was called."""
+    """Records every operation that reads a value on the host, with where it was called.
+
+    Device moves with ``.to(...)`` cannot be told apart on the CPU (the step's own device is
+    the CPU here); the batches' move is non-blocking by construction (``MicroBatch.to``).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.found: list[tuple[str, str]] = []
         self.seen: set[str] = set()
+        self._saved: dict[str, object] = {}
+
+    def _record(self, name: str) -> None:
+        self.found.append((name, "".join(traceback.format_stack(limit=12))))
+
+    def __enter__(self):
+        for name in TO_PYTHON:
+            original = self._saved[name] = getattr(torch.Tensor, name)
+
+            def recording(tensor, *args, _name=name, _original=original, **kwargs):
+                self._record(f"Tensor.{_name}")
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, recording)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
         self.seen.add(name)
-        boolean_index = name == "aten.index" and any(
+        boolean_index = name in BOOLEAN_INDEXING and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
         )
         if name in HOST_READS or boolean_index:
-            self.found.append((str(func), "".join(traceback.format_stack(limit=12))))
+            self._record(str(func))
         return func(*args, **(kwargs or {}))
 
 
@@ -108,20 +140,34 @@ def test_the_step_reads_nothing_back_but_the_cpu_only_refusal(micro_batches, rep
     assert len(reads.found) == micro_batches
 
 
-def test_the_probe_catches_a_host_read_in_the_step(monkeypatch):
-    # the same step with a finite-loss check the usual way: bool() of a device value
+def finite_check(kind: str):
+    """A step's loss with one of the usual host reads added after it."""
     from selfflow.train import step as step_module
 
     original = step_module.self_flow_loss
 
     def checked(*args, **kwargs):
         loss, parts = original(*args, **kwargs)
-        if not torch.isfinite(loss):
-            raise FloatingPointError("loss")
+        if kind == "bool":
+            assert bool(torch.isfinite(loss))
+        elif kind == "tolist":
+            assert loss.detach().reshape(1).tolist()
+        elif kind == "cpu":
+            assert loss.detach().cpu() is not None
+        elif kind == "mask":
+            parts["flow"][parts["flow"] > 1e9] = 0.0  # a boolean-mask write (index_put_)
         return loss, parts
 
-    monkeypatch.setattr(step_module, "self_flow_loss", checked)
+    return checked
+
+
+@pytest.mark.parametrize("kind", ["bool", "tolist", "cpu", "mask"])
+def test_the_probe_catches_a_host_read_in_the_step(monkeypatch, kind):
+    from selfflow.train import step as step_module
+
+    monkeypatch.setattr(step_module, "self_flow_loss", finite_check(kind))
     step, batches = step_and_batches(1)
     with HostReads() as reads:
         step(batches)
-    assert any("checked" in where for _, where in reads.found)
+    assert any("checked" in where for _, where in reads.found), kind
+    assert torch.Tensor.tolist is not None and "recording" not in repr(torch.Tensor.tolist)

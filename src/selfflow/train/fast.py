@@ -27,7 +27,7 @@ What it changes, and what it keeps:
 - **Compilation.** ``compile=None`` compiles the block function with ``torch.compile`` on CUDA
   only (one graph shared by all blocks: its weights are arguments, so compiling costs one block,
   not 28); on the CPU it runs eagerly. ``True`` or ``False`` force it either way (the trainer's
-  ``--compile`` / ``--no-compile``); :func:`compile_failure` turns a failed compilation into a
+  ``--compile`` / ``--no-compile``); :func:`compile_errors` turns a failed compilation into a
   one-line error that names ``--no-compile``.
 
 The teacher's forward stops at its block (``hidden_layer``) as the plain model's does, and the
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -125,20 +125,28 @@ def _block_function(compiled: bool) -> Callable:
 
 
 def compile_failure(error: BaseException) -> SelfFlowError | None:
-    """The one-line error to raise when ``error`` (or what it wraps) comes from torch.compile's
-    stack rather than from the step itself; None otherwise.
+    """The one-line error to raise when ``error`` (or what it wraps) is a failure of the compiler
+    itself (dynamo's ``BackendCompilerFailed``, inductor, Triton); None otherwise.
 
-    Compilation happens inside the first step, so its failures (a node without a C compiler for
-    Triton, an inductor bug) would otherwise surface as a long traceback with no way around it.
-    The message names the innermost cause, which is where such failures say what went wrong.
+    Compilation happens inside the first step, so such failures (a node without the C compiler
+    Triton needs, an inductor bug) would otherwise surface as a long traceback with no way
+    around it. Dynamo's errors about the traced code itself (``Unsupported``, shape errors) are
+    bugs of the step, not of the set-up, and are left as they are. The message names the
+    innermost cause, where such failures say what went wrong.
     """
     chain: list[BaseException] = []
     cause: BaseException | None = error
     while cause is not None and cause not in chain:
         chain.append(cause)
         cause = getattr(cause, "inner_exception", None) or cause.__cause__
-    compiler = ("torch._dynamo", "torch._inductor", "triton")
-    if not any(type(e).__module__.startswith(compiler) for e in chain):
+
+    def from_the_compiler(e: BaseException) -> bool:
+        module = type(e).__module__
+        return type(e).__name__ == "BackendCompilerFailed" or module.startswith(
+            ("torch._inductor", "triton")
+        )
+
+    if not any(from_the_compiler(e) for e in chain):
         return None
     root = chain[-1]
     first = next((line for line in str(root).splitlines() if line.strip()), "").strip()[:300]
@@ -148,6 +156,18 @@ def compile_failure(error: BaseException) -> SelfFlowError | None:
         f"maths), or repair the compiler set-up: Triton, which torch.compile uses on GPUs, "
         f"needs a working C compiler"
     )
+
+
+@contextlib.contextmanager
+def compile_errors() -> Iterator[None]:
+    """Around a training step: a compiler failure becomes :func:`compile_failure`'s error."""
+    try:
+        yield
+    except Exception as error:
+        failure = compile_failure(error)
+        if failure is None:
+            raise
+        raise failure from error
 
 
 class FastDiTBlock(DiTBlock):

@@ -66,27 +66,34 @@ def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
 def write_checkpoint(
     run: Path,
     step: int,
-    states: dict[str, dict[str, Any]],
     *,
+    model: dict[str, Any],
+    ema: dict[str, Any],
+    optimizer: dict[str, Any],
     identity: dict[str, Any],
     dataset: dict[str, Any],
     settings: dict[str, Any],
     images_seen: int,
 ) -> Path:
-    """Write step ``step``'s training checkpoint atomically (the format :func:`read_checkpoint`
-    reads): ``states`` holds the full ``model``, ``ema`` and ``optimizer`` state dicts."""
-    path = checkpoint_path(run, step)
+    """Write step ``step``'s training checkpoint atomically; returns its path.
+
+    Here, beside :func:`read_checkpoint`, so that the format's writer and its reader (the
+    entries of ``REQUIRED_KEYS``, ``FORMAT_VERSION``) live in one module. ``model``, ``ema``
+    and ``optimizer`` are full state dicts (:func:`full_state_dicts`).
+    """
     state = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "step": step,
-        **states,
+        "model": model,
+        "ema": ema,
+        "optimizer": optimizer,
         "identity": identity,
         "dataset": dataset,
         "settings": settings,
         "images_seen": images_seen,
     }
-    return atomic_save(state, path)
+    return atomic_save(state, checkpoint_path(run, step))
 
 
 def full_state_dicts(

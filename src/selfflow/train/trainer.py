@@ -44,7 +44,7 @@ from selfflow.seeds import stream_seed
 from selfflow.train import state as run_state
 from selfflow.train.config import ResolvedConfig, TrainConfig, label_space_note
 from selfflow.train.ema import make_ema
-from selfflow.train.fast import FastTrainingDiT, compile_failure, training_optimizer
+from selfflow.train.fast import FastTrainingDiT, compile_errors, training_optimizer
 from selfflow.train.step import Parallel, StepRecipe, SummaryReader, TrainStep
 from selfflow.train.streams import (
     MicroBatch,
@@ -359,7 +359,8 @@ class Trainer:
         try:
             with _SignalFlag() as flag:
                 while step < end:
-                    summary = self.step(prefetch.get(step), stop=flag.raised)
+                    with compile_errors():  # compilation happens in the first step
+                        summary = self.step(prefetch.get(step), stop=flag.raised)
                     step += 1
                     reader.push(step, summary)
                     # the previous step's numbers, read while this one runs on the device
@@ -384,11 +385,6 @@ class Trainer:
                             f"Rerun the same command to continue",
                             flag.signum or signal.SIGTERM,
                         )
-        except Exception as error:
-            failure = compile_failure(error)
-            if failure is None:
-                raise
-            raise failure from error
         finally:
             prefetch.close()
             watch.close()
@@ -437,9 +433,11 @@ class Trainer:
         )
 
     def _compiled(self) -> str:
+        """Whether the fast network runs compiled, for the run's first line (a slow run on a GPU
+        should say it is eager)."""
         if self.config.network != "fast":
             return ""
-        compiled = self.model.compile
+        compiled = self.config.compile
         compiled = self.context.device.type == "cuda" if compiled is None else compiled
         return " (compiled)" if compiled else " (eager)"
 
@@ -486,7 +484,9 @@ class Trainer:
             self.last_checkpoint = run_state.write_checkpoint(
                 self.run_dir,
                 step,
-                {"model": model, "ema": ema, "optimizer": optimizer},
+                model=model,
+                ema=ema,
+                optimizer=optimizer,
                 identity=self.resolved.identity(),
                 dataset=self.dataset.identity,
                 settings=self.resolved.to_dict(),
