@@ -48,7 +48,7 @@ from selfflow.train import TrainConfig, train
 from selfflow.train.fast import FastTrainingDiT
 from selfflow.train.step import StepRecipe
 from selfflow.train.streams import draw_step, materialise, micro_batches, run_streams
-from selfflow.train.trainer import initial_model
+from selfflow.train.weights import initial_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the throughput benchmark's helpers
 from train_throughput import trainer_step  # noqa: E402

@@ -40,6 +40,7 @@ from .helpers import (
     assert_logs_close,
     assert_states_close,
     assert_states_equal,
+    cli_args,
     final_state,
     log_records,
     make_dataset,
@@ -262,6 +263,34 @@ def test_compile_with_the_plain_network_is_refused_before_any_work(tmp_path, dat
     args = cli.build_parser().parse_args(["train", "--data", "d", "--output-dir", "o",
                                           "--steps", "1", "--no-compile"])  # fmt: skip
     assert args.compile is False
+
+
+def folder_snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}  # fmt: skip
+
+
+def test_a_dry_run_checks_and_plans_but_writes_nothing(tmp_path, data, reference, capsys):
+    # a new run: every check, the plan, and no folder
+    lines: list[str] = []
+    result = train(tiny_config(data, tmp_path / "new" / "run"), log=lines.append, dry_run=True)
+    assert result.step == 0 and result.checkpoint is None and not (tmp_path / "new").exists()
+    text = "\n".join(lines)
+    assert "a new run in" in text and "4 steps × 8 = 32 images to go" in text
+    assert "GB free there" in text and "nothing was written" in text
+    # a resume, through the command line: the newest checkpoint is found and checked, and the
+    # folder is left exactly as it was
+    before = folder_snapshot(reference)
+    config = tiny_config(data, reference, steps=6)
+    assert cli.main(["train", *cli_args(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "resumes at step 4 in" in out and "2 steps × 8 = 16 images to go" in out
+    assert "selfflow train: at step" not in out  # no training summary: nothing was trained
+    assert folder_snapshot(reference) == before
+    # another run's folder is refused as a real start refuses it
+    with pytest.raises(ConfigurationError, match="seed: 0 → 3"):
+        train(tiny_config(data, reference, seed=3), dry_run=True)
+    assert folder_snapshot(reference) == before
 
 
 def test_bf16_autocast_trains_close_to_float32(tmp_path, data, reference):

@@ -48,6 +48,14 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         metavar="CKPT",
         help="start from these weights (the released checkpoint or any export), checked key by key before any work; recorded with the run, and a resume takes every weight from its checkpoint",
     )
+    where.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="make every check a start makes (dataset, sizes and batch split, the run folder "
+        "and its newest checkpoint, --init-from's keys, --eval-ref, free space) and print the "
+        "plan; writes nothing and trains nothing. Run it on a login node with the job's "
+        "options before the job waits in a queue",
+    )
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -254,14 +262,14 @@ def run(args: argparse.Namespace) -> int:
     from selfflow.train.trainer import StoppedBySignal, train
 
     try:
-        result = train(config_from_args(args))
+        result = train(config_from_args(args), dry_run=args.dry_run)
     except ReportedOnRankZero:
         return 1
     except StoppedBySignal as stop:
         if os.environ.get("RANK", "0") == "0":
             print(f"selfflow train: {stop}", flush=True)
         return 128 + int(stop.signum)
-    if result.rank != 0:
+    if result.rank != 0 or args.dry_run:
         return 0
     print(
         f"selfflow train: at step {result.step}; checkpoint {result.checkpoint}, "

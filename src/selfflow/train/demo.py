@@ -95,7 +95,7 @@ def run_method(
     from selfflow.checkpoint import load_model
     from selfflow.train import TrainConfig, train
     from selfflow.train.state import export_path
-    from selfflow.train.trainer import initial_model
+    from selfflow.train.weights import initial_model
 
     config = TrainConfig(
         data=str(data),

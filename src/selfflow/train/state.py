@@ -161,9 +161,17 @@ def disk_full_guard(path: Path) -> Iterator[None]:
         ) from error
 
 
+def free_bytes(run: Path) -> int:
+    """Free space where ``run`` is or will be (its nearest existing folder, for a new run)."""
+    folder = Path(run).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
 def check_free_space(run: Path, needed: int) -> None:
     """Refuse to start when the run folder cannot hold the next checkpoint and its export."""
-    free = shutil.disk_usage(Path(run)).free
+    free = free_bytes(run)
     if free < needed:
         raise DiskFullError(
             f"{run} has {free / 2**20:.1f} MiB free; one checkpoint and its export need about "
@@ -231,8 +239,9 @@ def prune(run: Path, keep_last: int, keep_every: int | None) -> list[int]:
     return removed
 
 
-def check_run_record(run: Path, record: dict[str, Any]) -> None:
-    """Write ``run.json`` on a first start; on a rerun refuse another run's folder.
+def check_run_record(run: Path, record: dict[str, Any], *, write: bool = True) -> None:
+    """Write ``run.json`` on a first start (unless ``write`` is False: a dry run); on a rerun
+    refuse another run's folder.
 
     ``record`` holds ``identity`` (the settings that define the maths) and ``dataset`` (its
     identity digest). Settings that only say where and how fast the run is computed are not
@@ -242,6 +251,8 @@ def check_run_record(run: Path, record: dict[str, Any]) -> None:
 
     path = Path(run) / RUN_FILE
     if not path.exists():
+        if not write:
+            return
         text = json.dumps(record, indent=1, sort_keys=True) + "\n"
         atomic_save(text, path, save=lambda obj, tmp: Path(tmp).write_text(obj))
         return
@@ -266,3 +277,42 @@ def state_bytes(num_parameters: int) -> int:
     """About how large a checkpoint plus its export are: float32 model, EMA, two Adam moments,
     and the EMA again, with a little slack."""
     return int(num_parameters * 4 * 5 * 1.05) + (1 << 20)
+
+
+def plan_lines(
+    run: Path,
+    settings: Any,
+    *,
+    step: int,
+    images: int,
+    num_parameters: int,
+    init_from: str | None,
+) -> list[str]:
+    """What a run would do from ``step``, for ``--dry-run`` (``settings``: the resolved
+    ``TrainConfig``): its folder, the size of each checkpoint against the free space, the
+    images and epochs left, and what it is initialised from."""
+    run = Path(run)
+    if step:
+        folder = f"resumes at step {step} in {run}"
+    elif (run / RUN_FILE).exists():
+        folder = f"{run} holds this run's {RUN_FILE} and no checkpoint: starts at step 0"
+    else:
+        folder = f"a new run in {run} ({RUN_FILE} and {CHECKPOINT_DIR}/ would be written there)"
+    seen = (settings.steps - step) * settings.global_batch_size
+    to_go = (
+        f"{settings.steps - step} steps × {settings.global_batch_size} = {seen:,} images to go, "
+        f"{seen / images:.2f} epochs of the dataset's {images:,}"
+        if settings.steps > step
+        else f"already at step {step} of {settings.steps}: nothing to train (raise --steps)"
+    )
+    lines = [
+        folder,
+        f"each checkpoint with its EMA export: about {state_bytes(num_parameters) / 1e9:.2f} GB "
+        f"(every {settings.checkpoint_every} steps, the newest {settings.keep_last} kept); "
+        f"{free_bytes(run) / 1e9:.1f} GB free there",
+        to_go,
+    ]
+    if init_from is not None:
+        lines.append(f"starts from the weights of {init_from} (keys and shapes checked)")
+    lines.append("dry run: every check passed and nothing was written")
+    return lines

@@ -40,7 +40,6 @@ from torch import nn
 from selfflow import distributed
 from selfflow.errors import ConfigurationError, SelfFlowError
 from selfflow.model import SelfFlowDiT
-from selfflow.seeds import stream_seed
 from selfflow.train import state as run_state
 from selfflow.train.config import ResolvedConfig, TrainConfig, label_space_note
 from selfflow.train.ema import make_ema
@@ -55,6 +54,7 @@ from selfflow.train.streams import (
     process_rows,
     run_streams,
 )
+from selfflow.train.weights import initial_model, read_init
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -89,13 +89,18 @@ def train(
     *,
     context: distributed.DistributedContext | None = None,
     log: Callable[[str], None] | None = None,
+    dry_run: bool = False,
 ) -> TrainResult:
-    """Train (or resume) the run ``config.output_dir``; returns where it stands at the end."""
+    """Train (or resume) the run ``config.output_dir``; returns where it stands at the end.
+
+    ``dry_run``: make every check a start makes and log the plan, but write and train nothing
+    (for a login node, before a job waits in a queue only to fail on a typo).
+    """
     config.validate()
     own = context is None
     context = context or distributed.setup(config.device)
     try:
-        return Trainer(config, context, log or _print).run()
+        return Trainer(config, context, log or _print, dry_run).run()
     finally:
         if own:
             distributed.teardown(context)
@@ -146,6 +151,7 @@ class Trainer:
         config: TrainConfig,
         context: distributed.DistributedContext,
         log: Callable[[str], None],
+        dry_run: bool = False,
     ) -> None:
         self.config = config
         self.context = context
@@ -154,6 +160,7 @@ class Trainer:
         self.lock = None
         self.last_checkpoint: Path | None = None
         self.last_export: Path | None = None
+        self.dry_run = dry_run
 
     def log(self, message: str) -> None:
         if self.context.is_main:
@@ -177,6 +184,8 @@ class Trainer:
                 if any(failed):
                     raise ReportedOnRankZero(next(f for f in failed if f))
             # rank 0 writes the checkpoints every process resumes from: one shared folder
+            if self.dry_run:
+                return self._dry_run()
             distributed.check_shared_folder(self.context, self.run_dir)
             return self._train()
         finally:
@@ -207,8 +216,15 @@ class Trainer:
             self.log(f"note: {self.run_dir} has checkpoints; resuming, --init-from is not read")
         if config.fsdp and not self.context.is_distributed:
             self.log("note: --fsdp with a single process shards nothing; training unsharded")
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            self.num_parameters = sum(
+                p.numel() for p in SelfFlowDiT(self.resolved.model).parameters()
+            )
         self.vae = None
-        if self.context.is_main:
+        if self.context.is_main and self.dry_run:
+            run_state.check_run_record(self.run_dir, self.record(), write=False)
+            run_state.check_free_space(self.run_dir, run_state.state_bytes(self.num_parameters))
+        elif self.context.is_main:
             self._claim_run_folder()
             if self.resolved.settings.sample_every and self.dataset.vae is not None:
                 from selfflow.vae import load_vae  # the grid decodes with the data's own VAE
@@ -230,9 +246,7 @@ class Trainer:
         removed = run_state.remove_temporaries(self.run_dir)
         if removed:
             self.log(f"removed {removed} temporary files of an interrupted run")
-        with torch.device("meta"):  # shapes only: no memory, no initialisation
-            params = sum(p.numel() for p in SelfFlowDiT(self.resolved.model).parameters())
-        run_state.check_free_space(self.run_dir, run_state.state_bytes(params))
+        run_state.check_free_space(self.run_dir, run_state.state_bytes(self.num_parameters))
 
     def record(self) -> dict[str, Any]:
         return {"identity": self.resolved.identity(), "dataset": self.dataset.identity}
@@ -397,6 +411,24 @@ class Trainer:
             self.context.rank,
         )
 
+    def _dry_run(self) -> TrainResult:
+        """``--dry-run``: every check a start makes (the newest checkpoint's CRC-32s and settings
+        included), then the plan; nothing written, no model built."""
+        found = self._find_checkpoint()
+        step = int(found[0]["step"]) if found is not None else 0
+        self.log(self._describe(step))
+        for line in run_state.plan_lines(
+            self.run_dir,
+            self.resolved.settings,
+            step=step,
+            images=len(self.dataset),
+            num_parameters=self.num_parameters,
+            init_from=None if found or self.init_state is None else self.config.init_from,
+        ):
+            self.log(line)
+        checkpoint = found[1] if found is not None else None
+        return TrainResult(step, checkpoint, None, 0.0, {}, self.context.rank)
+
     def _read(self, reader: SummaryReader, watch: Any, *, keep: int) -> bool:
         """Read step summaries until ``keep`` remain: log them (the newest in ``self.metrics``)
         and stop at a non-finite one. Returns whether any process asked to stop."""
@@ -419,7 +451,7 @@ class Trainer:
     def _describe(self, step: int) -> str:
         r, s = self.resolved, self.resolved.settings
         m = r.model
-        params = sum(p.numel() for p in self.model.parameters())
+        params = self.num_parameters
         return (
             f"training {s.model} ({m.hidden_size}/{m.depth}/{m.num_heads}, {params / 1e6:.2f} M "
             f"parameters) on {m.in_channels}×{m.input_size}×{m.input_size} data, "
@@ -544,33 +576,6 @@ def run_state_differences(stored: dict[str, Any], record: dict[str, Any]) -> lis
     from selfflow.train.config import differences
 
     return differences(stored, record["identity"])
-
-
-def read_init(resolved: ResolvedConfig, init_from: str | None) -> dict[str, torch.Tensor] | None:
-    """The weights of ``--init-from`` (the released checkpoint or any export), checked key by
-    key and shape by shape against the model being trained, before any work."""
-    if init_from is None:
-        return None
-    from selfflow.checkpoint import read_checkpoint, validate_state_dict
-
-    state, _, _, _ = read_checkpoint(init_from, mmap=True)  # copied into the model once
-    with torch.device("meta"):
-        model = SelfFlowDiT(resolved.model)
-    validate_state_dict(state, model, f"--init-from {init_from}")
-    return state
-
-
-def initial_model(
-    resolved: ResolvedConfig, init_state: dict[str, torch.Tensor] | None
-) -> SelfFlowDiT:
-    """DiT's initialisation drawn from a generator keyed by the seed (every process builds the
-    same weights), or the ``--init-from`` weights."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream_seed(resolved.settings.seed, 0, "init"))
-        model = SelfFlowDiT(resolved.model)
-    if init_state is not None:
-        model.load_state_dict(init_state, strict=True)
-    return model.float().train()
 
 
 def _pinned(batch: MicroBatch) -> MicroBatch:
