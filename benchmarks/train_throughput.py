@@ -28,6 +28,7 @@ rounding of the reference. On CUDA it also counts the synchronising calls of one
 
     python benchmarks/train_throughput.py                      # XL/2 on the GPU: 32 64 128
     python benchmarks/train_throughput.py --tiny --device cpu  # seconds, for CI
+    python benchmarks/train_throughput.py --model B/2 --device cpu --batches 8  # minutes
 """
 
 from __future__ import annotations
@@ -61,7 +62,12 @@ from selfflow.train import (  # noqa: E402
     train_step_flops,
     training_optimizer,
 )
-from selfflow.train.config import choose_layers  # noqa: E402
+from selfflow.train.config import (  # noqa: E402
+    MODEL_SIZES,
+    TrainConfig,
+    choose_layers,  # noqa: E402
+    model_config,
+)
 from selfflow.train.ema import make_ema  # noqa: E402
 from selfflow.train.step import SUMMARY_FIELDS, StepRecipe, TrainStep  # noqa: E402
 from selfflow.train.streams import MicroBatch  # noqa: E402
@@ -80,7 +86,15 @@ def log(message: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="tiny model (CI) instead of SiT-XL/2")
+    p.add_argument("--tiny", action="store_true", help="tiny model (CI): --model tiny")
+    p.add_argument(
+        "--model",
+        choices=list(MODEL_SIZES),
+        default=None,
+        help="SiT size, as selfflow train --model builds it on ImageNet 256 latents (default: "
+        "XL/2). A smaller one shows the arithmetic saving on a CPU, where the tiny model "
+        "is all per-op overhead",
+    )
     p.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -140,6 +154,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", "--json", type=Path, default=None, help="write all figures as JSON")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
+    if args.tiny and args.model not in (None, "tiny"):
+        p.error(f"--tiny is --model tiny; it cannot go with --model {args.model}")
+    args.model = "tiny" if args.tiny else args.model or "XL/2"
+    args.tiny = args.model == "tiny"
     if args.batches is None:
         args.batches = [4, 8] if args.tiny else [32, 64, 128]
     if args.paths is None:
@@ -158,6 +176,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------------------------
 # Data and steps
+
+
+def benchmark_model(name: str) -> ModelConfig:
+    """``tiny`` is the tests' ``ModelConfig.tiny()``; a SiT size is what ``selfflow train
+    --model NAME`` builds for ImageNet 256 latents (4 × 32 × 32, 1000 classes)."""
+    if name == "tiny":
+        return ModelConfig.tiny()
+    config = TrainConfig(data="-", output_dir="-", steps=1, model=name)
+    return model_config(config, (4, 32, 32), 1000)
 
 
 def make_batches(config: ModelConfig, batch: int, count: int, seed: int, device) -> list[dict]:
@@ -412,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     wall = time.perf_counter()
-    config = ModelConfig.tiny() if args.tiny else ModelConfig.xl_2()
+    config = benchmark_model(args.model)
     flops = train_step_flops(config, teacher_layer=layers(config)["teacher_layer"])
     log(f"device {device_name(device)}, torch {torch.__version__}")
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 1024)
@@ -424,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
-        "model": "tiny" if args.tiny else "XL/2",
+        "model": args.model,
         "config": config.to_dict(),
         "layers": layers(config),
         "peak_flops": peak,

@@ -73,3 +73,21 @@ def test_train_throughput_help():
     assert done.returncode == 0
     for flag in ("--tiny", "--batches", "--compare-steps", "--out", "--profile"):
         assert flag in done.stdout
+
+
+def test_model_sizes_are_the_trainers_and_xl2_is_the_released_shape():
+    import importlib.util
+
+    from selfflow.model import ModelConfig
+
+    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.benchmark_model("XL/2") == ModelConfig.xl_2()  # the default: the release
+    assert bench.benchmark_model("tiny") == ModelConfig.tiny()  # what CI's smoke run uses
+    b2 = bench.benchmark_model("B/2")
+    assert (b2.hidden_size, b2.depth, b2.num_heads, b2.input_size) == (768, 12, 12, 32)
+    assert bench.parse_args(["--model", "B/2", "--device", "cpu"]).batches == [32, 64, 128]
+    assert bench.parse_args(["--tiny", "--device", "cpu"]).model == "tiny"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tiny", "--model", "B/2", "--device", "cpu"])
