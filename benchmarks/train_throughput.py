@@ -65,7 +65,7 @@ from selfflow.train import (  # noqa: E402
 from selfflow.train.config import (  # noqa: E402
     MODEL_SIZES,
     TrainConfig,
-    choose_layers,  # noqa: E402
+    choose_layers,
     model_config,
 )
 from selfflow.train.ema import make_ema  # noqa: E402

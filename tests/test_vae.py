@@ -86,3 +86,24 @@ def test_decode_refuses_nothing_to_decode_and_a_bad_batch(bf16_vae):
         vae.decode(bf16_vae, latents(0))
     with pytest.raises(ConfigurationError, match="at least 1"):
         vae.decode(bf16_vae, latents(2), batch=0)
+
+
+def test_vae_source_says_where_a_start_would_load_it_without_loading(tmp_path, monkeypatch):
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    with pytest.raises(vae.ConfigurationError, match="not a diffusers AutoencoderKL folder"):
+        vae.vae_source(folder)
+    (folder / "config.json").write_text("{}")  # not loadable, and not loaded: only looked up
+    assert vae.vae_source(folder) == f"the local folder {folder}"
+    # a hub id: looked up in huggingface_hub's cache (a temporary, empty one here), never fetched
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert "not in huggingface_hub's cache here" in vae.vae_source("someone/some-vae")
+    snapshot = tmp_path / "hub" / "models--someone--some-vae" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--someone--some-vae" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--some-vae" / "refs" / "main").write_text("0" * 40)
+    assert vae.vae_source("someone/some-vae") == "someone/some-vae in huggingface_hub's cache"

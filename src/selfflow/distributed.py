@@ -111,13 +111,16 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return dtype
 
 
-def resolve_device(spec: str | None, local_rank: int = 0, world_size: int = 1) -> torch.device:
+def resolve_device(
+    spec: str | None, local_rank: int = 0, world_size: int = 1, *, here: bool = True
+) -> torch.device:
     """The device this process samples on.
 
     ``None`` picks ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU; ``"cuda"`` without
     an index also means ``cuda:LOCAL_RANK``, so one command line serves every process. With
     several processes an explicit index other than ``LOCAL_RANK`` is refused: torchrun passes
     the same command line to every process, so ``--device cuda:1`` would put them all on GPU 1.
+    ``here=False`` resolves a CUDA device for another machine: its presence is not checked.
     """
     if spec is None:
         spec = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,6 +136,8 @@ def resolve_device(spec: str | None, local_rank: int = 0, world_size: int = 1) -
             f"process on GPU {device.index} (this one has LOCAL_RANK={local_rank}); pass "
             f"--device cuda and each process takes cuda:LOCAL_RANK"
         )
+    if device.type == "cuda" and not here:  # planned for another machine: not checked here
+        return torch.device("cuda", local_rank if device.index is None else device.index)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigurationError(
@@ -147,6 +152,19 @@ def resolve_device(spec: str | None, local_rank: int = 0, world_size: int = 1) -
             )
         device = torch.device("cuda", index)
     return device
+
+
+def planning_context(device: str | None = None) -> DistributedContext:
+    """This process's place as torchrun describes it, without a process group or a device.
+
+    For checks that plan a run on another machine (``selfflow train --dry-run`` on a login node
+    that lacks the job's GPUs): the world size and rank are the job's, ``--device cuda`` is
+    taken as given (``here=False``: not checked), and every collective is a no-op (no backend),
+    so rank 0 can check alone while the other ranks do nothing.
+    """
+    rank, world, local = torchrun_environment() or (0, 1, 0)
+    resolved = resolve_device(device, local, world, here=False)
+    return DistributedContext(rank=rank, world_size=world, local_rank=local, device=resolved)
 
 
 def setup(

@@ -77,6 +77,28 @@ def load_vae(
     return vae.to(device=device).eval().requires_grad_(False)
 
 
+def vae_source(name_or_path: str | os.PathLike) -> str:
+    """Where :func:`load_vae` would find ``name_or_path``, said without loading or downloading
+    it (a dry run's plan): a local folder, huggingface_hub's cache, or nowhere yet (a start
+    would download it). A local folder that is not a diffusers folder is refused as there."""
+    source = str(name_or_path)
+    local = Path(source).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigurationError(
+                f"{local} is not a diffusers AutoencoderKL folder: expected config.json inside"
+            )
+        return f"the local folder {local}"
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return f"{source} in huggingface_hub's cache"
+    return (
+        f"{source}, not in huggingface_hub's cache here: a start downloads it (offline nodes: "
+        f"`selfflow download vae` where there is internet, into a cache they share)"
+    )
+
+
 def download_vae(name: str = SD_VAE_ID) -> Path:
     """Fetch the VAE into huggingface_hub's cache, exactly where :func:`load_vae` looks it up.
 

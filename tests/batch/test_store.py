@@ -224,3 +224,15 @@ def test_an_explicit_gpu_index_under_torchrun_must_be_the_local_rank(monkeypatch
             distributed.resolve_device(spec, local_rank=local, world_size=world)
         except ConfigurationError as error:
             assert "LOCAL_RANK" not in str(error)
+
+
+def test_a_planning_context_is_the_jobs_place_without_a_group_or_a_device(monkeypatch):
+    for name, value in {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)  # setup() would refuse: no group here
+    context = distributed.planning_context("cuda")  # whether or not this machine has CUDA
+    assert (context.rank, context.world_size, context.local_rank) == (3, 8, 1)
+    assert context.device == torch.device("cuda", 1) and not context.is_distributed
+    assert distributed.all_gather_objects(context, "x") == ["x"]  # collectives are no-ops
+    with pytest.raises(ConfigurationError, match="GPU 0"):  # the usual checks still apply
+        distributed.planning_context("cuda:0")

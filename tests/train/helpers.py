@@ -125,3 +125,13 @@ def subprocess_env() -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def folder_snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Size, modification time and inode of the folder and of everything in it: a file that
+    was rewritten (even atomically, to the same size) or created and deleted shows."""
+    folder = Path(folder)
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino)
+        for p in [folder, *sorted(folder.rglob("*"))]
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import replace
@@ -42,6 +43,7 @@ from .helpers import (
     assert_states_equal,
     cli_args,
     final_state,
+    folder_snapshot,
     log_records,
     make_dataset,
     tiny_config,
@@ -265,11 +267,6 @@ def test_compile_with_the_plain_network_is_refused_before_any_work(tmp_path, dat
     assert args.compile is False
 
 
-def folder_snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*"))}  # fmt: skip
-
-
 def test_a_dry_run_checks_and_plans_but_writes_nothing(tmp_path, data, reference, capsys):
     # a new run: every check, the plan, and no folder
     lines: list[str] = []
@@ -277,20 +274,37 @@ def test_a_dry_run_checks_and_plans_but_writes_nothing(tmp_path, data, reference
     assert result.step == 0 and result.checkpoint is None and not (tmp_path / "new").exists()
     text = "\n".join(lines)
     assert "a new run in" in text and "4 steps × 8 = 32 images to go" in text
-    assert "GB free there" in text and "nothing was written" in text
+    assert "the finished run keeps 2 (the newest 3)" in text  # checkpoints at steps 2 and 4
+    assert "GB free there now" in text and "nothing was written" in text
     # a resume, through the command line: the newest checkpoint is found and checked, and the
-    # folder is left exactly as it was
-    before = folder_snapshot(reference)
-    config = tiny_config(data, reference, steps=6)
+    # folder is left as it was, a temporary a real start would delete included
+    run = tmp_path / "copy"
+    shutil.copytree(reference, run)
+    (run / "checkpoints" / ".step_000000006.pt.tmp-99999").write_bytes(b"half")
+    before = folder_snapshot(run)
+    config = tiny_config(data, run, steps=6)
     assert cli.main(["train", *cli_args(config), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "resumes at step 4 in" in out and "2 steps × 8 = 16 images to go" in out
-    assert "selfflow train: at step" not in out  # no training summary: nothing was trained
-    assert folder_snapshot(reference) == before
-    # another run's folder is refused as a real start refuses it
+    assert "would resume from" in out and "selfflow train: at step" not in out
+    assert folder_snapshot(run) == before
+    # a damaged newest checkpoint is named and the previous one planned from, as a start does
+    newest = run_state.checkpoint_path(run, 4)
+    newest.write_bytes(newest.read_bytes()[:-100])
+    before = folder_snapshot(run)
+    lines.clear()
+    train(config, log=lines.append, dry_run=True)
+    assert "resumes at step 2 in" in "\n".join(lines) and folder_snapshot(run) == before
+    # refused as a start refuses: another run's settings, a folder in use, a path through a file
     with pytest.raises(ConfigurationError, match="seed: 0 → 3"):
-        train(tiny_config(data, reference, seed=3), dry_run=True)
-    assert folder_snapshot(reference) == before
+        train(tiny_config(data, run, seed=3), dry_run=True)
+    from selfflow.batch.lock import FolderLock
+
+    with FolderLock(run).acquire(), pytest.raises(ConfigurationError, match="another process"):
+        train(config, dry_run=True)
+    assert not (run / ".lock").exists()
+    with pytest.raises(ConfigurationError, match="is a file, not a folder"):
+        train(tiny_config(data, run / "run.json" / "inner"), dry_run=True)
 
 
 def test_bf16_autocast_trains_close_to_float32(tmp_path, data, reference):
@@ -368,6 +382,24 @@ def test_old_checkpoints_are_pruned_keeping_milestones(tmp_path, data):
     assert [s for s, _ in run_state.list_checkpoints(out)] == [3, 5, 6]
     exports = sorted(p.name for p in (out / "checkpoints").glob("*-ema.pt"))
     assert exports == [f"step_{s:09d}-ema.pt" for s in (3, 5, 6)]
+
+
+@pytest.mark.parametrize("steps, every, keep_last, keep_every", [(10, 2, 3, 4), (7, 3, 2, None),
+                                                                  (100, 10, 1, 30)])  # fmt: skip
+def test_the_plan_counts_the_checkpoints_a_finished_run_keeps(
+    tmp_path, steps, every, keep_last, keep_every
+):
+    # the trainer's own sequence: a checkpoint every `every` steps and at the end, each followed
+    # by prune; the dry run's figure must be what is left
+    settings = replace(tiny_config(tmp_path, tmp_path), steps=steps, checkpoint_every=every,
+                       keep_last=keep_last, keep_every=keep_every)  # fmt: skip
+    for step in range(1, steps + 1):
+        if step % every == 0 or step == steps:
+            path = run_state.checkpoint_path(tmp_path, step)
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(b"")
+            run_state.prune(tmp_path, keep_last, keep_every)
+    assert run_state.kept_checkpoints(settings) == len(run_state.list_checkpoints(tmp_path))
 
 
 def test_ema_starts_as_an_exact_copy_and_follows_the_formula():

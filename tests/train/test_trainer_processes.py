@@ -22,6 +22,7 @@ from .helpers import (
     assert_states_equal,
     cli_args,
     final_state,
+    folder_snapshot,
     make_dataset,
     subprocess_env,
     tiny_config,
@@ -40,16 +41,29 @@ def one_process(tmp_path_factory, data) -> Path:
     return out
 
 
-def torchrun(config, nproc: int, timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(
+    config, nproc: int, timeout: float = 300, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", str(REPO / "train.py"), *cli_args(config),
+        f"--nproc_per_node={nproc}", str(REPO / "train.py"), *cli_args(config), *extra,
     ]  # fmt: skip
     done = subprocess.run(
         command, capture_output=True, text=True, env=subprocess_env(), timeout=timeout
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done
+
+
+def test_a_dry_run_under_torchrun_plans_for_every_process_on_rank_zero(tmp_path, data, one_process):
+    # no process group is joined (none of the ranks waits on another): rank 0 checks alone,
+    # for the job's process count, and the other ranks only return
+    before = folder_snapshot(one_process)
+    for out, expect in ((tmp_path / "new" / "run", "a new run in"), (one_process, "at step 4 in")):
+        done = torchrun(tiny_config(data, out, steps=6), nproc=2, extra=("--dry-run",))
+        assert done.stdout.count("dry run: every check passed") == 1, done.stdout
+        assert expect in done.stdout and "2 process(es) × 1 micro-batch(es) × 4" in done.stdout
+    assert not (tmp_path / "new").exists() and folder_snapshot(one_process) == before
 
 
 @pytest.mark.slow

@@ -111,3 +111,27 @@ def _read_holder(fd: int) -> str:
     except OSError:
         text = ""
     return text or "unknown"
+
+
+def lock_holder(folder: str | os.PathLike) -> str | None:
+    """Who holds ``folder``'s lock ("PID on HOST"), or None; reads only, creates nothing.
+
+    For checks that must not take the lock (a dry run): a shared ``flock`` on a read-only
+    descriptor fails at once while another process holds the exclusive one.
+    """
+    path = Path(folder) / LOCK_NAME
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file (or unreadable): nobody holds it
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_holder(fd)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -169,6 +170,26 @@ def free_bytes(run: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
+def check_writable(run: Path) -> None:
+    """Refuse a run folder that could not be created or written (a dry run's stand-in for
+    the start's ``mkdir`` and first write): a path through a file, or no write permission."""
+    folder = Path(run).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigurationError(f"--output-dir {run}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"--output-dir {run}: {folder} is not writable by this user")
+
+
+def kept_checkpoints(settings: Any) -> int:
+    """How many checkpoints a finished run keeps: the newest ``keep_last`` and every multiple
+    of ``keep_every`` among the steps checkpointed (every ``checkpoint_every`` and the last)."""
+    every, end = settings.checkpoint_every, settings.steps
+    steps = sorted({*range(every, end + 1, every), end})
+    return len(_kept(steps, settings.keep_last, settings.keep_every))
+
+
 def check_free_space(run: Path, needed: int) -> None:
     """Refuse to start when the run folder cannot hold the next checkpoint and its export."""
     free = free_bytes(run)
@@ -225,13 +246,19 @@ def load_latest(run: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], 
     return None
 
 
+def _kept(steps: list[int], keep_last: int, keep_every: int | None) -> set[int]:
+    """The newest ``keep_last`` of the sorted ``steps`` and every multiple of ``keep_every``."""
+    keep = set(steps[-keep_last:])
+    if keep_every:
+        keep |= {step for step in steps if step % keep_every == 0}
+    return keep
+
+
 def prune(run: Path, keep_last: int, keep_every: int | None) -> list[int]:
     """Delete all but the newest ``keep_last`` checkpoints (and their exports), keeping every
     multiple of ``keep_every`` as a milestone. Returns the steps removed."""
     steps = [step for step, _ in list_checkpoints(run)]
-    keep = set(steps[-keep_last:])
-    if keep_every:
-        keep |= {step for step in steps if step % keep_every == 0}
+    keep = _kept(steps, keep_last, keep_every)
     removed = [step for step in steps if step not in keep]
     for step in removed:
         checkpoint_path(run, step).unlink(missing_ok=True)
@@ -294,6 +321,8 @@ def plan_lines(
     run = Path(run)
     if step:
         folder = f"resumes at step {step} in {run}"
+    elif list_checkpoints(run):
+        folder = f"no checkpoint in {run} is intact: the run starts over at step 0"
     elif (run / RUN_FILE).exists():
         folder = f"{run} holds this run's {RUN_FILE} and no checkpoint: starts at step 0"
     else:
@@ -305,11 +334,16 @@ def plan_lines(
         if settings.steps > step
         else f"already at step {step} of {settings.steps}: nothing to train (raise --steps)"
     )
+    each, kept = state_bytes(num_parameters), kept_checkpoints(settings)
+    free = free_bytes(run)
     lines = [
         folder,
-        f"each checkpoint with its EMA export: about {state_bytes(num_parameters) / 1e9:.2f} GB "
-        f"(every {settings.checkpoint_every} steps, the newest {settings.keep_last} kept); "
-        f"{free_bytes(run) / 1e9:.1f} GB free there",
+        f"each checkpoint with its EMA export: about {each / 1e9:.2f} GB, every "
+        f"{settings.checkpoint_every} steps; the finished run keeps {kept} (the newest "
+        f"{settings.keep_last}"
+        + (f" and every multiple of {settings.keep_every}" if settings.keep_every else "")
+        + f"): about {kept * each / 1e9:.1f} GB; {free / 1e9:.1f} GB free there now"
+        + ("" if free >= kept * each else " (not enough for the whole run)"),
         to_go,
     ]
     if init_from is not None:

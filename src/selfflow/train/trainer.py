@@ -41,10 +41,11 @@ from selfflow import distributed
 from selfflow.errors import ConfigurationError, SelfFlowError
 from selfflow.model import SelfFlowDiT
 from selfflow.train import state as run_state
-from selfflow.train.config import ResolvedConfig, TrainConfig, label_space_note
+from selfflow.train.config import ResolvedConfig, TrainConfig, differences, label_space_note
 from selfflow.train.ema import make_ema
 from selfflow.train.fast import FastTrainingDiT, compile_errors, training_optimizer
-from selfflow.train.step import Parallel, StepRecipe, SummaryReader, TrainStep
+from selfflow.train.parallel import TrainerProcesses
+from selfflow.train.step import StepRecipe, SummaryReader, TrainStep
 from selfflow.train.streams import (
     MicroBatch,
     Prefetcher,
@@ -97,10 +98,15 @@ def train(
     (for a login node, before a job waits in a queue only to fail on a typo).
     """
     config.validate()
+    if dry_run:  # no process group: rank 0 checks and plans for the job's processes alone
+        context = context or distributed.planning_context(config.device)
+        if not context.is_main:
+            return TrainResult(0, None, None, 0.0, {}, context.rank)
+        return Trainer(config, context, log or _print, dry_run).run()
     own = context is None
     context = context or distributed.setup(config.device)
     try:
-        return Trainer(config, context, log or _print, dry_run).run()
+        return Trainer(config, context, log or _print).run()
     finally:
         if own:
             distributed.teardown(context)
@@ -221,9 +227,8 @@ class Trainer:
                 p.numel() for p in SelfFlowDiT(self.resolved.model).parameters()
             )
         self.vae = None
-        if self.context.is_main and self.dry_run:
-            run_state.check_run_record(self.run_dir, self.record(), write=False)
-            run_state.check_free_space(self.run_dir, run_state.state_bytes(self.num_parameters))
+        if self.dry_run:
+            self._check_run_folder()
         elif self.context.is_main:
             self._claim_run_folder()
             if self.resolved.settings.sample_every and self.dataset.vae is not None:
@@ -247,6 +252,21 @@ class Trainer:
         if removed:
             self.log(f"removed {removed} temporary files of an interrupted run")
         run_state.check_free_space(self.run_dir, run_state.state_bytes(self.num_parameters))
+
+    def _check_run_folder(self) -> None:
+        """The dry run's read-only twin of :meth:`_claim_run_folder` (and the VAE's lookup)."""
+        from selfflow.batch.lock import lock_holder
+
+        holder = lock_holder(self.run_dir)
+        if holder is not None:
+            raise ConfigurationError(f"another process is training in {self.run_dir} ({holder})")
+        run_state.check_writable(self.run_dir)
+        run_state.check_run_record(self.run_dir, self.record(), write=False)
+        run_state.check_free_space(self.run_dir, run_state.state_bytes(self.num_parameters))
+        if self.resolved.settings.sample_every and self.dataset.vae is not None:
+            from selfflow.vae import vae_source
+
+            self.log(f"the sample grids decode with the VAE {vae_source(self.dataset.vae)}")
 
     def record(self) -> dict[str, Any]:
         return {"identity": self.resolved.identity(), "dataset": self.dataset.identity}
@@ -302,7 +322,7 @@ class Trainer:
             optimizer=self.optimizer,
             recipe=StepRecipe.of(self.resolved.settings),
             autocast=torch.bfloat16 if self.dtype == torch.bfloat16 else None,
-            parallel=_Processes(self),
+            parallel=TrainerProcesses(self),
         )
         return step
 
@@ -315,10 +335,12 @@ class Trainer:
             return None
         state = found[0] if found is not None else run_state.read_checkpoint(Path(path))
         stored = state["identity"]
-        problems = run_state_differences(stored, self.record())
+        problems = differences(stored, self.record()["identity"])
         if problems:
             raise ConfigurationError(f"{path} belongs to another run ({'; '.join(problems)})")
-        self.log(f"resuming from {path} (step {state['step']})")
+        self.log(
+            f"{'would resume' if self.dry_run else 'resuming'} from {path} (step {state['step']})"
+        )
         return state, Path(path)
 
     def _wrap(self, model: nn.Module, ema: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -336,7 +358,7 @@ class Trainer:
 
         ids = [self.context.device.index] if self.context.device.type == "cuda" else None
         # gradients are views of DDP's reduction buckets (zeroed in place after each step, see
-        # _Processes): no copy between .grad and the buckets, no second gradient in memory
+        # TrainerProcesses): no copy between .grad and the buckets, no second gradient in memory
         wrapped = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
         return wrapped, ema
 
@@ -416,7 +438,12 @@ class Trainer:
         included), then the plan; nothing written, no model built."""
         found = self._find_checkpoint()
         step = int(found[0]["step"]) if found is not None else 0
-        self.log(self._describe(step))
+        if found is None and self.init_state is None and self.config.init_from:
+            # every checkpoint damaged: the start falls back to --init-from, so check it too
+            self.init_state = read_init(self.resolved, self.config.init_from)
+        self.log("plan: " + self._describe(step))
+        if self.context.device.type == "cuda" and not torch.cuda.is_available():
+            self.log("no CUDA here: the device, precision and compilation above are the job's")
         for line in run_state.plan_lines(
             self.run_dir,
             self.resolved.settings,
@@ -533,49 +560,6 @@ class Trainer:
             distributed.broadcast_object(self.context, str(self.last_checkpoint))
         )
         distributed.barrier(self.context)
-
-
-class _Processes(Parallel):
-    """The trainer's processes as a step sees them: gradient accumulation without reducing
-    until the last micro-batch (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``), the
-    metrics all-reduced on the device, FSDP modules re-sharded after the update."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.context = trainer.context
-        self.student, self.teacher = trainer.student, trainer.teacher
-        self.sharded = trainer.config.fsdp and trainer.context.is_distributed
-        # DDP's gradients are views of its buckets (gradient_as_bucket_view): zero, keep them
-        self.release_gradients = self.sharded or not self.context.is_distributed
-
-    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
-        if not self.context.is_distributed:
-            return contextlib.nullcontext()
-        if self.sharded:
-            self.student.set_requires_gradient_sync(last)
-            return contextlib.nullcontext()
-        return contextlib.nullcontext() if last else self.student.no_sync()
-
-    def mean(self, values: torch.Tensor) -> torch.Tensor:
-        if not self.context.is_distributed:
-            return values
-        import torch.distributed as dist
-
-        dist.all_reduce(values)  # on the device: no wait for the host
-        values[:-1] /= self.context.world_size
-        return values
-
-    def after_update(self) -> None:
-        if self.sharded:
-            # FSDP2 keeps a root module's parameters gathered after a forward without backward
-            # (the teacher's); shard both again so the EMA update pairs shard with shard
-            self.student.reshard()
-            self.teacher.reshard()
-
-
-def run_state_differences(stored: dict[str, Any], record: dict[str, Any]) -> list[str]:
-    from selfflow.train.config import differences
-
-    return differences(stored, record["identity"])
 
 
 def _pinned(batch: MicroBatch) -> MicroBatch:
