@@ -64,6 +64,9 @@ def test_a_dry_run_under_torchrun_plans_for_every_process_on_rank_zero(tmp_path,
         assert done.stdout.count("dry run: every check passed") == 1, done.stdout
         assert expect in done.stdout and "2 process(es) × 1 micro-batch(es) × 4" in done.stdout
     assert not (tmp_path / "new").exists() and folder_snapshot(one_process) == before
+    # the job's FSDP is planned as such, though this process group is never joined
+    done = torchrun(tiny_config(data, one_process, steps=6), 2, extra=("--dry-run", "--fsdp"))
+    assert "with FSDP" in done.stdout and "shards nothing" not in done.stdout
 
 
 @pytest.mark.slow

@@ -189,9 +189,9 @@ class Trainer:
                 failed = distributed.all_gather_objects(self.context, None)
                 if any(failed):
                     raise ReportedOnRankZero(next(f for f in failed if f))
-            # rank 0 writes the checkpoints every process resumes from: one shared folder
             if self.dry_run:
                 return self._dry_run()
+            # rank 0 writes the checkpoints every process resumes from: one shared folder
             distributed.check_shared_folder(self.context, self.run_dir)
             return self._train()
         finally:
@@ -220,7 +220,7 @@ class Trainer:
             self.init_state = read_init(self.resolved, config.init_from)
         elif config.init_from:
             self.log(f"note: {self.run_dir} has checkpoints; resuming, --init-from is not read")
-        if config.fsdp and not self.context.is_distributed:
+        if config.fsdp and self.context.world_size == 1:  # (a dry run plans the job's count)
             self.log("note: --fsdp with a single process shards nothing; training unsharded")
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             self.num_parameters = sum(
@@ -488,7 +488,7 @@ class Trainer:
             f"process(es) × {r.accumulation} micro-batch(es) × {s.batch_size}; "
             f"{str(self.dtype).removeprefix('torch.')} on {self.context.device}, "
             f"{s.network} network{self._compiled()}"
-            + (" with FSDP" if s.fsdp and self.context.is_distributed else "")
+            + (" with FSDP" if s.fsdp and self.context.world_size > 1 else "")
         )
 
     def _compiled(self) -> str:
