@@ -162,20 +162,23 @@ def disk_full_guard(path: Path) -> Iterator[None]:
         ) from error
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent (a run not yet created)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def free_bytes(run: Path) -> int:
     """Free space where ``run`` is or will be (its nearest existing folder, for a new run)."""
-    folder = Path(run).absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
+    return shutil.disk_usage(_nearest_existing(run)).free
 
 
 def check_writable(run: Path) -> None:
     """Refuse a run folder that could not be created or written (a dry run's stand-in for
     the start's ``mkdir`` and first write): a path through a file, or no write permission."""
-    folder = Path(run).absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = _nearest_existing(run)
     if not folder.is_dir():
         raise ConfigurationError(f"--output-dir {run}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
