@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from selfflow.errors import ConfigurationError
+
 HASH_CHUNK = 1 << 22
 
 
@@ -116,3 +118,23 @@ def remove_temporaries(folders: Iterable[str | os.PathLike]) -> int:
                 Path(entry.path).unlink(missing_ok=True)
                 removed += 1
     return removed
+
+
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` if it exists, else its nearest existing parent: where a file or folder that is
+    not created yet would be written."""
+    found = Path(path).absolute()
+    while not found.exists() and found != found.parent:
+        found = found.parent
+    return found
+
+
+def check_can_write(folder: str | os.PathLike, what: str) -> None:
+    """Refuse ``folder`` (created later if missing) when nothing could be written there: its
+    nearest existing part must be a folder this user may write into. Checked before long work,
+    so that a typo fails at once; ``what`` names the option in the error (``--out x.png``)."""
+    found = nearest_existing(folder)
+    if not found.is_dir():
+        raise ConfigurationError(f"{what}: {found} is a file, not a folder")
+    if not os.access(found, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"{what}: {found} is not writable by this user")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -90,18 +89,13 @@ def caption(label: int) -> str:
 
 def check_output(path: Path) -> None:
     """The picture can be written where --out says, in a format its extension names."""
+    from selfflow.files import check_can_write
     from selfflow.images import image_format
 
     if path.is_dir():
         raise ConfigurationError(f"--out must be a picture file; {path} is a folder")
     image_format(path)
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ConfigurationError(f"--out {path}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigurationError(f"--out {path}: the folder {folder} is not writable")
+    check_can_write(path.parent, f"--out {path}")
 
 
 def _validate(args: argparse.Namespace):

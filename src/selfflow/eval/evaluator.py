@@ -45,7 +45,7 @@ from selfflow.eval.metrics import (
     precision_recall,
 )
 from selfflow.eval.npz import NpzImages, read_small_arrays, verify_batch
-from selfflow.files import atomic_write, file_sha256
+from selfflow.files import atomic_write, check_can_write, file_sha256
 from selfflow.npz import npz_keys
 
 REPORT_KEYS = (
@@ -176,17 +176,6 @@ def _save_cached(path: Path, acts: Activations) -> None:
     )
 
 
-def _check_writable(out_dir: Path) -> None:
-    """Fail now, not after an hour of feature extraction, if OUT_DIR cannot be written."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigurationError(f"OUT_DIR {out_dir} exists and is not a directory")
-    probe = out_dir
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigurationError(f"OUT_DIR {out_dir} cannot be written ({probe} is not writable)")
-
-
 def _write_json_atomic(path: Path, data: dict) -> None:
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"  # before the file: no half file
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
@@ -214,7 +203,7 @@ def evaluate(
     ref_path, sample_path = Path(ref_path), Path(sample_path)
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
-        _check_writable(out_path)
+        check_can_write(out_path, f"OUT_DIR {out_path}")  # now, not after the features
     _check_batch_size(batch_size)
     notes: list[str] = []
 

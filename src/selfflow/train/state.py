@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -31,8 +30,8 @@ import torch
 
 from selfflow.checkpoint import torch_load_verified
 from selfflow.errors import CheckpointError, ConfigurationError, SelfFlowError
+from selfflow.files import nearest_existing, replaced_atomically
 from selfflow.files import remove_temporaries as remove_temporaries_in
-from selfflow.files import replaced_atomically
 
 FORMAT = "selfflow-train"
 FORMAT_VERSION = 1
@@ -162,27 +161,9 @@ def disk_full_guard(path: Path) -> Iterator[None]:
         ) from error
 
 
-def _nearest_existing(path: Path) -> Path:
-    """``path`` itself if it exists, else its nearest existing parent (a run not yet created)."""
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def free_bytes(run: Path) -> int:
     """Free space where ``run`` is or will be (its nearest existing folder, for a new run)."""
-    return shutil.disk_usage(_nearest_existing(run)).free
-
-
-def check_writable(run: Path) -> None:
-    """Refuse a run folder that could not be created or written (a dry run's stand-in for
-    the start's ``mkdir`` and first write): a path through a file, or no write permission."""
-    folder = _nearest_existing(run)
-    if not folder.is_dir():
-        raise ConfigurationError(f"--output-dir {run}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigurationError(f"--output-dir {run}: {folder} is not writable by this user")
+    return shutil.disk_usage(nearest_existing(run)).free
 
 
 def kept_checkpoints(settings: Any) -> int:

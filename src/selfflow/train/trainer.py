@@ -256,11 +256,12 @@ class Trainer:
     def _check_run_folder(self) -> None:
         """The dry run's read-only twin of :meth:`_claim_run_folder` (and the VAE's lookup)."""
         from selfflow.batch.lock import lock_holder
+        from selfflow.files import check_can_write
 
         holder = lock_holder(self.run_dir)
         if holder is not None:
             raise ConfigurationError(f"another process is training in {self.run_dir} ({holder})")
-        run_state.check_writable(self.run_dir)
+        check_can_write(self.run_dir, f"--output-dir {self.run_dir}")
         run_state.check_run_record(self.run_dir, self.record(), write=False)
         run_state.check_free_space(self.run_dir, run_state.state_bytes(self.num_parameters))
         if self.resolved.settings.sample_every and self.dataset.vae is not None:
