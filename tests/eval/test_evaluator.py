@@ -352,7 +352,7 @@ def test_corrupt_graph_and_bad_out_dir_are_refused(batches, tmp_path):
     assert not out.exists()
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    with pytest.raises(ConfigurationError, match="not a directory"):
+    with pytest.raises(ConfigurationError, match="is a file, not a folder"):
         run(ref, sample, corrupt, a_file)
     assert a_file.read_text() == "x"
 
