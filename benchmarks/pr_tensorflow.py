@@ -43,13 +43,11 @@ except ImportError:  # run from a checkout that is not installed
 
 from selfflow.eval.metrics import precision_recall  # noqa: E402
 from tests.eval import tfgraphs  # noqa: E402
-from tests.eval.references import knn_precision_recall, pool3_like_features  # noqa: E402
-
-
-def float64_distances(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Exact enough: float64 Gram form (its cancellation error is about 1e-13 of the norms)."""
-    a, b = u.astype(np.float64), v.astype(np.float64)
-    return np.maximum((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :], 0.0)
+from tests.eval.references import (  # noqa: E402
+    gram_distances,
+    knn_precision_recall,
+    pool3_like_features,
+)
 
 
 def features(case: str, seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +65,7 @@ def row(case: str, seed: int, n: int) -> dict:
     ref, sample = features(case, seed, n)
     tf16 = knn_precision_recall(ref, sample, distances=tfgraphs.float16_distances)
     ours = precision_recall(torch.from_numpy(ref), torch.from_numpy(sample))
-    exact = knn_precision_recall(ref, sample, distances=float64_distances)
+    exact = knn_precision_recall(ref, sample, distances=gram_distances)
     return {
         "case": case,
         "seed": seed,

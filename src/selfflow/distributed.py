@@ -136,20 +136,10 @@ def resolve_device(
             f"process on GPU {device.index} (this one has LOCAL_RANK={local_rank}); pass "
             f"--device cuda and each process takes cuda:LOCAL_RANK"
         )
-    if device.type == "cuda" and not here:  # planned for another machine: not checked here
-        return torch.device("cuda", local_rank if device.index is None else device.index)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigurationError(
-                f"--device {spec} asks for CUDA, but this PyTorch build or machine has no CUDA "
-                f"device (torch {torch.__version__}); use --device cpu"
-            )
         index = local_rank if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise ConfigurationError(
-                f"device cuda:{index} does not exist: this machine has "
-                f"{torch.cuda.device_count()} CUDA devices"
-            )
+        if here:  # planned for another machine (here=False): not checked on this one
+            _check_cuda_device(spec, index)
         device = torch.device("cuda", index)
     return device
 
@@ -165,6 +155,20 @@ def planning_context(device: str | None = None) -> DistributedContext:
     rank, world, local = torchrun_environment() or (0, 1, 0)
     resolved = resolve_device(device, local, world, here=False)
     return DistributedContext(rank=rank, world_size=world, local_rank=local, device=resolved)
+
+
+def _check_cuda_device(spec: str, index: int) -> None:
+    """This machine has CUDA and a device ``index``."""
+    if not torch.cuda.is_available():
+        raise ConfigurationError(
+            f"--device {spec} asks for CUDA, but this PyTorch build or machine has no CUDA "
+            f"device (torch {torch.__version__}); use --device cpu"
+        )
+    if index >= torch.cuda.device_count():
+        raise ConfigurationError(
+            f"device cuda:{index} does not exist: this machine has "
+            f"{torch.cuda.device_count()} CUDA devices"
+        )
 
 
 def setup(

@@ -71,3 +71,11 @@ def pool3_like_features(
     0.125, coarse enough that borderline points exist, as with real Inception features.
     """
     return (np.abs(rng.normal(shift, 1.0, (n, dim))) * 0.3).astype(np.float32)
+
+
+def gram_distances(u: np.ndarray, v: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """Squared distances in the Gram form ``|u|^2 - 2 u.v + |v|^2`` (clamped at 0) in ``dtype``:
+    float64 for an exact reference at sizes where the difference form would not fit in memory,
+    float32 for what a port that ignored ADM's float16 would compute."""
+    a, b = u.astype(dtype), v.astype(dtype)
+    return np.maximum((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :], 0)

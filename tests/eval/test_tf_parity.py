@@ -16,7 +16,7 @@ from selfflow.eval.metrics import precision_recall
 from selfflow.eval.synthetic import FLOAT, GraphBuilder
 from selfflow.eval.tf_ops import GraphExecutor
 from tests.eval import tfgraphs
-from tests.eval.references import knn_precision_recall, pool3_like_features
+from tests.eval.references import gram_distances, knn_precision_recall, pool3_like_features
 
 OP_TOLERANCE = 2e-6  # one op: float32 rounding and summation order only
 NETWORK_TOLERANCE = 1e-5  # the bar for pool_3, spatial and softmax
@@ -305,11 +305,6 @@ def test_inception_features_match_tensorflow(inception_299, parity_images, size)
 # --- precision/recall against TensorFlow's float16 kernels ----------------------------------------
 
 
-def float32_distances(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Squared distances in float32 throughout: what a port that ignored float16 would use."""
-    return np.maximum((u * u).sum(1)[:, None] - 2 * u @ v.T + (v * v).sum(1)[None, :], 0)
-
-
 def test_precision_recall_follow_tensorflows_float16_kernels():
     # ADM computes its distances in float16 with TF's kernels, whose sums accumulate in another
     # order than ours, so a borderline point may change sides: two seeds at 800 + 800 measured
@@ -321,7 +316,9 @@ def test_precision_recall_follow_tensorflows_float16_kernels():
         sample = pool3_like_features(features, 800, shift=0.02)
         theirs = knn_precision_recall(ref, sample, distances=tfgraphs.float16_distances)
         ours = precision_recall(torch.from_numpy(ref), torch.from_numpy(sample))
-        float32 = knn_precision_recall(ref, sample, distances=float32_distances)
+        float32 = knn_precision_recall(
+            ref, sample, distances=lambda u, v: gram_distances(u, v, np.float32)
+        )
         assert 0.2 < theirs[0] < 0.8 and 0.2 < theirs[1] < 0.8
         ours_gap, float32_gap = (
             max(abs(a - b) for a, b in zip(values, theirs, strict=True))

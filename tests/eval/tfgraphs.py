@@ -95,8 +95,8 @@ def tf_built(build) -> bytes:
 def float16_distances(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """ADM's squared-distance block run in TensorFlow's own float16 kernels (eager, CPU).
 
-    The expression is the one FACTS gives for ADM's evaluator, ``max(|u|^2 - 2 u.v + |v|^2, 0)``
-    with every tensor float16: TF's ``reduce_sum`` of the squares and its ``matmul``, whose
+    The expression is ADM's evaluator's (its pairwise distance block),
+    ``max(|u|^2 - 2 u.v + |v|^2, 0)`` with every tensor float16: TF's ``reduce_sum`` of the squares and its ``matmul``, whose
     accumulation orders are TF's, not ours. Returns float16.
     """
     t = tf()

@@ -209,7 +209,7 @@ def test_compile_routes_every_block_through_the_compiled_function(
     out, lines = tmp_path / "compiled", []
     train(tiny_config(data, out, compile=True), log=lines.append)
     assert any("fast network (compiled)" in line for line in lines)
-    assert len(calls) >= 4 * 3  # 4 steps, student (2 blocks) and teacher (its block 2 of 2)
+    assert len(calls) == 4 * (2 + 2)  # 4 steps: the student's 2 blocks, the teacher's (to 2)
     assert_states_equal(final_state(reference), final_state(out))
     lines.clear()
     calls.clear()
@@ -273,7 +273,18 @@ def test_a_dry_run_checks_and_plans_but_writes_nothing(tmp_path, data, reference
     result = train(tiny_config(data, tmp_path / "new" / "run"), log=lines.append, dry_run=True)
     assert result.step == 0 and result.checkpoint is None and not (tmp_path / "new").exists()
     text = "\n".join(lines)
-    assert "a new run in" in text and "4 steps × 8 = 32 images to go" in text
+    assert "a new run in" in text and "4 steps × 8 = 32 images to go, 0.80 epochs" in text
+    if not torch.cuda.is_available():
+        assert "no CUDA here and no --device: planned for the CPU" not in text  # --device cpu
+        cuda_lines: list[str] = []
+        train(tiny_config(data, tmp_path / "new" / "run", device="cuda"), log=cuda_lines.append,
+              dry_run=True)  # fmt: skip
+        assert any("bfloat16 on cuda:0, fast network (compiled)" in line for line in cuda_lines)
+        assert any("no CUDA here: the device" in line for line in cuda_lines)
+    with pytest.raises(CheckpointError):  # --init-from is read and checked, as at a start
+        train(tiny_config(data, tmp_path / "new" / "run", init_from=str(tmp_path / "none.pt")),
+              dry_run=True)  # fmt: skip
+    assert not (tmp_path / "new").exists()
     assert "the finished run keeps 2 (the newest 3)" in text  # checkpoints at steps 2 and 4
     assert "GB free there now" in text and "nothing was written" in text
     # a resume, through the command line: the newest checkpoint is found and checked, and the
@@ -295,6 +306,7 @@ def test_a_dry_run_checks_and_plans_but_writes_nothing(tmp_path, data, reference
     lines.clear()
     train(config, log=lines.append, dry_run=True)
     assert "resumes at step 2 in" in "\n".join(lines) and folder_snapshot(run) == before
+    assert any(newest.name in line for line in lines)  # the damaged one is named
     # refused as a start refuses: another run's settings, a folder in use, a path through a file
     with pytest.raises(ConfigurationError, match="seed: 0 → 3"):
         train(tiny_config(data, run, seed=3), dry_run=True)
@@ -384,22 +396,16 @@ def test_old_checkpoints_are_pruned_keeping_milestones(tmp_path, data):
     assert exports == [f"step_{s:09d}-ema.pt" for s in (3, 5, 6)]
 
 
-@pytest.mark.parametrize("steps, every, keep_last, keep_every", [(10, 2, 3, 4), (7, 3, 2, None),
-                                                                  (100, 10, 1, 30)])  # fmt: skip
+@pytest.mark.parametrize("steps, every, keep_last, keep_every", [(10, 2, 3, 4), (7, 3, 2, None)])
 def test_the_plan_counts_the_checkpoints_a_finished_run_keeps(
-    tmp_path, steps, every, keep_last, keep_every
+    tmp_path, data, steps, every, keep_last, keep_every
 ):
-    # the trainer's own sequence: a checkpoint every `every` steps and at the end, each followed
-    # by prune; the dry run's figure must be what is left
-    settings = replace(tiny_config(tmp_path, tmp_path), steps=steps, checkpoint_every=every,
-                       keep_last=keep_last, keep_every=keep_every)  # fmt: skip
-    for step in range(1, steps + 1):
-        if step % every == 0 or step == steps:
-            path = run_state.checkpoint_path(tmp_path, step)
-            path.parent.mkdir(exist_ok=True)
-            path.write_bytes(b"")
-            run_state.prune(tmp_path, keep_last, keep_every)
-    assert run_state.kept_checkpoints(settings) == len(run_state.list_checkpoints(tmp_path))
+    # a real run with these settings: the dry run's figure must be what it leaves on disk
+    config = tiny_config(data, tmp_path / "run", steps=steps, checkpoint_every=every,
+                         keep_last=keep_last, keep_every=keep_every)  # fmt: skip
+    train(config)
+    kept = run_state.kept_checkpoints(config)
+    assert kept == len(run_state.list_checkpoints(tmp_path / "run")) > keep_last - 1
 
 
 def test_ema_starts_as_an_exact_copy_and_follows_the_formula():
@@ -648,6 +654,24 @@ def test_a_stop_signal_checkpoints_and_skips_the_periodic_sample_and_eval(
     assert [s for s, _ in run_state.list_checkpoints(out)] == [stopped_after]
 
 
+def test_evaluation_on_a_subset_of_imagenet_is_refused(tmp_path, data):
+    from types import SimpleNamespace
+
+    from selfflow.train.watch import check_watch_options
+
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(b"x")
+    resolved = tiny_config(data, tmp_path / "run", eval_every=2, eval_ref=str(ref)).resolve(
+        (4, 8, 8), 10
+    )
+    subset = SimpleNamespace(vae="a-vae", num_classes=10)
+    with pytest.raises(
+        ConfigurationError, match="draws ImageNet's 1000 labels; the dataset has 10"
+    ):
+        check_watch_options(resolved, subset)
+    check_watch_options(resolved, SimpleNamespace(vae="a-vae", num_classes=1000))  # all of it
+
+
 def test_evaluation_of_a_pixel_dataset_is_refused_before_training(tmp_path, data):
     ref = tmp_path / "ref.npz"
     ref.write_bytes(b"x")
@@ -671,7 +695,17 @@ def test_logs_and_sample_grid(tmp_path, data):
     assert all(0 <= r["data_wait"] <= 1 for r in records)
     assert all(abs(r["loss"] - (r["flow"] + 0.8 * r["rep"])) < 1e-5 for r in records)
     assert (out / "samples" / "step_000000002.png").is_file()
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard holds the same scalars as log.jsonl, under train/ and checkpoint/
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {f"train/{key}" for key in records[0] if key not in ("step", "time")} <= tags
+    assert "checkpoint/seconds" in tags and "samples" in events.Tags()["images"]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(
+        [r["loss"] for r in records], rel=1e-6
+    )
 
 
 def test_the_prefetcher_adds_up_the_time_its_caller_waited():

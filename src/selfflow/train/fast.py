@@ -124,6 +124,12 @@ def _block_function(compiled: bool) -> Callable:
     return _compiled_block
 
 
+def compiles(compile: bool | None, device: torch.device) -> bool:
+    """Whether the block function runs compiled: as asked, else on CUDA only (one rule for the
+    network and for what the trainer says about it)."""
+    return device.type == "cuda" if compile is None else bool(compile)
+
+
 def compile_failure(error: BaseException) -> SelfFlowError | None:
     """The one-line error to raise when ``error`` (or what it wraps) is a failure of the compiler
     itself (dynamo's ``BackendCompilerFailed``, inductor, Triton); None otherwise.
@@ -264,7 +270,7 @@ class FastTrainingDiT(SelfFlowDiT):
         project_layer: int | None,
         hidden_layer: int | None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        compiled = x.is_cuda if self.compile is None else bool(self.compile)
+        compiled = compiles(self.compile, x.device)
         c = self.t_embedder(1.0 - times) + self.y_embedder(y).unsqueeze(1)  # (B, K, D)
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         stop = hidden_layer if hidden_layer is not None else len(self.blocks)

@@ -23,7 +23,7 @@ class TrainerProcesses(Parallel):
     def __init__(self, trainer: Any) -> None:
         self.context = trainer.context
         self.student, self.teacher = trainer.student, trainer.teacher
-        self.sharded = trainer.config.fsdp and trainer.context.is_distributed
+        self.sharded = trainer.sharded
         # DDP's gradients are views of its buckets (gradient_as_bucket_view): zero, keep them
         self.release_gradients = self.sharded or not self.context.is_distributed
 

@@ -43,7 +43,7 @@ from selfflow.model import SelfFlowDiT
 from selfflow.train import state as run_state
 from selfflow.train.config import ResolvedConfig, TrainConfig, differences, label_space_note
 from selfflow.train.ema import make_ema
-from selfflow.train.fast import FastTrainingDiT, compile_errors, training_optimizer
+from selfflow.train.fast import FastTrainingDiT, compile_errors, compiles, training_optimizer
 from selfflow.train.parallel import TrainerProcesses
 from selfflow.train.step import StepRecipe, SummaryReader, TrainStep
 from selfflow.train.streams import (
@@ -56,10 +56,6 @@ from selfflow.train.streams import (
     run_streams,
 )
 from selfflow.train.weights import initial_model, read_init
-
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-WEIGHT_DECAY = 0.0
 
 
 class NonFiniteLossError(SelfFlowError):
@@ -168,6 +164,12 @@ class Trainer:
         self.last_export: Path | None = None
         self.dry_run = dry_run
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP across several processes (``--fsdp`` alone in one process shards nothing). The
+        process count, not a joined group: a dry run plans the job's processes without one."""
+        return self.config.fsdp and self.context.world_size > 1
+
     def log(self, message: str) -> None:
         if self.context.is_main:
             self._log(message)
@@ -220,7 +222,7 @@ class Trainer:
             self.init_state = read_init(self.resolved, config.init_from)
         elif config.init_from:
             self.log(f"note: {self.run_dir} has checkpoints; resuming, --init-from is not read")
-        if config.fsdp and self.context.world_size == 1:  # (a dry run plans the job's count)
+        if config.fsdp and not self.sharded:
             self.log("note: --fsdp with a single process shards nothing; training unsharded")
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             self.num_parameters = sum(
@@ -304,14 +306,10 @@ class Trainer:
         self.model, self.ema = model.to(device), ema.to(device)
         self.student, self.teacher = self._wrap(self.model, self.ema)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        sharded = self.config.fsdp and self.context.is_distributed
-        self.optimizer = training_optimizer(
+        self.optimizer = training_optimizer(  # the recipe's betas, eps and weight decay
             params,
             lr=self.config.lr,
-            betas=ADAM_BETAS,
-            eps=ADAM_EPS,
-            weight_decay=WEIGHT_DECAY,
-            fused=False if sharded else None,  # fused on CUDA, unless the parameters are DTensors
+            fused=False if self.sharded else None,  # fused on CUDA, unless params are DTensors
         )
         if restored is not None:
             self._load_optimizer(restored[0]["optimizer"])
@@ -443,8 +441,11 @@ class Trainer:
             # every checkpoint damaged: the start falls back to --init-from, so check it too
             self.init_state = read_init(self.resolved, self.config.init_from)
         self.log("plan: " + self._describe(step))
-        if self.context.device.type == "cuda" and not torch.cuda.is_available():
+        here = torch.cuda.is_available()  # a login node may lack the job's GPUs: say so
+        if not here and self.context.device.type == "cuda":
             self.log("no CUDA here: the device, precision and compilation above are the job's")
+        elif not here and self.config.device is None:
+            self.log("no CUDA here and no --device: planned for the CPU (--device cuda: GPUs)")
         for line in run_state.plan_lines(
             self.run_dir,
             self.resolved.settings,
@@ -488,8 +489,7 @@ class Trainer:
             f"{s.steps}; global batch {s.global_batch_size} = {self.context.world_size} "
             f"process(es) × {r.accumulation} micro-batch(es) × {s.batch_size}; "
             f"{str(self.dtype).removeprefix('torch.')} on {self.context.device}, "
-            f"{s.network} network{self._compiled()}"
-            + (" with FSDP" if s.fsdp and self.context.world_size > 1 else "")
+            f"{s.network} network{self._compiled()}" + (" with FSDP" if self.sharded else "")
         )
 
     def _compiled(self) -> str:
@@ -497,9 +497,7 @@ class Trainer:
         should say it is eager)."""
         if self.config.network != "fast":
             return ""
-        compiled = self.config.compile
-        compiled = self.context.device.type == "cuda" if compiled is None else compiled
-        return " (compiled)" if compiled else " (eager)"
+        return " (compiled)" if compiles(self.config.compile, self.context.device) else " (eager)"
 
     def _data_classes(self) -> str:
         data = self.dataset.num_classes
@@ -530,7 +528,7 @@ class Trainer:
             self.model,
             self.ema,
             self.optimizer,
-            sharded=self.config.fsdp and self.context.is_distributed,
+            sharded=self.sharded,
             is_main=self.context.is_main,
             ema_only=ema_only,
         )

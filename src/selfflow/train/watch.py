@@ -174,7 +174,7 @@ class Watch:
     def _ema_module(self):
         """A plain module holding the EMA weights (rank 0); a collective under FSDP."""
         trainer = self.trainer
-        if not (trainer.config.fsdp and trainer.context.is_distributed):
+        if not trainer.sharded:
             return trainer.ema
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
