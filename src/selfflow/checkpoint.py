@@ -10,8 +10,10 @@ Accepted layouts (those of the official release):
   ``model`` or ``state_dict``; keys may carry ``module.`` (DDP) or ``_orig_mod.``
   (``torch.compile``) prefixes. When both ``ema`` and ``model`` are present the EMA weights are
   loaded: they are the ones the paper evaluates.
-* files written by :func:`save_model`: ``{"format": "selfflow", "config": {...}, "state_dict": ...}``
-  (``.pt``), or a ``.safetensors`` file whose metadata holds the config.
+* files written by :func:`save_model`: ``{"format": "selfflow", "config": {...}, "card": {...},
+  "state_dict": ...}`` (``.pt``), or a ``.safetensors`` file whose metadata holds the config
+  and the card (``selfflow_config``, ``selfflow_card``). The card (:mod:`selfflow.card`) names
+  the model's classes and its VAE; files without one are taken as the released model's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from selfflow.card import RELEASED, ModelCard
+from selfflow.classes import NUM_IMAGENET_CLASSES, ImageNetClass
 from selfflow.errors import CheckpointError, DownloadError
 from selfflow.files import file_sha256 as file_sha256  # re-exported for callers of this module
 from selfflow.files import replaced_atomically
@@ -53,6 +57,8 @@ class CheckpointInfo:
     )  # the top-level entry the weights were taken from, None for a bare dict
     config: ModelConfig
     notes: list[str] = field(default_factory=list)
+    # classes and VAE it was trained with (selfflow.card); RELEASED for files without one
+    card: ModelCard = RELEASED
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,10 +252,11 @@ def _strip_prefixes(state: Mapping[str, object]) -> dict[str, object]:
 
 def read_checkpoint(
     path: str | os.PathLike, *, mmap: bool = False
-) -> tuple[dict[str, torch.Tensor], ModelConfig | None, str | None, list[str]]:
-    """Read a checkpoint file into ``(state_dict, stored_config, source_entry, notes)``.
+) -> tuple[dict[str, torch.Tensor], ModelConfig | None, str | None, list[str], ModelCard]:
+    """Read a checkpoint file into ``(state_dict, stored_config, source_entry, notes, card)``.
 
-    ``stored_config`` is None for files that do not record one (the released file).
+    ``stored_config`` is None for files that do not record one (the released file); ``card``
+    is :data:`selfflow.card.RELEASED` for them.
     ``mmap=True`` maps a ``.pt`` file's tensors instead of copying them (for weights that are
     copied into a model once and then dropped).
     """
@@ -265,11 +272,14 @@ def read_checkpoint(
         state, metadata = _safetensors_load(path)
         if "selfflow_config" in metadata:
             stored_config = _parse_config(json.loads(metadata["selfflow_config"]), path)
-        return _strip_prefixes(state), stored_config, None, []  # type: ignore[return-value]
+        card = _parse_card(metadata.get("selfflow_card"), path, encoded=True)
+        return _strip_prefixes(state), stored_config, None, [], card  # type: ignore[return-value]
 
     raw = torch_load_verified(path, mmap=mmap)
+    card = RELEASED
     if isinstance(raw, Mapping) and raw.get("format") == FORMAT_TAG:
         stored_config = _parse_config(raw.get("config"), path)
+        card = _parse_card(raw.get("card"), path)
     state, entry, notes = _unwrap(raw, path)
     state = _strip_prefixes(state)
     not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
@@ -278,7 +288,54 @@ def read_checkpoint(
             f"{path}: expected a state dict of tensors, but these entries are not tensors: "
             f"{_listing(not_tensors)}"
         )
-    return state, stored_config, entry, notes  # type: ignore[return-value]
+    return state, stored_config, entry, notes, card  # type: ignore[return-value]
+
+
+def _parse_card(values: object, path: Path, encoded: bool = False) -> ModelCard:
+    """The stored card (JSON text in safetensors metadata); RELEASED when there is none."""
+    if values is None:
+        return RELEASED
+    try:
+        return ModelCard.from_dict(json.loads(str(values)) if encoded else values)
+    except ValueError as error:  # json's errors are ValueErrors too
+        raise CheckpointError(f"{path}: the stored model card is damaged: {error}") from error
+
+
+def read_card(path: str | os.PathLike | None) -> tuple[ModelCard, ModelConfig | None]:
+    """A checkpoint's card and stored config without reading its weights (``None``: the
+    released model), for checks that must come before a model is loaded (``generate --class``).
+
+    A ``.pt`` is mapped, not read (its CRCs are checked when the model is loaded).
+    """
+    if path is None:
+        return RELEASED, None
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (expected a .pt or .safetensors file)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+        config = metadata.get("selfflow_config")
+        return (
+            _parse_card(metadata.get("selfflow_card"), path, encoded=True),
+            None if config is None else _parse_config(json.loads(config), path),
+        )
+    raw = _torch_load(path, mmap=zipfile.is_zipfile(path))  # torch < 1.6 files cannot be mapped
+    if isinstance(raw, Mapping) and raw.get("format") == FORMAT_TAG:
+        return _parse_card(raw.get("card"), path), _parse_config(raw.get("config"), path)
+    return RELEASED, None
+
+
+def checkpoint_classes(path: str | os.PathLike | None) -> tuple[ImageNetClass, ...]:
+    """The classes of the model in ``path`` (``None``: the released model's, ImageNet's), from
+    its card without loading its weights, so a wrong ``--class`` fails before the model loads."""
+    card, config = read_card(path)
+    return card.classes(config.num_classes if config is not None else NUM_IMAGENET_CLASSES)
 
 
 def _parse_config(values: object, path: Path) -> ModelConfig:
@@ -382,7 +439,7 @@ def load_model(
     if path is None:
         path = download_checkpoint()
     path = Path(path)
-    state, stored_config, entry, notes = read_checkpoint(path)
+    state, stored_config, entry, notes, card = read_checkpoint(path)
     if config is not None and stored_config is not None and config != stored_config:
         raise CheckpointError(
             f"{path} stores the config {stored_config}, which differs from the config passed in {config}"
@@ -396,25 +453,38 @@ def load_model(
     for note in notes:
         logger.warning(note)
     model.checkpoint_info = CheckpointInfo(
-        path=path, source_entry=entry, config=config, notes=notes
+        path=path, source_entry=entry, config=config, notes=notes, card=card
     )
     return model
 
 
-def save_model(model: SelfFlowDiT, path: str | os.PathLike) -> Path:
-    """Write the model with its config, atomically: ``.safetensors`` by suffix, else ``torch.save``."""
+def save_model(model: SelfFlowDiT, path: str | os.PathLike, card: ModelCard | None = None) -> Path:
+    """Write the model with its config and card, atomically: ``.safetensors`` by suffix, else
+    ``torch.save``. ``card`` defaults to the one the model was loaded with (else RELEASED)."""
     path = Path(path)
+    if card is None:
+        info = getattr(model, "checkpoint_info", None)
+        card = info.card if info is not None else RELEASED
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    config = model.config.to_dict()
     with replaced_atomically(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(
-                state, str(tmp), metadata={"selfflow_config": json.dumps(model.config.to_dict())}
-            )
+            metadata = {
+                "selfflow_config": json.dumps(config),
+                "selfflow_card": json.dumps(card.to_dict()),
+            }
+            save_file(state, str(tmp), metadata=metadata)
         else:
             torch.save(
-                {"format": FORMAT_TAG, "config": model.config.to_dict(), "state_dict": state}, tmp
+                {
+                    "format": FORMAT_TAG,
+                    "config": config,
+                    "card": card.to_dict(),
+                    "state_dict": state,
+                },
+                tmp,
             )
     return path

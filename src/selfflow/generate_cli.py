@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from selfflow.classes import NUM_IMAGENET_CLASSES, ImageNetClass
 from selfflow.errors import ConfigurationError
 from selfflow.options import add_options
 
-UNCONDITIONAL = ("1000", "unconditional")
+UNCONDITIONAL = "unconditional"
+DEFAULT_CLASS = 207  # golden retriever, for the released model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -17,8 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "generate",
         help="generate a few images of given classes and save them as one grid picture",
         description=(
-            "Generate images of ImageNet classes with the released Self-Flow model and write "
-            "them as one grid picture (PNG, JPEG or WebP by the extension of --out). Example: "
+            "Generate images of chosen classes with the released Self-Flow model (or --ckpt, "
+            "e.g. an export of your own run: its own classes and VAE) and write them as one "
+            "grid picture (PNG, JPEG or WebP by the extension of --out). Example: "
             "selfflow generate --class 207 'tabby cat' --num 8 --captions --out grid.png"
         ),
     )
@@ -26,11 +30,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--class",
         dest="classes",
         nargs="+",
-        default=["207"],
+        default=None,
         metavar="CLASS",
-        help="ImageNet classes by number 0-999, WordNet id or (part of) a name, e.g. 207, "
-        "n02099601 or 'golden retriever'; 1000 or 'unconditional' for none. The grid cycles "
-        "through them; `selfflow classes QUERY` lists the names (default: 207)",
+        help="the model's classes by number, WordNet id or (part of) a name, e.g. 207, "
+        "n02099601 or 'golden retriever' for the released model's ImageNet classes, or a class "
+        "folder's name for a model trained on your own; 'unconditional' (or the null label, "
+        "1000 for ImageNet) for none. The grid cycles through them; `selfflow classes [--ckpt "
+        "CKPT] QUERY` lists the names (default: 207, or 0 for a model of fewer classes)",
     )
     parser.add_argument("--num", type=int, default=8, help="number of images (default: 8)")
     parser.add_argument(
@@ -40,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="output picture; its extension picks the format: .png, .jpg/.jpeg or .webp "
         "(default: grid.png)",
     )
-    add_options(parser, "--ckpt", "--vae", "--seed", seed=0)
+    add_options(parser, "--ckpt", "--vae", "--allow-vae-mismatch", "--seed", seed=0)
     add_options(parser, "--num-steps", "--mode", "--solver", "--cfg-scale")
     add_options(parser, "--guidance-low", "--guidance-high", "--device", "--dtype")
     parser.add_argument(
@@ -68,23 +74,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def resolve_class(query: str) -> int:
-    """A label from a number, a WordNet id or a name; 1000 / 'unconditional' is the null label."""
+def resolve_class(query: str, classes: Sequence[ImageNetClass] | None = None) -> int:
+    """A label among ``classes`` (default: ImageNet's) from a number, a WordNet id or a name;
+    'unconditional' or the null label's number (``len(classes)``) is the null label."""
     from selfflow.classes import class_index
-    from selfflow.model import NULL_CLASS
 
-    if str(query).strip().lower() in UNCONDITIONAL:
-        return NULL_CLASS
-    return class_index(str(query))
+    null = len(classes) if classes is not None else NUM_IMAGENET_CLASSES
+    if str(query).strip().lower() in (UNCONDITIONAL, str(null)):
+        return null
+    return class_index(str(query), classes)
 
 
-def caption(label: int) -> str:
+def caption(label: int, classes: Sequence[ImageNetClass] | None = None) -> str:
+    """``"3 boat"``: the label and the model's name for it (default: ImageNet's)."""
     from selfflow.classes import imagenet_classes
-    from selfflow.model import NULL_CLASS
 
-    if label == NULL_CLASS:
+    classes = imagenet_classes() if classes is None else classes
+    if label == len(classes):
         return "unconditional"
-    return f"{label} {imagenet_classes()[label].name}"
+    return f"{label} {classes[label].name}"
 
 
 def check_output(path: Path) -> None:
@@ -99,7 +107,9 @@ def check_output(path: Path) -> None:
 
 
 def _validate(args: argparse.Namespace):
-    """Every option checked before any model is loaded; returns (labels, settings)."""
+    """Every option checked before any model is loaded (the classes from the checkpoint's
+    card, read without its weights); returns (labels, settings, the model's classes)."""
+    from selfflow.checkpoint import checkpoint_classes
     from selfflow.sampler_settings import OPTION_NAMES, SamplerSettings
 
     for name, value in (("--num", args.num), ("--batch-size", args.batch_size)):
@@ -108,8 +118,12 @@ def _validate(args: argparse.Namespace):
     if args.columns is not None and args.columns < 1:
         raise ConfigurationError(f"--columns must be at least 1; got {args.columns}")
     check_output(args.out)
-    classes = [resolve_class(query) for query in args.classes]
-    labels = [classes[i % len(classes)] for i in range(args.num)]
+    classes = checkpoint_classes(args.ckpt)
+    queries = args.classes
+    if queries is None:
+        queries = [str(DEFAULT_CLASS if len(classes) > DEFAULT_CLASS else 0)]
+    chosen = [resolve_class(query, classes) for query in queries]
+    labels = [chosen[i % len(chosen)] for i in range(args.num)]
     settings = SamplerSettings(
         args.num_steps,
         args.mode,
@@ -118,11 +132,11 @@ def _validate(args: argparse.Namespace):
         (args.guidance_low, args.guidance_high),
         names=OPTION_NAMES,
     )
-    return labels, settings
+    return labels, settings, classes
 
 
 def run(args: argparse.Namespace) -> int:
-    labels, settings = _validate(args)
+    labels, settings, classes = _validate(args)
     import numpy as np
     import torch
     from tqdm import trange
@@ -131,7 +145,12 @@ def run(args: argparse.Namespace) -> int:
     from selfflow.pipeline import SelfFlowPipeline
 
     pipe = SelfFlowPipeline.from_pretrained(
-        args.ckpt, args.vae, device=args.device, dtype=args.dtype, compile=args.compile
+        args.ckpt,
+        args.vae,
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+        allow_vae_mismatch=args.allow_vae_mismatch,
     )
     shape = min(args.batch_size, args.num)
     start = time.perf_counter()
@@ -154,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         )
     images = np.concatenate(chunks)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    captions = [caption(label) for label in labels] if args.captions else None
+    captions = [caption(label, classes) for label in labels] if args.captions else None
     save_grid(images, args.out, args.columns, captions=captions)
     seconds = time.perf_counter() - start
     print(

@@ -1,4 +1,4 @@
-"""Command-line options shared by `selfflow sample` and `selfflow generate`.
+"""Command-line options shared by `selfflow sample`, `selfflow generate` and others.
 
 One definition per option keeps the two commands' names, defaults and help in step; each
 command still places them in its own argument groups.
@@ -68,7 +68,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--vae": dict(
         default=None,
         metavar="ID_OR_DIR",
-        help="VAE: hub id or local diffusers folder (default: stabilityai/sd-vae-ft-ema)",
+        help="VAE: hub id or local diffusers folder (default: the one the checkpoint records: "
+        "stabilityai/sd-vae-ft-ema for the released model, the training data's VAE for a "
+        "model trained with selfflow); its encoder must be the model's (checked)",
+    ),
+    "--allow-vae-mismatch": dict(
+        action="store_true",
+        help="decode with --vae even when its encoder is not the one the model was trained on",
     ),
     "--device": dict(
         default=None,
@@ -85,12 +91,17 @@ OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def add_options(
-    container: argparse.ArgumentParser | argparse._ArgumentGroup, *names: str, **defaults: Any
+    container: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *names: str,
+    help: dict[str, str] | None = None,
+    **defaults: Any,
 ) -> None:
     """Add the shared options ``names`` to a parser or group; ``defaults`` overrides by dest
-    (``seed=0``)."""
+    (``seed=0``), ``help`` a help text by option name (what it means to that command)."""
     for name in names:
         spec = dict(OPTIONS[name])
+        if help and name in help:
+            spec["help"] = help[name]
         dest = name.lstrip("-").replace("-", "_")
         if dest in defaults:
             spec["default"] = defaults[dest]

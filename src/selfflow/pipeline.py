@@ -18,12 +18,14 @@ rounds differently: the same noise and labels, so the same distribution, but oth
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from selfflow import seeds, transport, vae
+from selfflow.card import RELEASED
 from selfflow.distributed import resolve_device, resolve_dtype
 from selfflow.errors import ConfigurationError
 from selfflow.finite import NonFiniteSamplesError
@@ -101,6 +103,7 @@ class SelfFlowPipeline:
             torch.device(device) if device is not None else next(model.parameters()).device
         )
         self.model_fn = model_fn or model
+        self.vae_name: str | None = None  # where the VAE came from, when from_pretrained loaded it
         self.latent_shape = (
             model.config.in_channels,
             model.config.input_size,
@@ -117,15 +120,21 @@ class SelfFlowPipeline:
         dtype: torch.dtype | None = None,
         vae_dtype: torch.dtype = torch.bfloat16,
         compile: bool | None = None,
+        allow_vae_mismatch: bool = False,
     ) -> SelfFlowPipeline:
-        """Load the model (``checkpoint=None``: the released file) and the SD-VAE.
+        """Load the model (``checkpoint=None``: the released file) and its VAE.
 
-        ``dtype`` picks the network: ``float32`` runs the plain reference model; ``bfloat16``
-        (the default on CUDA) runs the fast path of :mod:`selfflow.fast` (bf16 matmuls, float32
-        residual stream, compiled on CUDA unless ``compile=False``).
+        ``vae=None`` decodes with the VAE the model's card records (SD-VAE for the released
+        model, the data's own VAE for a model trained here); a ``vae`` given by hand must have
+        the encoder the model was trained on, unless ``allow_vae_mismatch`` (then a warning is
+        logged). ``dtype`` picks the network: ``float32`` runs the plain reference model;
+        ``bfloat16`` (the default on CUDA) runs the fast path of :mod:`selfflow.fast` (bf16
+        matmuls, float32 residual stream, compiled on CUDA unless ``compile=False``).
+        The VAE used is ``pipe.vae_name``; the model's classes are ``pipe.classes``.
         """
+        from selfflow.card import check_vae_identity, chosen_vae
         from selfflow.checkpoint import load_model
-        from selfflow.vae import SD_VAE_ID, load_vae
+        from selfflow.vae import encoder_record_of, load_vae
 
         device = torch.device(device) if device is not None else default_device()
         dtype = resolve_dtype(dtype, device)
@@ -133,9 +142,27 @@ class SelfFlowPipeline:
         # from then stays on the CPU (2.7 GB less GPU memory for XL/2).
         model_device = device if dtype == torch.float32 else torch.device("cpu")
         model = load_model(checkpoint, device=model_device, dtype=torch.float32)
-        autoencoder = load_vae(vae or SD_VAE_ID, device=device, dtype=vae_dtype)
+        card = model.checkpoint_info.card
+        vae_name = chosen_vae(card, vae)
+        autoencoder = load_vae(vae_name, device=device, dtype=vae_dtype)
+        if vae is not None and card.vae_identity is not None:
+            note = check_vae_identity(
+                card.vae_identity, encoder_record_of(vae_name), vae_name, allow=allow_vae_mismatch
+            )
+            if note:
+                warnings.warn(note, stacklevel=2)
         model_fn = network_for(model, dtype, compile, device=device)
-        return cls(model, autoencoder, device=device, model_fn=model_fn)
+        pipe = cls(model, autoencoder, device=device, model_fn=model_fn)
+        pipe.vae_name = vae_name
+        return pipe
+
+    @property
+    def classes(self):
+        """The model's classes (label, WordNet id, name), from its card (ImageNet's when the
+        model records none)."""
+        info = getattr(self.model, "checkpoint_info", None)
+        card = info.card if info is not None else RELEASED
+        return card.classes(self.model.config.num_classes)
 
     # -- the three stages ---------------------------------------------------------------------
 

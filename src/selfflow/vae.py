@@ -18,10 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfflow.card import SD_VAE_ID
 from selfflow.errors import ConfigurationError, DownloadError
 from selfflow.finite import check_rows
 
-SD_VAE_ID = "stabilityai/sd-vae-ft-ema"
+__all__ = [
+    "SD_VAE_ID",
+    "decode",
+    "encode_posterior",
+    "encoder_identity",
+    "encoder_record",
+    "encoder_record_of",
+    "load_vae",
+]
 LATENT_SCALE = 0.18215
 # Latents per decoder call, always (see :func:`decode`): small enough that decoding one image
 # costs little, large enough to keep a GPU busy (8 images of 256 x 256 are 0.5 M pixels).
@@ -44,6 +53,11 @@ def load_vae(
             f"{local} is not a diffusers AutoencoderKL folder: expected config.json and "
             f"diffusion_pytorch_model.safetensors inside (save it with vae.save_pretrained(folder))"
         )
+    unreachable = None  # why the hub cannot be asked now: then its cache alone, at once
+    if not local.exists():
+        from selfflow.download import hub_unreachable
+
+        unreachable = hub_unreachable(source, "config.json")
     try:
         # torch_dtype here rather than .to(dtype) below: same weights, without diffusers'
         # warning about casting after loading. low_cpu_mem_usage needs accelerate; asking for
@@ -58,6 +72,7 @@ def load_vae(
                 str(local) if local.exists() else source,
                 torch_dtype=dtype,
                 low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
+                **({"local_files_only": True} if unreachable else {}),
             )
     except (OSError, ValueError) as error:
         from selfflow.download import hub_failure_cause
@@ -65,16 +80,23 @@ def load_vae(
         cause = (
             f"{type(error).__name__}: {str(error).splitlines()[0]}"
             if local.exists()
-            else hub_failure_cause(error)
+            else hub_failure_cause(error, unreachable)
         )
         raise DownloadError(
             f"could not load the VAE {source!r}: {cause}. Fetch it where there is internet "
             f"access with `selfflow download vae` (into huggingface_hub's cache, which compute "
-            f"nodes may share; set HF_HUB_OFFLINE=1 there), or download the diffusers folder "
-            f"of {SD_VAE_ID} (config.json and diffusion_pytorch_model.safetensors) and pass it "
-            f"with --vae FOLDER."
+            f"nodes may share; set HF_HUB_OFFLINE=1 there), or {_vae_by_hand(source)}"
         ) from error
     return vae.to(device=device).eval().requires_grad_(False)
+
+
+def _vae_by_hand(name: str) -> str:
+    """How to get a hub VAE's folder without the hub's client, in words (ends the message)."""
+    return (
+        f"download the diffusers folder of {name} (config.json and "
+        f"diffusion_pytorch_model.safetensors, from https://huggingface.co/{name}/tree/main) "
+        f"into one folder and pass it with --vae FOLDER."
+    )
 
 
 def vae_source(name_or_path: str | os.PathLike) -> str:
@@ -89,6 +111,8 @@ def vae_source(name_or_path: str | os.PathLike) -> str:
                 f"{local} is not a diffusers AutoencoderKL folder: expected config.json inside"
             )
         return f"the local folder {local}"
+    if local.is_absolute():  # a recorded folder, never a hub id
+        return f"the local folder {local}, which is NOT on this machine (pass --vae)"
     from huggingface_hub import try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(source, "config.json"), str):
@@ -103,9 +127,17 @@ def download_vae(name: str = SD_VAE_ID) -> Path:
     """Fetch the VAE into huggingface_hub's cache, exactly where :func:`load_vae` looks it up.
 
     It is loaded once (on the CPU) through the same call as every run makes, so whatever files
-    that call needs are in the cache afterwards; returns the cached folder.
+    that call needs are in the cache afterwards; returns the cached folder. Its error says why
+    the hub could not be used and how to get the folder by hand (not to run this again).
     """
-    load_vae(name, dtype=torch.float32)
+    try:
+        load_vae(name, dtype=torch.float32)
+    except DownloadError as error:
+        why = str(error).split(". Fetch it where there is internet access", 1)[0]
+        raise DownloadError(
+            f"{why.replace('could not load', 'could not download', 1)}. Without the hub, "
+            f"{_vae_by_hand(name)}"
+        ) from error
     from huggingface_hub import try_to_load_from_cache
 
     config = try_to_load_from_cache(name, "config.json")
@@ -193,3 +225,21 @@ def encoder_identity(vae) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()
+
+
+def encoder_record(vae) -> str:
+    """``encoder-sha256:<hex>``: the VAE identity that dataset manifests and model cards record.
+
+    The VAE must be loaded in float32: a bf16 copy's rounded weights hash differently, so a
+    sampler's bf16 decoder cannot vouch for itself (see :func:`encoder_record_of`).
+    """
+    dtype = next(vae.parameters()).dtype
+    if dtype != torch.float32:
+        raise ValueError(f"the encoder's identity is taken from float32 weights; got {dtype}")
+    return f"encoder-sha256:{encoder_identity(vae)}"
+
+
+def encoder_record_of(name_or_path: str | os.PathLike) -> str:
+    """:func:`encoder_record` of a VAE by name: loaded once more, in float32 on the CPU
+    (about a second for SD-VAE), for the check of a ``--vae`` given by hand."""
+    return encoder_record(load_vae(name_or_path, dtype=torch.float32))

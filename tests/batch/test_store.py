@@ -137,6 +137,7 @@ def _settings(**changes):
         guidance_low=0.0,
         guidance_high=0.7,
         class_balanced=False,
+        num_classes=1000,
         dtype="bfloat16",
         network="FastSelfFlow/bfloat16",
         vae_dtype="bfloat16",

@@ -654,7 +654,9 @@ def test_a_stop_signal_checkpoints_and_skips_the_periodic_sample_and_eval(
     assert [s for s, _ in run_state.list_checkpoints(out)] == [stopped_after]
 
 
-def test_evaluation_on_a_subset_of_imagenet_is_refused(tmp_path, data):
+def test_evaluation_of_a_model_of_its_own_classes_is_accepted(tmp_path, data):
+    """The FID batch draws labels from the model's own label space (issue #23 item 1), so a
+    10-class run may be evaluated against a reference batch of its own classes."""
     from types import SimpleNamespace
 
     from selfflow.train.watch import check_watch_options
@@ -664,12 +666,8 @@ def test_evaluation_on_a_subset_of_imagenet_is_refused(tmp_path, data):
     resolved = tiny_config(data, tmp_path / "run", eval_every=2, eval_ref=str(ref)).resolve(
         (4, 8, 8), 10
     )
-    subset = SimpleNamespace(vae="a-vae", num_classes=10)
-    with pytest.raises(
-        ConfigurationError, match="draws ImageNet's 1000 labels; the dataset has 10"
-    ):
-        check_watch_options(resolved, subset)
-    check_watch_options(resolved, SimpleNamespace(vae="a-vae", num_classes=1000))  # all of it
+    check_watch_options(resolved, SimpleNamespace(vae="a-vae", num_classes=10))
+    check_watch_options(resolved, SimpleNamespace(vae="a-vae", num_classes=1000))
 
 
 def test_evaluation_of_a_pixel_dataset_is_refused_before_training(tmp_path, data):

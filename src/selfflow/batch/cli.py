@@ -84,12 +84,13 @@ def _official_options(official: argparse._ArgumentGroup) -> None:
 
 def _selfflow_options(ours: argparse._ArgumentGroup) -> None:
     """Options the official script lacks: solver, VAE, devices, folder handling, evaluation."""
-    add_options(ours, "--solver", "--vae")
+    add_options(ours, "--solver", "--vae", "--allow-vae-mismatch")
     ours.add_argument(
         "--class-balanced",
         action="store_true",
-        help="exactly N/1000 images per class in a seeded shuffled order (N must be divisible "
-        "by 1000); default: labels uniform at random, as in the paper",
+        help="exactly N/K images of each of the model's K classes (1000 for the released "
+        "model) in a seeded shuffled order (N must be divisible by K); default: labels uniform "
+        "at random over the model's classes, as in the paper",
     )
     add_options(ours, "--device", "--dtype")
     ours.add_argument(
@@ -152,6 +153,7 @@ def config_from_args(args: argparse.Namespace):
         save_images=args.save_images,
         solver=args.solver,
         vae=args.vae,
+        allow_vae_mismatch=args.allow_vae_mismatch,
         class_balanced=args.class_balanced,
         device=args.device,
         dtype=args.dtype,

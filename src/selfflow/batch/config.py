@@ -50,7 +50,8 @@ class BatchConfig:
     guidance_high: float = DEFAULT_GUIDANCE_INTERVAL[1]
     save_images: bool = False
     solver: str = DEFAULT_SOLVER
-    vae: str | None = None
+    vae: str | None = None  # None: the VAE the checkpoint's card records (SD-VAE if none)
+    allow_vae_mismatch: bool = False
     class_balanced: bool = False
     device: str | None = None
     dtype: str | None = None
@@ -76,9 +77,15 @@ class BatchConfig:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigurationError(f"--dtype must be one of {DTYPES}; got {self.dtype!r}")
         if self.class_balanced:
+            from selfflow.checkpoint import read_card
+            from selfflow.classes import NUM_IMAGENET_CLASSES
             from selfflow.seeds import balanced_labels
 
-            balanced_labels(self.seed, self.num_samples)  # raises with the reason
+            # N/K of each of the model's K classes: K from the checkpoint's config (read, not
+            # loaded); files without one are the released 1000-class layout
+            config = read_card(self.checkpoint)[1]
+            classes = config.num_classes if config is not None else NUM_IMAGENET_CLASSES
+            balanced_labels(self.seed, self.num_samples, classes)  # raises with the reason
         self.eval_ref = _in_cache_if_bare(self.eval_ref)
         for name, value in (("--eval-ref", self.eval_ref), ("--inception", self.inception)):
             if value is not None and not Path(value).is_file():
@@ -173,8 +180,3 @@ def _cache_hint(path: str | os.PathLike) -> str:
     return f", neither here nor in {cache_dir()} (`selfflow download reference` puts it there)"
 
 
-def default_vae() -> str:
-    """The VAE used when ``--vae`` is not given: the one the model was trained with."""
-    from selfflow.vae import SD_VAE_ID
-
-    return SD_VAE_ID

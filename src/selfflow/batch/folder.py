@@ -12,7 +12,6 @@ from pathlib import Path
 
 from selfflow import distributed
 from selfflow.batch import store
-from selfflow.batch.config import default_vae
 from selfflow.batch.manifest import MANIFEST_NAME
 from selfflow.errors import ConfigurationError
 from selfflow.files import folder_sha256, remove_temporaries
@@ -97,9 +96,8 @@ def clear_output_dir(output_dir: Path) -> int:
     return removed
 
 
-def vae_identity(vae: str | None) -> str:
+def vae_identity(name: str) -> str:
     """A hub id as given; a local folder by the sha256 of its files (its path may move)."""
-    name = vae or default_vae()
     folder = Path(name).expanduser()
     if not folder.exists():
         return name

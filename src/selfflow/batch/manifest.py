@@ -56,6 +56,7 @@ def image_settings(
     guidance_low: float,
     guidance_high: float,
     class_balanced: bool,
+    num_classes: int,
     dtype: str,
     network: str,
     vae_dtype: str,
@@ -76,6 +77,7 @@ def image_settings(
         "guidance_low": float(guidance_low) if guided else None,
         "guidance_high": float(guidance_high) if guided else None,
         "class_balanced": bool(class_balanced),
+        "num_classes": int(num_classes),  # labels are drawn from 0..num_classes-1
         "dtype": dtype,
         "network": network,
         "vae_dtype": vae_dtype,

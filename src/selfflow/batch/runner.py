@@ -42,7 +42,6 @@ from selfflow.batch.config import (
     BatchConfig,
     BatchResult,
     batch_shape,
-    default_vae,
     pad_batch,
 )
 from selfflow.batch.lock import FolderLock
@@ -109,6 +108,8 @@ class BatchJob:
         self.dtype_name = str(resolve_dtype(config.dtype, context.device)).removeprefix("torch.")
         self.pipe = None
         self.network = ""
+        self.vae_name: str | None = None  # the VAE used (--vae, else the checkpoint's own)
+        self.num_classes: int | None = None  # the model's label space, known once loaded
         self.manifest: Manifest | None = None
         self.plan: store.ShardPlan | None = None
         self._balanced: np.ndarray | None = None
@@ -173,10 +174,13 @@ class BatchJob:
             checkpoint = str(download_checkpoint())
         pipe = SelfFlowPipeline.from_pretrained(
             checkpoint,
-            self.config.vae or default_vae(),
+            self.config.vae,  # None: the VAE the checkpoint's card records
             device=device,
             dtype=getattr(torch, self.dtype_name),
+            allow_vae_mismatch=self.config.allow_vae_mismatch,
         )
+        self.vae_name = pipe.vae_name
+        self.num_classes = pipe.model.config.num_classes  # labels come from its label space
         self.network = f"{type(pipe.model_fn).__name__}/{self.dtype_name}"
         if self.prepare_pipeline is not None:
             self.prepare_pipeline(pipe)
@@ -189,9 +193,11 @@ class BatchJob:
 
         if self.config.class_balanced:
             if self._balanced is None:
-                self._balanced = seeds.balanced_labels(self.config.seed, self.config.num_samples)
+                self._balanced = seeds.balanced_labels(
+                    self.config.seed, self.config.num_samples, self.num_classes
+                )
             return self._balanced[indices]
-        return seeds.uniform_labels(self.config.seed, indices.tolist()).numpy()
+        return seeds.uniform_labels(self.config.seed, indices.tolist(), self.num_classes).numpy()
 
     def _verify(self, candidates: list[int]) -> list[int]:
         """Check the shard files present; returns the ids still to sample (in plan order)."""

@@ -25,7 +25,7 @@ import selfflow
 from selfflow import distributed
 from selfflow.batch import reuse, store
 from selfflow.batch.assemble import npz_name
-from selfflow.batch.config import VAE_DTYPE, batch_shape, default_vae
+from selfflow.batch.config import VAE_DTYPE, batch_shape
 from selfflow.batch.folder import (
     any_shard_files,
     clear_output_dir,
@@ -161,7 +161,7 @@ def _image_settings(job: Any, checkpoint_sha256: str) -> dict:
     config = job.config
     return image_settings(
         checkpoint_sha256=checkpoint_sha256,
-        vae=vae_identity(config.vae),
+        vae=vae_identity(job.vae_name),
         num_samples=config.num_samples,
         num_steps=config.num_steps,
         mode=config.mode,
@@ -171,6 +171,7 @@ def _image_settings(job: Any, checkpoint_sha256: str) -> dict:
         guidance_low=config.guidance_low,
         guidance_high=config.guidance_high,
         class_balanced=config.class_balanced,
+        num_classes=job.num_classes,
         dtype=job.dtype_name,
         network=job.network,
         vae_dtype=VAE_DTYPE,
@@ -252,7 +253,7 @@ def _new_manifest(
         image_shape=image_shape,
         info={
             "checkpoint": str(Path(checkpoint).resolve()),
-            "vae": config.vae or default_vae(),
+            "vae": job.vae_name,
             "selfflow_version": selfflow.__version__,
             "torch": torch_version(),
             "created": run_info["started"],

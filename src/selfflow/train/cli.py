@@ -42,6 +42,16 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="train until this many optimiser steps (a resume may raise it)",
     )
+    add_options(
+        where,
+        "--vae",
+        "--allow-vae-mismatch",
+        help={
+            "--vae": "the VAE that decodes the sample grids and evaluations and that the "
+            "exports record (default: the one the dataset records); its encoder must be the "
+            "one that made the data's latents (checked)"
+        },
+    )
     where.add_argument(
         "--init-from",
         default=None,
@@ -273,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(
         f"selfflow train: at step {result.step}; checkpoint {result.checkpoint}, "
-        f"EMA export {result.export}",
+        + (f"EMA export {result.export}" if result.export else "no EMA export of that step"),
         flush=True,
     )
     return 0
@@ -305,8 +315,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from selfflow.train.export import export_run
 
-    path = export_run(args.run, args.out, step=args.step)
-    print(f"selfflow export: wrote {path}", flush=True)
+    exported = export_run(args.run, args.out, step=args.step)
+    print(f"selfflow export: {exported.summary()}", flush=True)
     return 0
 
 

@@ -58,6 +58,8 @@ RESUMABLE_CHANGES = frozenset(
         "sample_every",
         "log_every",
         "progress",
+        "vae",  # where the VAE loads from; its encoder is checked against the data's
+        "allow_vae_mismatch",
         # the label space is in the identity's model_config (num_classes) already
         "num_classes",
     }
@@ -75,6 +77,8 @@ class TrainConfig:
 
     data: str = ""
     output_dir: str = ""
+    vae: str | None = None  # default: the VAE the dataset records
+    allow_vae_mismatch: bool = False
     steps: int = 0
     model: str = "XL/2"
     hidden_size: int | None = None

@@ -6,36 +6,87 @@ under the released key names and the model's config (any size, input shape and c
 so :func:`selfflow.load_model`, :class:`selfflow.SelfFlowPipeline` and ``selfflow sample --ckpt``
 load it strictly. The trainer writes one beside every checkpoint (``step_N-ema.pt``);
 ``selfflow export RUN OUT.pt`` writes one from a run's newest intact checkpoint (or a given one).
+Both carry the run's card (:mod:`selfflow.card`): the dataset's class names and the VAE, so the
+export samples, captions and decodes as it was trained without being told.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from selfflow.card import RELEASED, ModelCard
 from selfflow.checkpoint import save_model
-from selfflow.errors import CheckpointError
+from selfflow.errors import CheckpointError, ConfigurationError
+from selfflow.files import check_can_write, writing
 from selfflow.model import ModelConfig, SelfFlowDiT
 from selfflow.train import state as run_state
 
 
-def write_export(config: ModelConfig, ema_state: Mapping[str, torch.Tensor], path: Path) -> Path:
-    """Write the EMA weights with ``config`` to ``path``, atomically (no CPU copy of a model
-    is built: the tensors are assigned to a model skeleton on the meta device)."""
+EXPORT_SUFFIXES = (".pt", ".safetensors")
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What :func:`export_run` wrote: the file, the training step and checkpoint it came from,
+    and the card it carries (classes and VAE)."""
+
+    path: Path
+    step: int
+    checkpoint: Path
+    card: ModelCard
+    num_classes: int
+
+    def summary(self) -> str:
+        names = [c.name for c in self.card.classes(self.num_classes)]
+        shown = ", ".join(names[:4]) + (", …" if len(names) > 4 else "")
+        vae = self.card.vae or "none (latents not made by a VAE)"
+        return (
+            f"wrote {self.path}: the EMA of step {self.step} (from {self.checkpoint}); "
+            f"{len(names)} classes ({shown}); VAE {vae}"
+        )
+
+
+def check_export_path(out: str | os.PathLike) -> Path:
+    """``OUT`` must name a ``.pt`` or ``.safetensors`` file in a folder that can be written:
+    checked before a 10 GB checkpoint is read."""
+    out = Path(out)
+    if out.suffix not in EXPORT_SUFFIXES:
+        raise ConfigurationError(
+            f"OUT {out}: expected a file ending in .pt or .safetensors (the format follows "
+            f"the suffix); got {out.suffix or 'no suffix'}"
+        )
+    if out.is_dir():
+        raise ConfigurationError(f"OUT {out} is a folder; expected a .pt or .safetensors file")
+    check_can_write(out.parent, f"OUT {out}")
+    return out
+
+
+def write_export(
+    config: ModelConfig,
+    ema_state: Mapping[str, torch.Tensor],
+    path: Path,
+    card: ModelCard | None = None,
+) -> Path:
+    """Write the EMA weights with ``config`` and ``card`` to ``path``, atomically (no CPU copy
+    of a model is built: the tensors are assigned to a model skeleton on the meta device)."""
     with torch.device("meta"):
         model = SelfFlowDiT(config)
     model.load_state_dict(dict(ema_state), strict=True, assign=True)
-    with run_state.disk_full_guard(Path(path)):
-        return save_model(model, path)  # atomic: temporary name, then rename
+    with writing(Path(path)):  # a read-only folder or a full disk: one line, no temporary
+        return save_model(model, path, card=card)  # atomic: temporary name, then rename
 
 
-def export_run(source: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> Path:
+def export_run(
+    source: str | os.PathLike, out: str | os.PathLike, step: int | None = None
+) -> Exported:
     """Export the EMA of ``source``: a run folder (its newest intact checkpoint, or ``step``)
-    or one training checkpoint file. Returns the path written."""
-    source = Path(source)
+    or one training checkpoint file. Returns what was written (:class:`Exported`)."""
+    source, out = Path(source), check_export_path(out)
     if source.is_dir():
         if step is not None:
             path = run_state.checkpoint_path(source, step)
@@ -52,8 +103,21 @@ def export_run(source: str | os.PathLike, out: str | os.PathLike, step: int | No
                 )
             state, path = found
     elif source.is_file():
-        state = run_state.read_checkpoint(source)
+        state, path = run_state.read_checkpoint(source), source
     else:
         raise CheckpointError(f"{source}: no such run folder or training checkpoint")
     config = ModelConfig.from_dict(dict(state["settings"]["model"]))
-    return write_export(config, state["ema"], Path(out))
+    card = checkpoint_card(state, path)
+    written = write_export(config, state["ema"], out, card)
+    return Exported(written, int(state["step"]), path, card, config.num_classes)
+
+
+def checkpoint_card(state: Mapping, path: Path) -> ModelCard:
+    """The card a training checkpoint carries; RELEASED for checkpoints older than cards."""
+    values = state.get("card")
+    if values is None:
+        return RELEASED
+    try:
+        return ModelCard.from_dict(values)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: the stored model card is damaged: {error}") from error

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 LOG_NAME = "log.jsonl"
 GRID_SAMPLES = 16
 GRID_STEPS = 250  # the paper's SDE protocol
-EVAL_CLASSES = 1000  # the FID batch draws ImageNet's labels uniformly
 
 
 def check_watch_options(resolved: ResolvedConfig, dataset) -> None:
@@ -51,11 +50,6 @@ def check_watch_options(resolved: ResolvedConfig, dataset) -> None:
         raise ConfigurationError(
             f"--eval-every scores images decoded by the dataset's VAE, but {s.data} is stored "
             f"without one (pixel or raw data); ADM's Inception metrics need VAE latents"
-        )
-    if dataset.num_classes != EVAL_CLASSES:
-        raise ConfigurationError(
-            f"--eval-every runs the FID batch, which draws ImageNet's {EVAL_CLASSES} labels; the "
-            f"dataset has {dataset.num_classes} classes"
         )
 
 
@@ -229,7 +223,7 @@ class Watch:
             export = folder / "ema.pt"
             _, ema, _ = trainer.full_states(ema_only=True)
             if self.main:
-                write_export(trainer.resolved.model, ema, export)
+                write_export(trainer.resolved.model, ema, export, trainer.card)
         distributed.barrier(trainer.context)
         config = BatchConfig(
             checkpoint=str(export),
@@ -237,7 +231,7 @@ class Watch:
             num_samples=self.settings.eval_samples,
             batch_size=self.settings.batch_size,
             seed=self.settings.seed,
-            vae=trainer.dataset.vae,
+            vae=None,  # the export's own (its card records the run's VAE)
             dtype="bfloat16" if trainer.dtype == torch.bfloat16 else "float32",
             eval_ref=self.settings.eval_ref,
         )

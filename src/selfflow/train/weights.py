@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from selfflow.model import SelfFlowDiT
-from selfflow.seeds import stream_seed
+from selfflow.seeds import torch_seed
 from selfflow.train.config import ResolvedConfig
 
 
@@ -21,7 +21,7 @@ def read_init(resolved: ResolvedConfig, init_from: str | None) -> dict[str, torc
         return None
     from selfflow.checkpoint import read_checkpoint, validate_state_dict
 
-    state, _, _, _ = read_checkpoint(init_from, mmap=True)  # copied into the model once
+    state, *_ = read_checkpoint(init_from, mmap=True)  # copied into the model once
     with torch.device("meta"):
         model = SelfFlowDiT(resolved.model)
     validate_state_dict(state, model, f"--init-from {init_from}")
@@ -34,7 +34,7 @@ def initial_model(
     """DiT's initialisation drawn from a generator keyed by the seed (every process builds the
     same weights), or the ``--init-from`` weights."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream_seed(resolved.settings.seed, 0, "init"))
+        torch.manual_seed(torch_seed(resolved.settings.seed, 0, "init"))
         model = SelfFlowDiT(resolved.model)
     if init_state is not None:
         model.load_state_dict(init_state, strict=True)
