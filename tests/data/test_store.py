@@ -138,7 +138,9 @@ def test_a_truncated_shard_is_reported(posterior):
     ds, *_ = posterior
     shard = ds.root / "shards" / "shard_00001.npy"
     shard.write_bytes(shard.read_bytes()[:200])
-    reopened = LatentDataset(ds.root)
+    with pytest.raises(DatasetError, match="shard_00001.npy is truncated: 200 bytes"):
+        LatentDataset(ds.root)  # refused when opened, before any reader starts
+    reopened = LatentDataset(ds.root, check_files=False)
     with pytest.raises(DatasetError, match="shard_00001"):
         reopened.get_batch(np.array([6]))
 

@@ -4,6 +4,9 @@
 processes (and their data-loader workers) can read one folder at once. The trainer calls
 :meth:`LatentDataset.get_batch` every step with a random global batch: it groups the indices by
 shard and reads each shard's rows with one vectorised fancy-index on its memory map.
+
+**Integrity.** Opening checks that every shard file is there with the size its header gives
+(no data read), so a missing or truncated shard is refused before a run writes anything.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ class LatentDataset:
     multiplies latents by :attr:`scale` (the VAE's scaling factor, 1.0 for raw data).
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, *, check_files: bool = True) -> None:
+        """``check_files``: refuse a shard file that is missing or whose size is not what its
+        header says (reads each header; ``prepare --verify`` turns it off to list every
+        problem itself)."""
         self.root = Path(root)
         self.manifest: dict[str, Any] = read_manifest(self.root)
         m = self.manifest
@@ -60,6 +66,66 @@ class LatentDataset:
                 f"{self.root}: the shards hold {self._starts[-1]} images, the labels "
                 f"{len(self.labels)}; the manifest is damaged"
             )
+        if check_files:
+            self.check_files()
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._paths)
+
+    def shard_path(self, shard_id: int) -> Path:
+        return self._paths[shard_id]
+
+    def _expected_shape(self, shard_id: int) -> tuple[int, ...]:
+        count = int(self._starts[shard_id + 1] - self._starts[shard_id])
+        return (count, 2 if self.has_std else 1, *self.latent_shape)
+
+    def shard_file_problem(self, shard_id: int) -> str | None:
+        """What is wrong with a shard file judged by its header and size alone (missing,
+        unreadable, another shape or dtype, truncated or too long), or None."""
+        path = self._paths[shard_id]
+        try:
+            with open(path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran_order, dtype = read_header(handle)
+                offset = handle.tell()
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"shard {path} is missing"
+        except (OSError, ValueError) as error:
+            return f"shard {path} is unreadable ({error})"
+        expected = self._expected_shape(shard_id)
+        if shape != expected or dtype != np.dtype(self.dtype) or fortran_order:
+            return f"shard {path} holds {dtype} {shape}; the manifest says {self.dtype} {expected}"
+        needed = offset + int(np.prod(shape)) * dtype.itemsize
+        if size != needed:
+            state = "truncated" if size < needed else "too long"
+            return f"shard {path} is {state}: {size:,} bytes where its header says {needed:,}"
+        return None
+
+    def check_files(self) -> None:
+        """Every shard file present with the size its header gives, and the shape and dtype
+        the manifest gives (headers only: milliseconds per shard, no data read)."""
+        problems = [p for k in range(self.num_shards) if (p := self.shard_file_problem(k))]
+        if problems:
+            more = f" ({len(problems) - 1} more shards too)" if len(problems) > 1 else ""
+            raise DatasetError(f"{problems[0]}{more}; {self.repair_hint()}")
+
+    def repair_hint(self) -> str:
+        """How to mend missing or damaged shards of this dataset, for error messages."""
+        source = self.manifest.get("source")
+        if isinstance(source, dict) and source.get("root"):
+            return (
+                f"delete the damaged shard files and rerun `selfflow prepare {source['root']} "
+                f"{self.root}` with the options that made it: it re-checks every shard and "
+                f"re-encodes the missing ones"
+            )
+        return "rewrite the dataset (selfflow.data.write_dataset with overwrite=True)"
 
     def _read_labels(self, count: int) -> np.ndarray:
         path = self.root / LABELS_NAME
@@ -88,11 +154,7 @@ class LatentDataset:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as error:
             raise DatasetError(f"shard {path} is missing or unreadable ({error})") from error
-        expected = (
-            int(self._starts[shard_id + 1] - self._starts[shard_id]),
-            2 if self.has_std else 1,
-            *self.latent_shape,
-        )
+        expected = self._expected_shape(shard_id)
         if array.shape != expected or array.dtype != np.dtype(self.dtype):
             raise DatasetError(
                 f"shard {path} holds {array.dtype} {array.shape}; the manifest says "

@@ -30,7 +30,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from selfflow import distributed
-from selfflow.card import ModelCard
 from selfflow.errors import ConfigurationError, SelfFlowError
 from selfflow.model import SelfFlowDiT
 from selfflow.train import state as run_state
@@ -218,7 +217,6 @@ class Trainer:
             self.log(f"note: {note}")
         self.dtype = distributed.resolve_dtype(config.dtype, self.context.device)
         check_watch_options(self.resolved, self.dataset)
-        self.vae_name, self.card = self._vae_and_card()
         self.init_state = None
         if not run_state.list_checkpoints(self.run_dir):
             self.init_state = read_init(self.resolved, config.init_from)
@@ -235,54 +233,14 @@ class Trainer:
             self._check_run_folder()
         elif self.context.is_main:
             self._claim_run_folder()
-            if self.resolved.settings.sample_every and self.vae_name is not None:
+            if self.resolved.settings.sample_every and self.dataset.vae is not None:
                 from selfflow.vae import load_vae  # the grid decodes with the data's own VAE
 
-                self.vae = load_vae(self.vae_name, device=self.context.device)
-
-    def _vae_and_card(self) -> tuple[str | None, ModelCard]:
-        """The VAE that decodes this run's pictures, and the card its exports carry.
-
-        The VAE is ``--vae`` or the one the dataset records. A ``--vae`` must have the encoder
-        that made the data's latents (loaded once in float32 to check, on the process that
-        reports); a recorded folder missing from this machine is refused only when the run
-        decodes (grids, evaluations), and recorded as it is otherwise.
-        """
-        from selfflow.card import check_vae_identity, chosen_vae
-
-        data, settings = self.dataset, self.resolved.settings
-        recorded = data.manifest.get("vae_identity")
-        card = ModelCard(
-            class_names=tuple(data.class_names),
-            vae=data.vae,
-            vae_identity=recorded,
-            dataset=data.identity,
-        )
-        given = self.config.vae
-        if given is None and (
-            data.vae is None or not (settings.sample_every or settings.eval_every)
-        ):
-            return data.vae, card
-        name = chosen_vae(card, given)
-        if given is not None and recorded is not None and (self.context.is_main or self.dry_run):
-            from selfflow.vae import encoder_record_of
-
-            note = check_vae_identity(
-                recorded,
-                encoder_record_of(name),
-                name,
-                allow=self.config.allow_vae_mismatch,
-                what=f"the dataset {self.config.data}",
-            )
-            if note:
-                self.log(note)
-        return name, replace(card, vae=name)
+                self.vae = load_vae(self.dataset.vae, device=self.context.device)
 
     def _claim_run_folder(self) -> None:
         from selfflow.batch.lock import FolderBusyError, FolderLock
-        from selfflow.files import check_can_write
 
-        check_can_write(self.run_dir, f"--output-dir {self.run_dir}")  # read-only: say so now
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.lock = FolderLock(self.run_dir).acquire()
@@ -308,13 +266,10 @@ class Trainer:
         check_can_write(self.run_dir, f"--output-dir {self.run_dir}")
         run_state.check_run_record(self.run_dir, self.record(), write=False)
         run_state.check_free_space(self.run_dir, run_state.state_bytes(self.num_parameters))
-        if self.vae_name is not None:
+        if self.resolved.settings.sample_every and self.dataset.vae is not None:
             from selfflow.vae import vae_source
 
-            uses = "the sample grids decode with it and the exports record it"
-            if not self.resolved.settings.sample_every:
-                uses = "the exports record it"
-            self.log(f"VAE: {vae_source(self.vae_name)} ({uses})")
+            self.log(f"the sample grids decode with the VAE {vae_source(self.dataset.vae)}")
 
     def record(self) -> dict[str, Any]:
         return {"identity": self.resolved.identity(), "dataset": self.dataset.identity}
@@ -430,15 +385,9 @@ class Trainer:
         end = settings.steps
         if step >= end:
             self.log(f"{self.run_dir} is already at step {step} of {end}; nothing to do")
-            export = run_state.export_path(self.run_dir, step)  # written with that checkpoint
-            export = export if export.is_file() else None
-            return TrainResult(step, self.last_checkpoint, export, 0.0, {}, self.context.rank)
+            return TrainResult(step, self.last_checkpoint, None, 0.0, {}, self.context.rank)
         self.log(self._describe(step))
         watch = Watch(self, step)
-        # each shard's sha256 checked once, in the background, before a row of it is read
-        _, order = run_streams(self.resolved, self.dataset)
-        g = self.resolved.settings.global_batch_size
-        self.dataset.start_verifying(order.indices(step * g, len(self.dataset)))
         prefetch = self.prefetch = Prefetcher(self._make_batches, step, end)
         reader = SummaryReader()
         self.metrics: dict[str, float] = {}
@@ -473,7 +422,6 @@ class Trainer:
                         )
         finally:
             prefetch.close()
-            self.dataset.stop_verifying()
             watch.close()
         return TrainResult(
             step,
@@ -508,30 +456,11 @@ class Trainer:
         )
         for line in lines:
             self.log(line)
-        failures += self._verify_data()
         if failures:  # the last line says what failed; the exit status is 1
             raise ConfigurationError("the dry run failed: " + "; ".join(failures))
         self.log("dry run: every check passed and nothing was written")
         checkpoint = found[1] if found is not None else None
         return TrainResult(step, checkpoint, None, 0.0, {}, self.context.rank)
-
-    def _verify_data(self) -> list[str]:
-        """The dry run hashes every shard (a start verifies each in the background before its
-        first row is used); returns the failure, if any."""
-        from selfflow.data.verify import damaged_error, verify_all
-
-        began = time.perf_counter()
-        problems = verify_all(self.dataset, progress=self.config.progress)
-        if problems:
-            return [str(damaged_error(self.dataset, problems))]
-        size = sum(
-            self.dataset.shard_path(k).stat().st_size for k in range(self.dataset.num_shards)
-        )
-        self.log(
-            f"the {self.dataset.num_shards} shards ({size / 1e9:.2f} GB) match the manifest's "
-            f"sha256 (checked in {time.perf_counter() - began:.1f} s)"
-        )
-        return []
 
     def _read(self, reader: SummaryReader, watch: Any, *, keep: int) -> bool:
         """Read step summaries until ``keep`` remain: log them (the newest in ``self.metrics``)
@@ -614,12 +543,6 @@ class Trainer:
 
         model, ema, optimizer = self.full_states()
         if self.context.is_main:
-            # the export first: a checkpoint is then never without its export, even when the
-            # disk fills up between the two (a rerun resumes from the checkpoint and would not
-            # write the export of that step again)
-            self.last_export = write_export(
-                self.resolved.model, ema, run_state.export_path(self.run_dir, step), self.card
-            )
             self.last_checkpoint = run_state.write_checkpoint(
                 self.run_dir,
                 step,
@@ -630,7 +553,9 @@ class Trainer:
                 dataset=self.dataset.identity,
                 settings=self.resolved.to_dict(),
                 images_seen=step * self.resolved.settings.global_batch_size,
-                card=self.card.to_dict(),
+            )
+            self.last_export = write_export(
+                self.resolved.model, ema, run_state.export_path(self.run_dir, step)
             )
             s = self.resolved.settings
             run_state.prune(self.run_dir, s.keep_last, s.keep_every)
