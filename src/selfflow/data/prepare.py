@@ -41,7 +41,7 @@ from selfflow.batch.lock import FolderLock
 from selfflow.data import store
 from selfflow.data.images import CroppedImages, SourceList, collate, list_image_folder
 from selfflow.errors import ConfigurationError, DatasetError, ReportedOnRankZero
-from selfflow.files import remove_temporaries
+from selfflow.files import check_can_write, remove_temporaries
 
 CROP = "adm_center_crop"
 # Settings that must match to resume in a folder, with how a difference is described.
@@ -93,6 +93,7 @@ class PrepareConfig:
             raise ConfigurationError(
                 "OUT_DIR must not be IMAGE_DIR (its files would become a class)"
             )
+        check_can_write(out, f"OUT_DIR {out}")  # a read-only target fails now, not after the VAE
 
 
 @dataclass
@@ -287,7 +288,8 @@ class _Job:
 
     def _header(self, source: SourceList) -> dict[str, Any]:
         from selfflow.eval.metrics import full_fp32
-        from selfflow.vae import SD_VAE_ID, encode_posterior, encoder_identity
+        from selfflow.card import resolved_vae_name
+        from selfflow.vae import SD_VAE_ID, encode_posterior, encoder_record
 
         size = self.config.image_size
         with full_fp32():
@@ -297,8 +299,9 @@ class _Job:
             "dtype": self.config.dtype,
             "has_std": True,
             "scale": float(self.vae.config.scaling_factor),
-            "vae": str(self.config.vae or SD_VAE_ID),
-            "vae_identity": f"encoder-sha256:{encoder_identity(self.vae)}",
+            # where it loads from on any working folder (a relative folder, made absolute)
+            "vae": resolved_vae_name(self.config.vae or SD_VAE_ID),
+            "vae_identity": encoder_record(self.vae),
             "image_size": size,
             "crop": CROP,
             "class_names": source.class_names,

@@ -17,20 +17,18 @@ or absent; reading checks every archive entry's CRC-32 first
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from selfflow.checkpoint import torch_load_verified
-from selfflow.errors import CheckpointError, ConfigurationError, SelfFlowError
-from selfflow.files import nearest_existing, replaced_atomically
+from selfflow.errors import CheckpointError, ConfigurationError, DiskFullError
+from selfflow.files import nearest_existing, replaced_atomically, writing
 from selfflow.files import remove_temporaries as remove_temporaries_in
 
 FORMAT = "selfflow-train"
@@ -39,10 +37,6 @@ RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{9})\.pt$")
 REQUIRED_KEYS = ("format", "version", "step", "model", "ema", "optimizer", "identity", "dataset")
-
-
-class DiskFullError(SelfFlowError):
-    """The run folder's filesystem has no room for the next file."""
 
 
 def checkpoint_path(run: Path, step: int) -> Path:
@@ -74,6 +68,7 @@ def write_checkpoint(
     dataset: dict[str, Any],
     settings: dict[str, Any],
     images_seen: int,
+    card: dict[str, Any] | None = None,
 ) -> Path:
     """Write step ``step``'s training checkpoint atomically; returns its path.
 
@@ -92,6 +87,8 @@ def write_checkpoint(
         "dataset": dataset,
         "settings": settings,
         "images_seen": images_seen,
+        # classes and VAE (selfflow.card), for `selfflow export`; absent before they existed
+        "card": card,
     }
     return atomic_save(state, checkpoint_path(run, step))
 
@@ -130,35 +127,16 @@ def full_state_dicts(
 def atomic_save(obj: Any, path: Path, save: Callable[[Any, Path], None] | None = None) -> Path:
     """``torch.save`` (or ``save``) to a temporary name, fsync, rename: never half a file.
 
-    A full disk raises :class:`DiskFullError` naming the file, and leaves no temporary behind.
+    A read-only folder or a full disk raises :class:`~selfflow.errors.CannotWriteError` (a
+    :class:`DiskFullError` for the disk) naming the file, and leaves no temporary behind
+    (:func:`selfflow.files.writing`, which also reads torch.save's "unexpected pos" error).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with disk_full_guard(path), replaced_atomically(path, fsync=True) as tmp:
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_atomically(path, fsync=True) as tmp:
         (save or torch.save)(obj, tmp)
     return path
-
-
-@contextlib.contextmanager
-def disk_full_guard(path: Path) -> Iterator[None]:
-    """Turn "no space left on device" while writing ``path`` into a :class:`DiskFullError`."""
-    try:
-        yield
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise DiskFullError(
-            f"no space left on the device of {path.parent} while writing {path.name}; nothing "
-            f"was half-written (the previous checkpoints are intact). Free space and rerun the "
-            f"same command to continue from the last checkpoint"
-        ) from error
-    except RuntimeError as error:  # torch.save reports a failed write as RuntimeError
-        if "No space left" not in str(error) and "file write failed" not in str(error):
-            raise
-        raise DiskFullError(
-            f"could not write {path} ({str(error).splitlines()[0]}); nothing was half-written "
-            f"(the previous checkpoints are intact). Free space and rerun the same command"
-        ) from error
 
 
 def free_bytes(run: Path) -> int:

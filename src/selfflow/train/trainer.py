@@ -30,7 +30,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from selfflow import distributed
+from selfflow.card import ModelCard
 from selfflow.errors import ConfigurationError, SelfFlowError
 from selfflow.model import SelfFlowDiT
 from selfflow.train import state as run_state
@@ -217,6 +218,7 @@ class Trainer:
             self.log(f"note: {note}")
         self.dtype = distributed.resolve_dtype(config.dtype, self.context.device)
         check_watch_options(self.resolved, self.dataset)
+        self.vae_name, self.card = self._vae_and_card()
         self.init_state = None
         if not run_state.list_checkpoints(self.run_dir):
             self.init_state = read_init(self.resolved, config.init_from)
@@ -233,14 +235,54 @@ class Trainer:
             self._check_run_folder()
         elif self.context.is_main:
             self._claim_run_folder()
-            if self.resolved.settings.sample_every and self.dataset.vae is not None:
+            if self.resolved.settings.sample_every and self.vae_name is not None:
                 from selfflow.vae import load_vae  # the grid decodes with the data's own VAE
 
-                self.vae = load_vae(self.dataset.vae, device=self.context.device)
+                self.vae = load_vae(self.vae_name, device=self.context.device)
+
+    def _vae_and_card(self) -> tuple[str | None, ModelCard]:
+        """The VAE that decodes this run's pictures, and the card its exports carry.
+
+        The VAE is ``--vae`` or the one the dataset records. A ``--vae`` must have the encoder
+        that made the data's latents (loaded once in float32 to check, on the process that
+        reports); a recorded folder missing from this machine is refused only when the run
+        decodes (grids, evaluations), and recorded as it is otherwise.
+        """
+        from selfflow.card import check_vae_identity, chosen_vae
+
+        data, settings = self.dataset, self.resolved.settings
+        recorded = data.manifest.get("vae_identity")
+        card = ModelCard(
+            class_names=tuple(data.class_names),
+            vae=data.vae,
+            vae_identity=recorded,
+            dataset=data.identity,
+        )
+        given = self.config.vae
+        if given is None and (
+            data.vae is None or not (settings.sample_every or settings.eval_every)
+        ):
+            return data.vae, card
+        name = chosen_vae(card, given)
+        if given is not None and recorded is not None and (self.context.is_main or self.dry_run):
+            from selfflow.vae import encoder_record_of
+
+            note = check_vae_identity(
+                recorded,
+                encoder_record_of(name),
+                name,
+                allow=self.config.allow_vae_mismatch,
+                what=f"the dataset {self.config.data}",
+            )
+            if note:
+                self.log(note)
+        return name, replace(card, vae=name)
 
     def _claim_run_folder(self) -> None:
         from selfflow.batch.lock import FolderBusyError, FolderLock
+        from selfflow.files import check_can_write
 
+        check_can_write(self.run_dir, f"--output-dir {self.run_dir}")  # read-only: say so now
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.lock = FolderLock(self.run_dir).acquire()
@@ -266,10 +308,13 @@ class Trainer:
         check_can_write(self.run_dir, f"--output-dir {self.run_dir}")
         run_state.check_run_record(self.run_dir, self.record(), write=False)
         run_state.check_free_space(self.run_dir, run_state.state_bytes(self.num_parameters))
-        if self.resolved.settings.sample_every and self.dataset.vae is not None:
+        if self.vae_name is not None:
             from selfflow.vae import vae_source
 
-            self.log(f"the sample grids decode with the VAE {vae_source(self.dataset.vae)}")
+            uses = "the sample grids decode with it and the exports record it"
+            if not self.resolved.settings.sample_every:
+                uses = "the exports record it"
+            self.log(f"VAE: {vae_source(self.vae_name)} ({uses})")
 
     def record(self) -> dict[str, Any]:
         return {"identity": self.resolved.identity(), "dataset": self.dataset.identity}
@@ -385,7 +430,9 @@ class Trainer:
         end = settings.steps
         if step >= end:
             self.log(f"{self.run_dir} is already at step {step} of {end}; nothing to do")
-            return TrainResult(step, self.last_checkpoint, None, 0.0, {}, self.context.rank)
+            export = run_state.export_path(self.run_dir, step)  # written with that checkpoint
+            export = export if export.is_file() else None
+            return TrainResult(step, self.last_checkpoint, export, 0.0, {}, self.context.rank)
         self.log(self._describe(step))
         watch = Watch(self, step)
         prefetch = self.prefetch = Prefetcher(self._make_batches, step, end)
@@ -543,6 +590,12 @@ class Trainer:
 
         model, ema, optimizer = self.full_states()
         if self.context.is_main:
+            # the export first: a checkpoint is then never without its export, even when the
+            # disk fills up between the two (a rerun resumes from the checkpoint and would not
+            # write the export of that step again)
+            self.last_export = write_export(
+                self.resolved.model, ema, run_state.export_path(self.run_dir, step), self.card
+            )
             self.last_checkpoint = run_state.write_checkpoint(
                 self.run_dir,
                 step,
@@ -553,9 +606,7 @@ class Trainer:
                 dataset=self.dataset.identity,
                 settings=self.resolved.to_dict(),
                 images_seen=step * self.resolved.settings.global_batch_size,
-            )
-            self.last_export = write_export(
-                self.resolved.model, ema, run_state.export_path(self.run_dir, step)
+                card=self.card.to_dict(),
             )
             s = self.resolved.settings
             run_state.prune(self.run_dir, s.keep_last, s.keep_every)
