@@ -60,7 +60,8 @@ def _terminate(signum, frame) -> None:
 
 
 def run_reporting_errors(args: argparse.Namespace, prog: str) -> int:
-    """Run ``args.func``; a user error becomes one line on stderr and exit status 1.
+    """Run ``args.func``; a user error, or the file system refusing a write, becomes one line
+    on stderr and exit status 1.
 
     Ctrl-C and SIGTERM end the command the same way: what is finished is kept and the rerun
     continues, which the message says; the exit status is 130 or 143 (128 + the signal), as
@@ -81,6 +82,16 @@ def run_reporting_errors(args: argparse.Namespace, prog: str) -> int:
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except SelfFlowError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        # a write the code did not guard (a folder, a lock, a log line): the file system's
+        # refusal (read-only, full, quota, permission) is still one line naming the file
+        from selfflow.files import write_failure
+
+        failure = write_failure(None, error)
+        if failure is None:
+            raise
+        print(f"{prog}: error: {failure}", file=sys.stderr)
         return 1
     finally:
         if previous is not None:

@@ -31,6 +31,24 @@ class DatasetError(SelfFlowError):
     """A training dataset folder is missing, incomplete, damaged, or not a dataset at all."""
 
 
+class CannotWriteError(SelfFlowError, OSError):
+    """A file could not be written: a read-only folder, a full disk, a quota, no permission.
+
+    Also an :class:`OSError` (with the original ``errno`` when one is known), so code that
+    already tolerates a failed write (an optional cache) keeps catching it. Raised by
+    :func:`selfflow.files.writing` with a message that names the file, the reason and, for a
+    full disk, the free space; the finished files are kept, so the same command continues.
+    """
+
+    def __str__(self) -> str:
+        # the message alone: OSError's own form ("[Errno 28] None: 'x'") once errno is set
+        return str(self.args[0]) if self.args else ""
+
+
+class DiskFullError(CannotWriteError):
+    """The file system has no room for what is about to be written."""
+
+
 class ReportedOnRankZero(SelfFlowError):
     """A multi-process set-up failed; rank 0 prints the reason, the other ranks only stop.
 

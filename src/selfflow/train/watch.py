@@ -28,7 +28,7 @@ import torch
 
 from selfflow import distributed
 from selfflow.errors import ConfigurationError
-from selfflow.files import replaced_atomically
+from selfflow.files import replaced_atomically, writing
 
 if TYPE_CHECKING:
     from selfflow.train.config import ResolvedConfig
@@ -144,7 +144,8 @@ class Watch:
         line = {"time": round(time.time(), 3), **record}
         if prefix != "train":
             line["kind"] = prefix
-        with open(self.trainer.run_dir / LOG_NAME, "a") as handle:
+        path = self.trainer.run_dir / LOG_NAME
+        with writing(path), open(path, "a") as handle:  # a full disk: one line naming it
             handle.write(json.dumps(line) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
@@ -251,14 +252,19 @@ class Watch:
             self.writer.close()
 
 
+def _step_of(line: str, torn: int) -> int:
+    """The step of a ``log.jsonl`` line; ``torn`` for a blank line or one cut short (the disk
+    filled up, or the process was killed, half way through appending it)."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return torn
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop the records of steps after ``step`` (a resume trains them again)."""
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
+    kept = [line for line in path.read_text().splitlines() if _step_of(line, step + 1) <= step]
     with replaced_atomically(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
