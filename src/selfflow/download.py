@@ -26,7 +26,7 @@ from pathlib import Path
 
 from selfflow.cache import cache_dir
 from selfflow.errors import DownloadError
-from selfflow.files import file_sha256
+from selfflow.files import file_sha256, write_failure
 
 INCEPTION_URL = (
     "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
@@ -131,7 +131,7 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool, desc: str)
                 _write_validator(part, url, response.headers)
             handle = open(part, mode)  # noqa: SIM115 (closed by the with below)
         except OSError as error:  # the disk, not the network: retrying will not help
-            raise DownloadError(f"cannot write {part}: {error}") from error
+            raise _cannot_write(part, error) from error
         with (
             handle,
             tqdm(
@@ -150,9 +150,15 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool, desc: str)
                 try:
                     handle.write(chunk)
                 except OSError as error:
-                    raise DownloadError(f"cannot write {part}: {error}") from error
+                    raise _cannot_write(part, error) from error
                 bar.update(len(chunk))
     return total
+
+
+def _cannot_write(part: Path, error: OSError) -> Exception:
+    """A full or read-only cache in one line (the bytes received stay in ``part``, so the
+    rerun resumes); any other failure to write ``part`` as a DownloadError."""
+    return write_failure(part, error) or DownloadError(f"cannot write {part}: {error}")
 
 
 def download(
