@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 from selfflow import cli
 from selfflow import download as dl
@@ -35,10 +36,16 @@ def _sample_args(checkpoint, vae, out, *extra) -> list[str]:
             "--num-fid-samples", "4", "--batch-size", "4", "--num-steps", "2", *extra]  # fmt: skip
 
 
+@pytest.fixture
+def hub_answers(monkeypatch):
+    """The hub is taken as reachable: load_vae's one probe request is not made."""
+    monkeypatch.setattr(dl, "hub_unreachable", lambda repo, filename: None)
+
+
 # -- selfflow download vae | all ------------------------------------------------------------------
 
 
-def test_download_vae_loads_it_the_way_every_run_does(tmp_path, monkeypatch, capsys):
+def test_download_vae_loads_it_the_way_every_run_does(tmp_path, monkeypatch, capsys, hub_answers):
     from diffusers import AutoencoderKL
 
     calls = []
@@ -142,7 +149,7 @@ def _offline_lookup() -> BaseException:
         ),
     ],
 )
-def test_a_vae_that_cannot_be_loaded_names_the_cause(monkeypatch, make, cause):
+def test_a_vae_that_cannot_be_loaded_names_the_cause(monkeypatch, make, cause, hub_answers):
     from diffusers import AutoencoderKL
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -170,7 +177,9 @@ def test_loading_the_vae_prints_no_accelerate_warning(tiny_vae_dir, capfd):
     assert "accelerate" not in captured.err + captured.out
 
 
-def test_the_hubs_deprecation_warning_about_diffusers_is_silenced_and_only_it(monkeypatch):
+def test_the_hubs_deprecation_warning_about_diffusers_is_silenced_and_only_it(
+    monkeypatch, hub_answers
+):
     import warnings
 
     from diffusers import AutoencoderKL
@@ -189,6 +198,120 @@ def test_the_hubs_deprecation_warning_about_diffusers_is_silenced_and_only_it(mo
         warnings.simplefilter("always")
         load_vae(SD_VAE_ID)
     assert [str(w.message) for w in caught] == ["something else"]
+
+
+# -- the hub unreachable or offline mode set: said at once ---------------------------------------
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    return tmp_path / "hub"
+
+
+@pytest.fixture
+def no_dns(monkeypatch):
+    """A machine without network: every name lookup fails at once, as it does offline."""
+    lookups: list[str] = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    import huggingface_hub.utils._http as hub_http
+
+    # should the hub retry, its back-off sleeps (1 + 2 + 4 + 8 + 8 s) are skipped, not waited
+    monkeypatch.setattr(hub_http.time, "sleep", lambda seconds: None)
+    return lookups
+
+
+def test_loading_a_hub_vae_without_network_fails_at_once_without_retry_lines(
+    empty_hub_cache, no_dns, capfd, caplog
+):
+    import time
+
+    import diffusers  # noqa: F401 (imported before the clock starts)
+
+    began = time.monotonic()
+    with pytest.raises(DownloadError) as caught:
+        load_vae(SD_VAE_ID)
+    assert time.monotonic() - began < 3
+    # our one request, and the hub's once-per-process agent lookup; not the hub's six tries
+    assert set(no_dns) == {"huggingface.co"} and len(no_dns) <= 2, no_dns
+    message = str(caught.value)
+    assert "the hub cannot be reached (name resolution failed for huggingface.co" in message
+    assert "not in huggingface_hub's cache" in message and "--vae FOLDER" in message
+    printed = capfd.readouterr()
+    logged = caplog.text
+    assert "Retrying" not in printed.err + printed.out + logged
+    assert "thrown while requesting" not in printed.err + logged
+
+
+def test_a_cached_hub_vae_loads_from_the_cache_without_network(empty_hub_cache, no_dns, capfd):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = empty_hub_cache / "models--someone--tiny-vae"
+    make_tiny_vae().save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    vae = load_vae("someone/tiny-vae", dtype=torch.float32)
+    expected = make_tiny_vae().state_dict()
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in expected.items())
+    assert len(no_dns) <= 2 and "Retrying" not in capfd.readouterr().err
+
+
+def test_download_vae_says_what_failed_and_how_to_get_the_folder(
+    empty_hub_cache, no_dns, monkeypatch, capsys
+):
+    assert cli.main(["download", "vae"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("selfflow download: error: could not download the VAE")
+    assert "name resolution failed for huggingface.co" in line
+    assert "selfflow download vae" not in line  # not: run what just failed
+    assert "config.json and diffusion_pytorch_model.safetensors" in line and "--vae" in line
+    assert f"https://huggingface.co/{SD_VAE_ID}/tree/main" in line
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lookups = len(no_dns)
+    assert cli.main(["download", "vae"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "offline mode is on (HF_HUB_OFFLINE)" in line and "selfflow download vae" not in line
+    assert len(no_dns) == lookups  # offline: no request at all
+
+
+def test_offline_mode_download_all_fails_at_once_one_line_per_file(
+    tmp_path, empty_hub_cache, no_dns, monkeypatch, capfd
+):
+    import time
+
+    import diffusers  # noqa: F401 (imported before the clock starts)
+    import huggingface_hub.constants as constants
+
+    def no_connection(*args, **kwargs):
+        raise AssertionError("offline mode must not open a connection")
+
+    monkeypatch.setattr(dl.urllib.request, "urlopen", no_connection)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as when set before the hub loads
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
+    began = time.monotonic()
+    assert cli.main(["download", "all"]) == 1
+    assert time.monotonic() - began < 3
+    assert no_dns == []  # nothing looked up, nothing connected
+    err = capfd.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in err[:-1]] == [
+        "checkpoint", "vae", "inception", "reference",
+    ]  # fmt: skip
+    assert all("FAILED" in line and "offline mode" in line for line in err[:-1]), err
+    for name in ("classify_image_graph_def.pb", "VIRTUAL_imagenet256_labeled.npz"):
+        assert any(f"place it at {tmp_path / 'cache' / name}" in line for line in err)
+    assert (
+        err[-1] == "selfflow download: error: 4 of 4 failed: checkpoint, vae, inception, reference"
+    )
 
 
 # -- checkpoints that are not checkpoints ---------------------------------------------------------

@@ -18,9 +18,11 @@ import http.client
 import json
 import os
 import re
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -183,9 +185,16 @@ def download(
                 f"{dest} exists but its sha256 is not {sha256}; delete it to download it again"
             )
         return dest
+    if offline_mode():
+        raise DownloadError(
+            f"offline mode is set (HF_HUB_OFFLINE), so nothing is downloaded: fetch {url} "
+            f"where there is internet access and place it at {dest} (or unset HF_HUB_OFFLINE)"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    host = urllib.parse.urlsplit(url).hostname or url
     last_error: BaseException | None = None
+    refused = 0
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(backoff * attempt)
@@ -206,7 +215,15 @@ def download(
             continue
         except (http.client.HTTPException, OSError) as error:
             # OSError covers URLError, ssl.SSLError, connection resets and timeouts; errors
-            # writing the file come as DownloadError instead and are not retried.
+            # writing the file come as DownloadError instead and are not retried. A name that
+            # does not resolve will not resolve seconds later (no network, no DNS), and a
+            # refused connection rarely opens: the first is not retried, the second once.
+            refused += _connection_refused(error)
+            if _name_not_resolved(error) or refused > 1:
+                raise DownloadError(
+                    f"could not download {url}: {network_failure_words(error, host)}"
+                    f"{_kept(part)}. Fetch it by hand where it can be reached and place it at {dest}"
+                ) from error
             last_error = error
             continue
         size = part.stat().st_size if part.exists() else 0
@@ -215,14 +232,9 @@ def download(
             continue
         break
     else:
-        kept = (
-            f"; {part} keeps the {part.stat().st_size} bytes received and the next run resumes"
-            if part.exists()
-            else ""
-        )
         raise DownloadError(
             f"could not download {url} after {retries + 1} attempts "
-            f"({type(last_error).__name__}: {last_error}){kept}. "
+            f"({type(last_error).__name__}: {last_error}){_kept(part)}. "
             f"Or fetch it by hand and place it at {dest}"
         ) from last_error
     _validator_path(part).unlink(missing_ok=True)
@@ -237,31 +249,117 @@ def download(
     return dest
 
 
+def _kept(part: Path) -> str:
+    """What a failed download leaves for the next run, in words ('' when nothing)."""
+    if not part.exists():
+        return ""
+    return f"; {part} keeps the {part.stat().st_size} bytes received and the next run resumes"
+
+
+def offline_mode() -> bool:
+    """Whether huggingface_hub's offline mode is set, read as the hub reads it.
+
+    ``HF_HUB_OFFLINE`` (or, when that is unset or empty, ``TRANSFORMERS_OFFLINE``) spelled 1,
+    ON, YES or TRUE, or the hub's own flag set in this process. It is read at each call rather
+    than once at import, so a value set after import counts too. Plain-URL downloads honour it
+    as well: it marks a machine without internet access, where trying only costs time.
+    """
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if value.strip().upper() in _TRUE:
+        return True
+    constants = sys.modules.get("huggingface_hub.constants")  # only if the hub is loaded
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    """``error``, its causes and contexts, and the ``reason`` a ``URLError`` wraps."""
+    chain: list[BaseException] = []
+    pending: list[BaseException] = [error]
+    while pending and len(chain) < 20:
+        current = pending.pop(0)
+        if any(current is seen for seen in chain):
+            continue
+        chain.append(current)
+        for linked in (getattr(current, "reason", None), current.__cause__, current.__context__):
+            if isinstance(linked, BaseException):
+                pending.append(linked)
+    return chain
+
+
+def _name_not_resolved(error: BaseException) -> bool:
+    return any(isinstance(item, socket.gaierror) for item in _error_chain(error))
+
+
+def _connection_refused(error: BaseException) -> bool:
+    return any(isinstance(item, ConnectionRefusedError) for item in _error_chain(error))
+
+
+def network_failure_words(error: BaseException, host: str) -> str:
+    """What went wrong reaching ``host``, in words: a name that does not resolve, a refused
+    connection, else the innermost network error as Python names it."""
+    chain = _error_chain(error)
+    for item in chain:
+        if isinstance(item, socket.gaierror):
+            return (
+                f"name resolution failed for {host} ({item.strerror or item}; no network, or "
+                f"no DNS server answers here)"
+            )
+    if _connection_refused(error):
+        return f"{host} refused the connection"
+    network = [item for item in chain if _is_network_error(item)] or chain
+    return f"{type(network[-1]).__name__}: {network[-1]}"
+
+
+def hub_unreachable(repo_id: str, filename: str, timeout: float = 10.0) -> str | None:
+    """Why huggingface_hub cannot fetch ``repo_id``'s ``filename`` now, or None when it may try.
+
+    On a failed connection the hub retries five times with back-off (about 30 s, logging a
+    line each time) before it gives up, although a name that does not resolve or a refused
+    connection does not heal in that time. So one request without retries is made first,
+    through the hub's own client (its endpoint, proxies and token): after a network failure
+    there, the caller reads huggingface_hub's cache only (``local_files_only=True``), which
+    answers at once. Any HTTP answer, an error status included, means the hub can be reached;
+    the real call then runs as usual and reports what the hub said. In offline mode nothing
+    is sent.
+    """
+    if offline_mode():
+        return "offline mode is on (HF_HUB_OFFLINE)"
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=timeout)
+    except Exception as error:  # the hub raises many types; only network failures count here
+        if any(_is_network_error(item) for item in _error_chain(error)):
+            host = urllib.parse.urlsplit(constants.ENDPOINT).hostname or constants.ENDPOINT
+            return f"the hub cannot be reached ({network_failure_words(error, host)})"
+    return None
+
+
 def _cached(url: str, name: str, fetch: bool) -> Path:
     path = cache_dir() / name
     if path.is_file() or not fetch:
         if not path.is_file():
             raise DownloadError(f"{path} is missing; run `selfflow download` or fetch {url}")
         return path
-    print(f"downloading {url} to {path}", file=sys.stderr)
+    if not offline_mode():  # offline, download() refuses at once: its line is the only one
+        print(f"downloading {url} to {path}", file=sys.stderr)
     return download(url, path, sha256=PUBLISHED_SHA256.get(name))
 
 
-def hub_failure_cause(error: BaseException) -> str:
+def hub_failure_cause(error: BaseException, unreachable: str | None = None) -> str:
     """Why a Hugging Face hub download failed, in words, from the chain of exceptions.
 
     Loaders wrap the hub's errors in messages that hide the cause (diffusers says a repository
     "does not appear to have a file named config.json" when the machine is simply offline), so
     the chain is searched for the hub's own error types, by name (no hub import needed).
+    ``unreachable`` is :func:`hub_unreachable`'s reason when the call read the cache only.
     """
-    chain: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and len(chain) < 20:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
+    chain = _error_chain(error)
     names = {type(item).__name__ for item in chain}
+    if unreachable and names & {"OfflineModeIsEnabled", "LocalEntryNotFoundError"}:
+        return f"{unreachable}, and the file is not in huggingface_hub's cache"
     network = [item for item in chain if _is_network_error(item)]
-    if "OfflineModeIsEnabled" in names or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
+    if "OfflineModeIsEnabled" in names or offline_mode():
         return "offline mode is on (HF_HUB_OFFLINE) and the file is not in huggingface_hub's cache"
     if "GatedRepoError" in names:
         return "the repository is gated: accept its licence on the hub and log in (hf auth login)"

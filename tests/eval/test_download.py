@@ -306,3 +306,75 @@ def test_errors_writing_the_file_are_not_retried(server, tmp_path):
     with pytest.raises(DownloadError, match="cannot write .*graph.pb.part"):
         fetch(server, dest)
     assert len(server.log) == 1 and not dest.exists()
+
+
+# -- no network: say so at once ------------------------------------------------------------------
+
+
+def _count_sleeps(monkeypatch) -> list[float]:
+    sleeps: list[float] = []
+    monkeypatch.setattr(dl.time, "sleep", sleeps.append)
+    return sleeps
+
+
+def test_a_name_that_does_not_resolve_is_tried_once_and_named(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    lookups = []
+
+    def getaddrinfo(host, *args, **kwargs):  # what a machine without network or DNS answers
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    sleeps = _count_sleeps(monkeypatch)
+    dest = tmp_path / "graph.pb"
+    began = time.monotonic()
+    with pytest.raises(DownloadError) as caught:
+        dl.download("https://files.example.invalid/graph.pb", dest, progress=False)
+    assert time.monotonic() - began < 2
+    assert lookups == ["files.example.invalid"] and sleeps == []  # one attempt, no back-off
+    message = str(caught.value)
+    assert "name resolution failed for files.example.invalid" in message
+    assert f"place it at {dest}" in message and "attempts" not in message
+    assert not dest.exists() and not (tmp_path / "graph.pb.part").exists()
+
+
+def test_a_refused_connection_is_retried_once_only(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as probe:  # a loopback port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    attempts = []
+    real_urlopen = dl.urllib.request.urlopen
+
+    def counting_urlopen(request, timeout):
+        attempts.append(request.full_url)
+        return real_urlopen(request, timeout=timeout)
+
+    monkeypatch.setattr(dl.urllib.request, "urlopen", counting_urlopen)
+    sleeps = _count_sleeps(monkeypatch)
+    with pytest.raises(DownloadError, match=r"127\.0\.0\.1 refused the connection"):
+        dl.download(f"http://127.0.0.1:{port}/graph.pb", tmp_path / "graph.pb", progress=False)
+    assert len(attempts) == 2 and len(sleeps) == 1
+
+
+def test_offline_mode_refuses_plain_downloads_without_a_connection(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("offline mode must not open a connection")
+
+    monkeypatch.setattr(dl.urllib.request, "urlopen", no_network)
+    dest = tmp_path / "graph.pb"
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # the hub accepts either
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv(variable, "1")
+        with pytest.raises(DownloadError) as caught:
+            dl.download("https://files.example.invalid/graph.pb", dest, progress=False)
+        assert "offline mode is set (HF_HUB_OFFLINE)" in str(caught.value)
+        assert f"place it at {dest}" in str(caught.value)
+    dest.write_bytes(b"placed by hand")  # what is already there is used, offline or not
+    assert dl.download("https://files.example.invalid/graph.pb", dest, progress=False) == dest
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the hub reads HF_HUB_OFFLINE first
+    assert not dl.offline_mode()
