@@ -265,6 +265,25 @@ def test_a_cached_hub_vae_loads_from_the_cache_without_network(empty_hub_cache, 
     assert len(no_dns) <= 2 and "Retrying" not in capfd.readouterr().err
 
 
+def test_the_checkpoint_without_network_fails_at_once_naming_the_hub(
+    tmp_path, empty_hub_cache, no_dns, monkeypatch, capfd, caplog
+):
+    import time
+
+    from selfflow.checkpoint import HUB_URL, download_checkpoint
+
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
+    began = time.monotonic()
+    with pytest.raises(DownloadError) as caught:
+        download_checkpoint()
+    assert time.monotonic() - began < 3
+    assert set(no_dns) == {"huggingface.co"} and len(no_dns) <= 2, no_dns
+    message = str(caught.value)
+    assert "the hub cannot be reached (name resolution failed for huggingface.co" in message
+    assert HUB_URL in message and str(tmp_path / "cache") in message
+    assert "Retrying" not in capfd.readouterr().err + caplog.text
+
+
 def test_download_vae_says_what_failed_and_how_to_get_the_folder(
     empty_hub_cache, no_dns, monkeypatch, capsys
 ):

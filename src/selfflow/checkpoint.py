@@ -84,14 +84,23 @@ def download_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
         return manual
     from huggingface_hub import hf_hub_download
 
-    try:
-        return Path(hf_hub_download(HUB_REPO_ID, HUB_FILENAME, cache_dir=cache_dir))
-    except Exception as error:  # the hub raises many types: offline, HTTP, missing entry
-        from selfflow.download import hub_failure_cause
+    from selfflow.download import hub_failure_cause, hub_unreachable
 
+    # a hub that cannot be reached is named at once and its cache alone is read (no retries)
+    unreachable = hub_unreachable(HUB_REPO_ID, HUB_FILENAME)
+    try:
+        return Path(
+            hf_hub_download(
+                HUB_REPO_ID,
+                HUB_FILENAME,
+                cache_dir=cache_dir,
+                **({"local_files_only": True} if unreachable else {}),
+            )
+        )
+    except Exception as error:  # the hub raises many types: offline, HTTP, missing entry
         raise DownloadError(
             f"could not get {HUB_FILENAME} from the Hugging Face repo {HUB_REPO_ID} "
-            f"({hub_failure_cause(error)}). Download it by hand from {HUB_URL} "
+            f"({hub_failure_cause(error, unreachable)}). Download it by hand from {HUB_URL} "
             f"and either put it at {manual} (found there automatically) or pass its path "
             f"(--ckpt PATH, or load_model(PATH))."
         ) from error
