@@ -4,6 +4,8 @@ environment is, how long the suite takes, and what the P/R agreement was measure
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,21 @@ def test_torch_is_installed_first_cpu_or_cuda():
 def test_the_test_extra_says_it_brings_tensorflow_for_the_parity_tests_only():
     assert re.search(r"\[test\].*tensorflow-cpu \(about 1\.3 GB\)", SETUP)
     assert "only there for the parity tests" in SETUP and "never imports it" in SETUP
+
+
+@pytest.mark.skipif(
+    not (ROOT / ".git").exists() or shutil.which("git") is None, reason="not a git checkout"
+)
+def test_what_the_readme_creates_in_the_checkout_is_ignored_by_git():
+    venvs = re.findall(r"python -m venv (\S+)", SETUP)  # the set-up's environment (.venv)
+    demo = re.findall(r"python -m selfflow\.train\.demo --out (\S+)", README)
+    assert venvs and demo
+    for folder in venvs + demo:
+        ignored = subprocess.run(  # the checkout's own rules, not this machine's global ones
+            ["git", "-c", "core.excludesFile=/dev/null", "check-ignore", "-q", f"{folder}/x"],
+            cwd=ROOT,
+        )
+        assert ignored.returncode == 0, f"{folder}/ is not in .gitignore"
 
 
 def test_the_environment_size_is_stated():
