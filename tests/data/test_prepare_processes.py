@@ -7,6 +7,7 @@ computed in the same batch whichever process computes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -126,3 +127,72 @@ def test_sigkill_half_way_then_the_same_command_gives_the_same_files(
     )
     assert f"({finished} of 6 already done)" in done.stderr  # it continued, it did not start over
     assert files_in(out) == files_in(reference)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux's /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for whoever adopted it to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_decoding_workers_end_with_a_killed_prepare(tiny_vae_dir, tmp_path):
+    """SIGKILL gives the process no chance to stop its workers: they must notice by themselves.
+    The images are large enough that decoded batches fill the pipe to the dead parent, which
+    kept the workers alive indefinitely before."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        for i in range(16):
+            pixels = rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "tree" / name / f"{i:02d}.png")
+    out = tmp_path / "latents"
+    command = [
+        sys.executable, str(HERE / "slow_prepare.py"), "0.4", str(tmp_path / "tree"), str(out),
+        "--vae", tiny_vae_dir, "--image-size", "64", "--shard-size", "8", "--batch-size", "8",
+        "--num-workers", "2", "--no-progress",
+    ]  # fmt: skip
+    victim = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env()
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("shards/*.json")):  # the workers have decoded ahead by now
+            assert victim.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        workers = _children(victim.pid)
+        assert len(workers) == 2
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        killed = time.monotonic()
+        while any(map(_running, workers)) and time.monotonic() - killed < 3:
+            time.sleep(0.05)
+        assert not any(map(_running, workers)), "decoding workers outlived their parent by 3 s"
+    finally:
+        victim.kill()
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

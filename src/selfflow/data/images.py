@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,3 +190,31 @@ class CroppedImages:
 def collate(batch: list[Any]) -> list[Any]:
     """Keep the batch a list (pickled back from the workers as it is)."""
     return batch
+
+
+PARENT_POLL_SECONDS = 0.2
+
+
+def end_with_parent(interval: float = PARENT_POLL_SECONDS) -> threading.Thread:
+    """In a decoding worker: end the process at once when its parent (the encoding process)
+    is gone, e.g. killed by SIGKILL or the out-of-memory killer.
+
+    torch's own check looks every 5 s, and then the worker still cannot exit: its result
+    queue's feeder thread is blocked writing decoded images into a pipe that nobody reads, and
+    Python's exit waits for that thread, so the workers lived on indefinitely. A daemon thread
+    that polls ``os.getppid()`` (which changes when the parent dies and the worker is handed to
+    init or a subreaper) and leaves with ``os._exit`` (no thread is joined) works on every
+    POSIX system and with any start method; Linux's ``prctl(PR_SET_PDEATHSIG)`` would need
+    ctypes, exists nowhere else, and fires when the parent *thread* that started the worker
+    ends, not the process. The cost is one wake-up per ``interval`` per worker.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="end-with-parent", daemon=True)
+    thread.start()
+    return thread

@@ -24,6 +24,7 @@ same bytes, and so does a run that was killed and resumed.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -39,7 +40,13 @@ import torch
 from selfflow import distributed
 from selfflow.batch.lock import FolderLock
 from selfflow.data import store
-from selfflow.data.images import CroppedImages, SourceList, collate, list_image_folder
+from selfflow.data.images import (
+    CroppedImages,
+    SourceList,
+    collate,
+    end_with_parent,
+    list_image_folder,
+)
 from selfflow.errors import ConfigurationError, DatasetError, ReportedOnRankZero
 from selfflow.files import check_can_write, remove_temporaries
 
@@ -287,8 +294,8 @@ class _Job:
         return plan
 
     def _header(self, source: SourceList) -> dict[str, Any]:
-        from selfflow.eval.metrics import full_fp32
         from selfflow.card import resolved_vae_name
+        from selfflow.eval.metrics import full_fp32
         from selfflow.vae import SD_VAE_ID, encode_posterior, encoder_record
 
         size = self.config.image_size
@@ -363,7 +370,7 @@ class _Job:
             num_workers=workers,
             collate_fn=collate,
             prefetch_factor=4 if workers else None,
-            worker_init_fn=self.lock.drop_in_child,
+            worker_init_fn=functools.partial(_start_worker, self.lock),
         )
 
     def _encode(self, plan: _Plan, shards: list[int], bar: _Progress) -> None:
@@ -494,6 +501,12 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _start_worker(lock: FolderLock, worker_id: int) -> None:
+    """Set up a decoding worker: it does not hold OUT_DIR's lock, and it ends with its parent."""
+    lock.drop_in_child(worker_id)
+    end_with_parent()
 
 
 def _check_latent_scale(vae: Any, name: str) -> None:
