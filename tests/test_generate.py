@@ -118,16 +118,19 @@ def test_captions_are_drawn_below_the_untouched_images():
     plain = image_grid(images, columns=3)
     named = image_grid(images, columns=3, captions=["207 golden retriever"] * 5)
     other = image_grid(images, columns=3, captions=["0 tench"] * 5)
-    assert named.shape[1] == plain.shape[1] and named.shape[0] > plain.shape[0]
+    assert named.shape[0] > plain.shape[0]
     cell = (named.shape[0] - GAP) // 2  # two grid rows, each an image and its caption band
-    assert cell - SIZE > 4
+    width = (named.shape[1] - 2 * GAP) // 3  # cells widened for the longer caption
+    assert cell - SIZE > 4 and width > SIZE
     for n in range(5):
         r, c = divmod(n, 3)
-        top, left = r * (cell + GAP), c * (SIZE + GAP)
+        top, left = r * (cell + GAP), c * (width + GAP)
         np.testing.assert_array_equal(named[top : top + SIZE, left : left + SIZE], images[n])
-        caption = named[top + SIZE : top + cell, left : left + SIZE]
+        assert (named[top : top + SIZE, left + SIZE : left + width] == 255).all()  # white
+        caption = named[top + SIZE : top + cell, left : left + width]
         assert (caption < 128).any()  # dark text on white
-        assert not np.array_equal(caption, other[top + SIZE : top + cell, left : left + SIZE])
+        assert (caption[:, SIZE:] < 128).any()  # the text runs past the image's width
+    assert not np.array_equal(named[SIZE:cell], other[SIZE:cell, : named.shape[1]])
     with pytest.raises(ValueError, match="2 captions for 5 images"):
         image_grid(images, captions=["a", "b"])
 
@@ -139,7 +142,12 @@ def test_generate_captions_change_only_the_caption_band(tmp_path, tiny_checkpoin
                     "--captions") == 0  # fmt: skip
     a, b = np.asarray(Image.open(plain)), np.asarray(Image.open(named))
     assert b.shape[0] > a.shape[0]
-    np.testing.assert_array_equal(b[:SIZE], a[:SIZE])
+    width = (b.shape[1] - GAP) // 2  # the cells widen to the caption
+    for c in range(2):
+        np.testing.assert_array_equal(
+            b[:SIZE, c * (width + GAP) : c * (width + GAP) + SIZE],
+            a[:SIZE, c * (SIZE + GAP) : c * (SIZE + GAP) + SIZE],
+        )
     assert (b[SIZE:] < 128).any()
 
 

@@ -15,6 +15,9 @@ from selfflow.files import replaced_atomically
 # File formats by extension, as PIL names them; anything else is refused before any work.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 _JPEG_QUALITY = 95
+# Cells of captioned grids widen to their longest caption up to this many pixels (about 26
+# characters of PIL's default font): a 16-pixel image would otherwise show "0 b" for "0 boat".
+MAX_CAPTION_WIDTH = 160
 
 
 def image_grid(
@@ -27,7 +30,9 @@ def image_grid(
 
     Empty cells and the padding between images are white, so class grids read like a figure.
     With ``captions`` (one per image) each cell gets a white band below its image with the
-    text in black (PIL's default font), cut to the cell's width; the images stay untouched.
+    text in black (PIL's default font); cells are widened (white on the right of each image)
+    to fit the longest caption up to ``MAX_CAPTION_WIDTH`` pixels, so small images keep
+    readable names, and longer captions are cut to the cell's width. The images stay untouched.
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -44,17 +49,21 @@ def image_grid(
     font = _caption_font() if captions is not None else None
     band = _caption_height(font) if font is not None else 0
     cell = height + band
+    cell_width = width
+    if font is not None:
+        longest = max(int(math.ceil(font.getlength(str(text)))) for text in captions) + 2
+        cell_width = max(width, min(longest, MAX_CAPTION_WIDTH))
     grid = np.full(
-        (rows * cell + (rows - 1) * padding, columns * width + (columns - 1) * padding, 3),
+        (rows * cell + (rows - 1) * padding, columns * cell_width + (columns - 1) * padding, 3),
         255,
         dtype=np.uint8,
     )
     for n, image in enumerate(images):
         r, c = divmod(n, columns)
-        top, left = r * (cell + padding), c * (width + padding)
+        top, left = r * (cell + padding), c * (cell_width + padding)
         grid[top : top + height, left : left + width] = image
     if captions is not None:
-        grid = _draw_captions(grid, captions, columns, (cell, width), height, padding, font)
+        grid = _draw_captions(grid, captions, columns, (cell, cell_width), height, padding, font)
     return grid
 
 
