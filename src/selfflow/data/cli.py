@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import textwrap
 
 from selfflow.data.store import DEFAULT_SHARD_SIZE
@@ -20,7 +21,15 @@ EXAMPLE = (
     "  selfflow prepare /data/imagenet/train /data/imagenet256-latents\n"
     "  torchrun --nproc_per_node 8 -m selfflow.cli prepare /data/imagenet/train "
     "/data/imagenet256-latents"
+    "\n  selfflow prepare --verify /data/imagenet256-latents   # every shard against its sha256"
 )
+
+
+def default_workers(most: int = 8) -> int:
+    """Decoding workers: ``most``, or fewer on a machine with fewer usable CPUs (more
+    processes than cores only contend, and torch's DataLoader warns about them)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(most, usable or 1))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,10 +41,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "image_dir", metavar="IMAGE_DIR", help="ImageFolder tree: IMAGE_DIR/<class>/<image>"
+        "image_dir",
+        metavar="IMAGE_DIR",
+        nargs="?",
+        help="ImageFolder tree: IMAGE_DIR/<class>/<image>",
     )
     parser.add_argument(
-        "out_dir", metavar="OUT_DIR", help="dataset folder to write (created if missing)"
+        "out_dir",
+        metavar="OUT_DIR",
+        nargs="?",
+        help="dataset folder to write (created if missing)",
+    )
+    parser.add_argument(
+        "--verify",
+        metavar="DIR",
+        default=None,
+        help="check every shard of the dataset DIR against the sha256 its manifest records "
+        "(reads it all once), print one verdict and exit 1 naming every damaged shard; "
+        "writes nothing",
     )
     parser.add_argument(
         "--image-size", type=int, default=256, help="ADM centre-crop size in pixels (default: 256)"
@@ -54,9 +77,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--num-workers",
         type=int,
-        default=8,
+        default=default_workers(),
         help="processes that decode and crop JPEGs while the encoder runs; 0 decodes in the "
-        "main process (default: 8)",
+        "main process (default: 8, or the CPUs this process may use if fewer: here "
+        "%(default)s)",
     )
     parser.add_argument(
         "--limit",
@@ -95,7 +119,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from selfflow.data.prepare import PrepareConfig, prepare_dataset
-    from selfflow.errors import ReportedOnRankZero
+    from selfflow.errors import ConfigurationError, ReportedOnRankZero
+
+    if args.verify is not None:
+        if args.image_dir is not None:
+            raise ConfigurationError("--verify DIR takes no IMAGE_DIR or OUT_DIR")
+        return run_verify(args.verify, progress=not args.no_progress)
+    if args.out_dir is None:
+        raise ConfigurationError("expected IMAGE_DIR and OUT_DIR (or --verify DIR)")
 
     config = PrepareConfig(
         image_dir=args.image_dir,
@@ -118,4 +149,26 @@ def run(args: argparse.Namespace) -> int:
         return 1  # rank 0 prints the reason; one message, not one per process
     if result is not None:
         print(f"selfflow prepare: {result.summary()}", flush=True)
+    return 0
+
+
+def run_verify(folder: str, progress: bool) -> int:
+    """``prepare --verify DIR``: every shard hashed; one line, exit 1 naming every bad shard."""
+    import time
+
+    from selfflow.data import LatentDataset
+    from selfflow.data.verify import damaged_error, verify_all
+
+    dataset = LatentDataset(folder, check_files=False)  # verify_all names every bad file
+    began = time.perf_counter()
+    problems = verify_all(dataset, progress=progress)
+    if problems:
+        raise damaged_error(dataset, problems)
+    seconds = time.perf_counter() - began
+    size = sum(dataset.shard_path(k).stat().st_size for k in range(dataset.num_shards))
+    print(
+        f"selfflow prepare: {folder}: all {dataset.num_shards} shards ({size / 1e9:.2f} GB, "
+        f"{len(dataset):,} images) match the manifest's sha256 (checked in {seconds:.1f} s)",
+        flush=True,
+    )
     return 0
