@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -313,13 +314,44 @@ def test_a_truncated_image_stops_the_run_naming_it(tiny_vae_dir, tmp_path, capsy
     assert str(victim) in err and "--skip-bad-images" in err
     assert cli_prepare(tree, tmp_path / "out", tiny_vae_dir, "--skip-bad-images") == 0
     out = capsys.readouterr().out
-    assert "skipped 1 bad files" in out
+    assert f"skipped 1 bad file: bee/{victim.name} (listed under 'skipped'" in out
     upscaled = json.loads((tmp_path / "out" / "manifest.json").read_text())["upscaled"]
-    assert upscaled > 0 and f"{upscaled} images were smaller than the crop" in out
+    noun = "1 image was" if upscaled == 1 else f"{upscaled} images were"
+    assert upscaled > 0 and f"{noun} smaller than the crop" in out
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [entry["file"] for entry in manifest["skipped"]] == [f"bee/{victim.name}"]
     ds = LatentDataset(tmp_path / "out")
     assert len(ds) == 9 and ds.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_the_summary_counts_the_images_encoded_and_times_the_encoding_alone(
+    tiny_vae_dir, tmp_path, monkeypatch
+):
+    """It said "10 encoded now in 2.7 s, 3.7 images/s" for 9 images and a skipped file, timed
+    from the start (the VAE's loading included), and "skipped 1 bad files"."""
+    import selfflow.vae
+
+    tree = small_tree(tmp_path / "tree")
+    (tree / "bee" / "broken.jpg").write_bytes(b"this is not a JPEG at all")
+    real = selfflow.vae.load_vae
+
+    def slow_load(*args, **kwargs):
+        time.sleep(1.5)  # a start-up that the encoding rate must leave out
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(selfflow.vae, "load_vae", slow_load)
+    began = time.perf_counter()
+    result = prepare(tree, tmp_path / "out", tiny_vae_dir, skip_bad_images=True)
+    elapsed = time.perf_counter() - began
+    assert result.new_images == 9  # the 9 images of small_tree; the broken file is not one
+    assert result.startup_seconds >= 1.5
+    assert result.seconds + result.startup_seconds <= elapsed
+    summary = result.summary()
+    assert (
+        f"9 images encoded now in {result.seconds:.1f} s ({9 / result.seconds:.1f} images/s; "
+        f"start-up {result.startup_seconds:.1f} s)" in summary
+    )
+    assert "skipped 1 bad file: bee/broken.jpg (listed under 'skipped'" in summary
 
 
 def test_an_undecodable_file_is_named_and_can_be_skipped(tiny_vae_dir, tmp_path, capsys):

@@ -41,6 +41,7 @@ from selfflow import distributed
 from selfflow.batch.lock import FolderLock
 from selfflow.data import store
 from selfflow.data.images import (
+    SHOWN,
     CroppedImages,
     SourceList,
     collate,
@@ -107,26 +108,40 @@ class PrepareConfig:
 class PrepareResult:
     out_dir: Path
     num_images: int
-    new_images: int
-    skipped: int
+    new_images: int  # encoded by this run (skipped files not counted)
+    skipped: list[str]  # every file the dataset leaves out, earlier runs' included
     upscaled: int
-    seconds: float
+    seconds: float  # encoding: from the first batch decoded to the last shard written
     world_size: int
     identity: str
+    startup_seconds: float = 0.0  # before it: VAE, file list, re-hashing finished shards
 
     def summary(self) -> str:
+        def count(n: int, noun: str) -> str:
+            return f"{n} {noun}{'' if n == 1 else 's'}"
+
+        encoded = f"{count(self.new_images, 'image')} encoded now"
+        if self.new_images:
+            encoded += (
+                f" in {self.seconds:.1f} s ({self.new_images / max(self.seconds, 1e-9):.1f} "
+                f"images/s; start-up {self.startup_seconds:.1f} s)"
+            )
         lines = [
-            f"{self.num_images} images in {self.out_dir} (identity {self.identity}); "
-            f"{self.new_images} encoded now in {self.seconds:.1f} s"
-            + (f", {self.new_images / self.seconds:.1f} images/s" if self.new_images else "")
-            + f" on {self.world_size} process{'es' if self.world_size > 1 else ''}"
+            f"{count(self.num_images, 'image')} in {self.out_dir} (identity {self.identity}); "
+            f"{encoded} on {self.world_size} process{'es' if self.world_size > 1 else ''}"
         ]
         if self.skipped:
+            names = ", ".join(self.skipped[:SHOWN])
+            more = f" and {len(self.skipped) - SHOWN} more" if len(self.skipped) > SHOWN else ""
             lines.append(
-                f"skipped {self.skipped} bad files (listed under 'skipped' in manifest.json)"
+                f"skipped {count(len(self.skipped), 'bad file')}: {names}{more} (listed under "
+                f"'skipped' in manifest.json)"
             )
         if self.upscaled:
-            lines.append(f"{self.upscaled} images were smaller than the crop and were upscaled")
+            was = "was" if self.upscaled == 1 else "were"
+            lines.append(
+                f"{count(self.upscaled, 'image')} {was} smaller than the crop and {was} upscaled"
+            )
         return "\n".join(lines)
 
 
@@ -209,6 +224,7 @@ class _Job:
                 f"process{'es' if self.context.world_size > 1 else ''}"
             )
         bar = _Progress(self, plan, pending, mine, total)
+        encoding = time.perf_counter()
         try:
             self._encode(plan, mine, bar)
             distributed.wait_for_all(self.context, bar.poll)
@@ -217,8 +233,10 @@ class _Job:
             bar.close()
         if not self.context.is_main:
             return None
-        self._finish(plan)
-        return self._result(total, time.perf_counter() - start)
+        seconds = time.perf_counter() - encoding
+        records = self._finish(plan)
+        encoded = sum(record["count"] for record in records if record["id"] in set(pending))
+        return self._result(encoded, seconds, encoding - start)
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -419,7 +437,8 @@ class _Job:
 
     # -- finish ---------------------------------------------------------------------------------
 
-    def _finish(self, plan: _Plan) -> None:
+    def _finish(self, plan: _Plan) -> list[dict[str, Any]]:
+        """Write labels.npy and the complete manifest; returns every shard's record."""
         records = []
         for shard_id in range(plan.num_shards):
             path = store.shard_record_path(self.out, shard_id)
@@ -430,18 +449,20 @@ class _Job:
                     f"shard {shard_id} was not written ({path}: {error}); rerun the same command"
                 ) from error
         store.finalize(self.out, plan.header, records)
+        return records
 
-    def _result(self, new_images: int, seconds: float) -> PrepareResult:
+    def _result(self, new_images: int, seconds: float, startup: float = 0.0) -> PrepareResult:
         manifest = store.read_manifest(self.out)
         return PrepareResult(
             out_dir=self.out,
             num_images=manifest["num_images"],
             new_images=new_images,
-            skipped=len(manifest["skipped"]),
+            skipped=[entry["file"] for entry in manifest["skipped"]],
             upscaled=manifest["upscaled"],
             seconds=seconds,
             world_size=self.context.world_size,
             identity=manifest["identity"],
+            startup_seconds=startup,
         )
 
 
