@@ -7,6 +7,10 @@ shard and reads each shard's rows with one vectorised fancy-index on its memory 
 
 **Integrity.** Opening checks that every shard file is there with the size its header gives
 (no data read), so a missing or truncated shard is refused before a run writes anything.
+The shards' contents are checked against the manifest's sha256 by
+:meth:`LatentDataset.start_verifying` (the trainer's reads: each shard hashed once, on a
+background thread, before any row of it is returned) and by
+:func:`selfflow.data.verify.verify_all` (``train --dry-run``, ``prepare --verify``).
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from selfflow.data.store import LABELS_NAME, STORED_DTYPES, labels_sha256, read_manifest
 from selfflow.errors import DatasetError
+
+if TYPE_CHECKING:
+    from selfflow.data.verify import ShardVerifier
 
 # Memory maps kept open at once; with more shards the least recently used are closed and
 # re-opened on demand (each open map holds a file descriptor).
@@ -60,6 +67,7 @@ class LatentDataset:
         self._paths = [self.root / s["file"] for s in m["shards"]]
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._verifier: ShardVerifier | None = None
         self.labels = self._read_labels(int(m["num_images"]))
         if self._starts[-1] != len(self.labels):
             raise DatasetError(
@@ -127,6 +135,32 @@ class LatentDataset:
             )
         return "rewrite the dataset (selfflow.data.write_dataset with overwrite=True)"
 
+    def start_verifying(self, indices: Any = None) -> ShardVerifier:
+        """From now on no row of a shard is returned before the shard's sha256 matched the
+        manifest: a background thread hashes the shards, in the order in which ``indices``
+        (the dataset indices in the order a run will read them; default: shard order) first
+        touch them, and a read that needs a shard not yet verified hashes it first. A damaged
+        shard raises :class:`DatasetError` naming it, at the first read after it was found."""
+        from selfflow.data.verify import ShardVerifier
+
+        self.stop_verifying()
+        self._verifier = ShardVerifier(self, self._first_touch(indices))
+        return self._verifier
+
+    def stop_verifying(self) -> None:
+        """Stop the background hashing (what was verified stays verified for this object)."""
+        if self._verifier is not None:
+            self._verifier.close()
+
+    def _first_touch(self, indices: Any) -> list[int]:
+        """Shard ids in the order ``indices`` first reach them, then the unreached ones."""
+        if indices is None:
+            return list(range(self.num_shards))
+        shard_ids = np.searchsorted(self._starts, np.asarray(indices), side="right") - 1
+        found, first = np.unique(shard_ids, return_index=True)
+        reached = [int(k) for k in found[np.argsort(first)]]
+        return reached + sorted(set(range(self.num_shards)) - set(reached))
+
     def _read_labels(self, count: int) -> np.ndarray:
         path = self.root / LABELS_NAME
         try:
@@ -144,7 +178,10 @@ class LatentDataset:
         return labels
 
     def _shard(self, shard_id: int) -> np.ndarray:
-        """The memory map of one shard array, opened (and its header checked) on first use."""
+        """The memory map of one shard array, opened (and its header checked) on first use;
+        while verifying, only once its sha256 matched the manifest."""
+        if self._verifier is not None and shard_id not in self._verifier.good:
+            self._verifier.require(shard_id)
         array = self._maps.get(shard_id)
         if array is not None:
             self._maps.move_to_end(shard_id)
@@ -193,6 +230,8 @@ class LatentDataset:
         if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
             raise TypeError(f"indices must be a 1-D integer array; got {idx.dtype} {idx.shape}")
         idx = idx.astype(np.int64, copy=False)
+        if self._verifier is not None:
+            self._verifier.check()  # a damaged shard found in the background stops the reads
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             bad = idx[(idx < 0) | (idx >= len(self))][0]
             raise IndexError(f"index {bad} is out of range for {len(self)} images")
@@ -218,27 +257,21 @@ class LatentDataset:
             labels,
         )
 
-    def verify(self) -> None:
+    def verify(self, progress: bool = False) -> None:
         """Re-hash every shard against the manifest's sha256 (reads the whole dataset once);
-        raises :class:`DatasetError` naming the first shard that differs."""
-        from selfflow.files import file_sha256
+        raises :class:`DatasetError` naming every shard that differs."""
+        from selfflow.data.verify import damaged_error, verify_all
 
-        for path, entry in zip(self._paths, self.manifest["shards"], strict=True):
-            try:
-                digest = file_sha256(path)
-            except OSError as error:
-                raise DatasetError(f"shard {path} is unreadable ({error})") from error
-            if digest != entry["sha256"]:
-                raise DatasetError(
-                    f"shard {path} is damaged: sha256 {digest[:16]}..., the manifest says "
-                    f"{entry['sha256'][:16]}...; rerun the `selfflow prepare` command that made it"
-                )
+        problems = verify_all(self, progress=progress)
+        if problems:
+            raise damaged_error(self, problems)
 
     def __getstate__(self) -> dict[str, Any]:
         # Memory maps are re-opened in the process that unpickles (a data-loader worker);
         # pickling them would copy the shards' contents.
         state = dict(self.__dict__)
         state["_maps"] = OrderedDict()
+        state["_verifier"] = None  # a thread does not travel; the receiver may start its own
         return state
 
     def __repr__(self) -> str:

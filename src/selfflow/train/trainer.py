@@ -435,6 +435,10 @@ class Trainer:
             return TrainResult(step, self.last_checkpoint, export, 0.0, {}, self.context.rank)
         self.log(self._describe(step))
         watch = Watch(self, step)
+        # each shard's sha256 checked once, in the background, before a row of it is read
+        _, order = run_streams(self.resolved, self.dataset)
+        g = self.resolved.settings.global_batch_size
+        self.dataset.start_verifying(order.indices(step * g, len(self.dataset)))
         prefetch = self.prefetch = Prefetcher(self._make_batches, step, end)
         reader = SummaryReader()
         self.metrics: dict[str, float] = {}
@@ -469,6 +473,7 @@ class Trainer:
                         )
         finally:
             prefetch.close()
+            self.dataset.stop_verifying()
             watch.close()
         return TrainResult(
             step,
@@ -503,11 +508,30 @@ class Trainer:
         )
         for line in lines:
             self.log(line)
+        failures += self._verify_data()
         if failures:  # the last line says what failed; the exit status is 1
             raise ConfigurationError("the dry run failed: " + "; ".join(failures))
         self.log("dry run: every check passed and nothing was written")
         checkpoint = found[1] if found is not None else None
         return TrainResult(step, checkpoint, None, 0.0, {}, self.context.rank)
+
+    def _verify_data(self) -> list[str]:
+        """The dry run hashes every shard (a start verifies each in the background before its
+        first row is used); returns the failure, if any."""
+        from selfflow.data.verify import damaged_error, verify_all
+
+        began = time.perf_counter()
+        problems = verify_all(self.dataset, progress=self.config.progress)
+        if problems:
+            return [str(damaged_error(self.dataset, problems))]
+        size = sum(
+            self.dataset.shard_path(k).stat().st_size for k in range(self.dataset.num_shards)
+        )
+        self.log(
+            f"the {self.dataset.num_shards} shards ({size / 1e9:.2f} GB) match the manifest's "
+            f"sha256 (checked in {time.perf_counter() - began:.1f} s)"
+        )
+        return []
 
     def _read(self, reader: SummaryReader, watch: Any, *, keep: int) -> bool:
         """Read step summaries until ``keep`` remain: log them (the newest in ``self.metrics``)
