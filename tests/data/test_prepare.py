@@ -268,6 +268,46 @@ def test_a_second_run_in_the_same_folder_is_refused(tree, tiny_vae_dir, tmp_path
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_a_folder_holding_other_things_is_refused_before_any_work(
+    tree, tiny_vae_dir, tmp_path, monkeypatch
+):
+    """A run folder as OUT_DIR: prepare wrote its dataset among the run's files."""
+    import selfflow.vae
+    from tests.train.helpers import folder_snapshot
+
+    def no_vae(*args, **kwargs):
+        raise AssertionError("the VAE was loaded before OUT_DIR was checked")
+
+    monkeypatch.setattr(selfflow.vae, "load_vae", no_vae)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "tensorboard").mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "log.jsonl").write_text("")
+    before = folder_snapshot(run)
+    with pytest.raises(DatasetError) as caught:
+        prepare(tree, run, tiny_vae_dir)
+    assert (
+        f"OUT_DIR {run} is not empty and holds no selfflow dataset: checkpoints/, log.jsonl, "
+        f"run.json, tensorboard/;" in str(caught.value)
+    )
+    assert folder_snapshot(run) == before  # nothing written, not even the lock
+
+    batch = tmp_path / "batch"  # a `selfflow sample` folder has a manifest.json of its own
+    batch.mkdir()
+    (batch / "manifest.json").write_text(json.dumps({"format": "selfflow-fid-batch"}))
+    with pytest.raises(DatasetError, match="is not a selfflow dataset manifest"):
+        prepare(tree, batch, tiny_vae_dir)
+
+
+def test_an_empty_folder_and_one_with_hidden_files_are_accepted(tree, tiny_vae_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / ".DS_Store").write_bytes(b"")
+    for out in (tmp_path / "empty", tmp_path / "hidden"):
+        assert prepare(tree, out, tiny_vae_dir, limit=1).num_images == 3
+
+
 def test_an_unfinished_folder_is_not_read_as_a_dataset(prepared, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(prepared, out)

@@ -50,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "out_dir",
         metavar="OUT_DIR",
         nargs="?",
-        help="dataset folder to write (created if missing)",
+        help="dataset folder to write: new, empty, or one it started (created if missing)",
     )
     parser.add_argument(
         "--verify",

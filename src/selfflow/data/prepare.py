@@ -102,6 +102,8 @@ class PrepareConfig:
                 "OUT_DIR must not be IMAGE_DIR (its files would become a class)"
             )
         check_can_write(out, f"OUT_DIR {out}")  # a read-only target fails now, not after the VAE
+        if out.is_dir():
+            check_out_dir_holds_a_dataset(out)
 
 
 @dataclass
@@ -575,6 +577,30 @@ def _all_shards_present(out: Path, manifest: dict[str, Any]) -> bool:
         (out / entry["file"]).is_file() and (out / entry["file"]).with_suffix(".json").is_file()
         for entry in manifest.get("shards", [])
     )
+
+
+def check_out_dir_holds_a_dataset(out: Path) -> None:
+    """Refuse an OUT_DIR that holds anything but a (partial) dataset: a run folder, a sample
+    batch, someone's files. Prepare would write its shards among them (and ``--overwrite``
+    would delete its own files there, not theirs). Hidden entries (the lock, temporaries)
+    are ignored; a ``manifest.json`` must be a dataset's."""
+    if _stored_manifest(out) is not None:
+        return
+    ours = {store.MANIFEST_NAME, store.LABELS_NAME, store.SHARD_DIR}
+    others = sorted(
+        entry.name + ("/" if entry.is_dir() else "")
+        for entry in os.scandir(out)
+        if entry.name not in ours and not entry.name.startswith(".")
+    )
+    if others:
+        shown = ", ".join(others[:SHOWN]) + (
+            f" and {len(others) - SHOWN} more" if len(others) > SHOWN else ""
+        )
+        raise DatasetError(
+            f"OUT_DIR {out} is not empty and holds no selfflow dataset: {shown}; prepare "
+            f"writes a dataset into a new or empty folder (or continues one it started): "
+            f"choose another OUT_DIR"
+        )
 
 
 def _stored_manifest(out: Path) -> dict[str, Any] | None:
