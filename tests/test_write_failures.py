@@ -337,7 +337,7 @@ def served(monkeypatch):
     server.files["/graph.pb"] = PAYLOAD
     monkeypatch.setattr(dl, "INCEPTION_URL", server.url("/graph.pb"))
     monkeypatch.setattr(dl.time, "sleep", lambda seconds: None)
-    yield PAYLOAD
+    yield server
     server.close()
 
 
@@ -352,15 +352,18 @@ def test_download_on_a_full_disk_keeps_the_bytes_and_resumes(mounts, served, mon
     disk = mounts.full(leave=100 << 10)  # the file is 300 KB
     monkeypatch.setenv("SELFFLOW_CACHE", str(disk))
     code, lines = run(capsys, "download", "inception")
-    assert_one_error_line(code, lines, "download", disk / "classify_image_graph_def.pb.part",
-                          NO_SPACE)  # fmt: skip
     part = disk / "classify_image_graph_def.pb.part"
+    line = assert_one_error_line(code, lines, "download", part, NO_SPACE)
+    assert line.startswith("selfflow download: error: cannot write")
+    assert len(served.log) == 1  # a full disk is not retried like a network failure
+    payload = served.files["/graph.pb"]
     received = part.read_bytes()
-    assert 0 < len(received) < len(served) and served.startswith(received)
+    assert 0 < len(received) < len(payload) and payload.startswith(received)
 
     mounts.free_space(disk)
     assert cli.main(["download", "inception"]) == 0
-    assert (disk / "classify_image_graph_def.pb").read_bytes() == served
+    assert (disk / "classify_image_graph_def.pb").read_bytes() == payload
+    assert served.log[1] == ("/graph.pb", f"bytes={len(received)}-")  # resumed, not refetched
     assert not part.exists()
 
 

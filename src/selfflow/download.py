@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from selfflow.cache import cache_dir
-from selfflow.errors import DownloadError
+from selfflow.errors import CannotWriteError, DownloadError
 from selfflow.files import file_sha256, write_failure
 
 INCEPTION_URL = (
@@ -213,6 +213,8 @@ def download(
                 ) from error
             last_error = error
             continue
+        except CannotWriteError:
+            raise  # a full or read-only cache (an OSError too): retrying will not help
         except (http.client.HTTPException, OSError) as error:
             # OSError covers URLError, ssl.SSLError, connection resets and timeouts; errors
             # writing the file come as DownloadError instead and are not retried. A name that
