@@ -224,7 +224,8 @@ def download(
             if _name_not_resolved(error) or refused > 1:
                 raise DownloadError(
                     f"could not download {url}: {network_failure_words(error, host)}"
-                    f"{_kept(part)}. Fetch it by hand where it can be reached and place it at {dest}"
+                    f"{_kept(part)}. Fetch it by hand on a machine with internet access and place it "
+                    f"at {dest}"
                 ) from error
             last_error = error
             continue
