@@ -46,7 +46,8 @@ WNID_PATTERN = re.compile(r"n\d{8}")
 SHOWN = 8  # names listed in an error before "and N more"
 
 
-def _listing(names: list[str]) -> str:
+def listing(names: list[str]) -> str:
+    """``a, b, c and N more``: the first few names of a long list, for a message."""
     more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
     return ", ".join(names[:SHOWN]) + more
 
@@ -94,7 +95,7 @@ def _check_imagenet(names: list[str], classes: int | None) -> None:
     if extra:
         raise DatasetError(
             f"the class folders look like ImageNet WordNet ids, but {len(extra)} are not among "
-            f"ImageNet's 1000 classes: {_listing(extra)}; remove them (labels would not match "
+            f"ImageNet's 1000 classes: {listing(extra)}; remove them (labels would not match "
             f"the released model's)"
         )
     required = standard[:classes] if classes else standard
@@ -103,7 +104,7 @@ def _check_imagenet(names: list[str], classes: int | None) -> None:
         scope = f"the first {classes}" if classes else "the 1000"
         raise DatasetError(
             f"the class folders are ImageNet WordNet ids, but {len(missing)} of {scope} "
-            f"ImageNet classes are missing: {_listing(missing)}; without them every later "
+            f"ImageNet classes are missing: {listing(missing)}; without them every later "
             f"label would shift (use --classes K for the first K classes only)"
         )
 

@@ -41,13 +41,14 @@ from selfflow import distributed
 from selfflow.batch.lock import FolderLock
 from selfflow.data import store
 from selfflow.data.images import (
-    SHOWN,
     CroppedImages,
     SourceList,
     collate,
     end_with_parent,
     list_image_folder,
+    listing,
 )
+from selfflow.data.summary import PrepareResult
 from selfflow.errors import ConfigurationError, DatasetError, ReportedOnRankZero
 from selfflow.files import check_can_write, remove_temporaries
 
@@ -103,48 +104,7 @@ class PrepareConfig:
             )
         check_can_write(out, f"OUT_DIR {out}")  # a read-only target fails now, not after the VAE
         if out.is_dir():
-            check_out_dir_holds_a_dataset(out)
-
-
-@dataclass
-class PrepareResult:
-    out_dir: Path
-    num_images: int
-    new_images: int  # encoded by this run (skipped files not counted)
-    skipped: list[str]  # every file the dataset leaves out, earlier runs' included
-    upscaled: int
-    seconds: float  # encoding: from the first batch decoded to the last shard written
-    world_size: int
-    identity: str
-    startup_seconds: float = 0.0  # before it: VAE, file list, re-hashing finished shards
-
-    def summary(self) -> str:
-        def count(n: int, noun: str) -> str:
-            return f"{n} {noun}{'' if n == 1 else 's'}"
-
-        encoded = f"{count(self.new_images, 'image')} encoded now"
-        if self.new_images:
-            encoded += (
-                f" in {self.seconds:.1f} s ({self.new_images / max(self.seconds, 1e-9):.1f} "
-                f"images/s; start-up {self.startup_seconds:.1f} s)"
-            )
-        lines = [
-            f"{count(self.num_images, 'image')} in {self.out_dir} (identity {self.identity}); "
-            f"{encoded} on {self.world_size} process{'es' if self.world_size > 1 else ''}"
-        ]
-        if self.skipped:
-            names = ", ".join(self.skipped[:SHOWN])
-            more = f" and {len(self.skipped) - SHOWN} more" if len(self.skipped) > SHOWN else ""
-            lines.append(
-                f"skipped {count(len(self.skipped), 'bad file')}: {names}{more} (listed under "
-                f"'skipped' in manifest.json)"
-            )
-        if self.upscaled:
-            was = "was" if self.upscaled == 1 else "were"
-            lines.append(
-                f"{count(self.upscaled, 'image')} {was} smaller than the crop and {was} upscaled"
-            )
-        return "\n".join(lines)
+            check_out_dir(out)
 
 
 @dataclass
@@ -280,7 +240,7 @@ class _Job:
         self.lock.acquire()
         self.vae = self._load_vae()
         header = self._header(source)
-        stored = _stored_manifest(self.out)
+        stored = store.stored_manifest(self.out)
         if stored is not None and config.overwrite:
             store.clear_dataset(self.out)
             stored = None
@@ -579,44 +539,16 @@ def _all_shards_present(out: Path, manifest: dict[str, Any]) -> bool:
     )
 
 
-def check_out_dir_holds_a_dataset(out: Path) -> None:
-    """Refuse an OUT_DIR that holds anything but a (partial) dataset: a run folder, a sample
-    batch, someone's files. Prepare would write its shards among them (and ``--overwrite``
-    would delete its own files there, not theirs). Hidden entries (the lock, temporaries)
-    are ignored; a ``manifest.json`` must be a dataset's."""
-    if _stored_manifest(out) is not None:
-        return
-    ours = {store.MANIFEST_NAME, store.LABELS_NAME, store.SHARD_DIR}
-    others = sorted(
-        entry.name + ("/" if entry.is_dir() else "")
-        for entry in os.scandir(out)
-        if entry.name not in ours and not entry.name.startswith(".")
-    )
+def check_out_dir(out: Path) -> None:
+    """Refuse an OUT_DIR holding anything but a (partial) dataset, a run folder or a sample
+    batch say: the shards would land among its files, and --overwrite would not clear them."""
+    others = [] if store.stored_manifest(out) is not None else store.foreign_entries(out)
     if others:
-        shown = ", ".join(others[:SHOWN]) + (
-            f" and {len(others) - SHOWN} more" if len(others) > SHOWN else ""
-        )
         raise DatasetError(
-            f"OUT_DIR {out} is not empty and holds no selfflow dataset: {shown}; prepare "
-            f"writes a dataset into a new or empty folder (or continues one it started): "
-            f"choose another OUT_DIR"
+            f"OUT_DIR {out} is not empty and holds no selfflow dataset: {listing(others)}; "
+            f"prepare writes a dataset into a new or empty folder (or continues one it "
+            f"started): choose another OUT_DIR"
         )
-
-
-def _stored_manifest(out: Path) -> dict[str, Any] | None:
-    """The manifest an earlier run left in ``out`` (finished or not), or None."""
-    path = out / store.MANIFEST_NAME
-    if not path.exists():
-        return None
-    try:
-        stored = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as error:
-        raise DatasetError(
-            f"{path} is unreadable ({type(error).__name__}: {error}); pass --overwrite to start over"
-        ) from error
-    if not isinstance(stored, dict) or stored.get("format") != store.FORMAT_NAME:
-        raise DatasetError(f"{path} is not a selfflow dataset manifest; choose another OUT_DIR")
-    return stored
 
 
 def _short(value: Any) -> str:

@@ -274,6 +274,34 @@ def write_dataset(
     return out_dir
 
 
+def stored_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """The manifest a dataset writer left in ``out_dir`` (finished or not), or None; an
+    unreadable one, or another kind (a sample batch's ``manifest.json``), is refused."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as error:
+        raise DatasetError(
+            f"{path} is unreadable ({type(error).__name__}: {error}); pass --overwrite to start over"
+        ) from error
+    if not isinstance(stored, dict) or stored.get("format") != FORMAT_NAME:
+        raise DatasetError(f"{path} is not a selfflow dataset manifest; choose another OUT_DIR")
+    return stored
+
+
+def foreign_entries(out_dir: Path) -> list[str]:
+    """What ``out_dir`` holds besides a dataset's own files (folders as ``name/``), hidden
+    entries (the lock, temporaries, ``.DS_Store``) aside: what a writer must not mix with."""
+    ours = {MANIFEST_NAME, LABELS_NAME, SHARD_DIR}
+    return sorted(
+        entry.name + ("/" if entry.is_dir() else "")
+        for entry in os.scandir(out_dir)
+        if entry.name not in ours and not entry.name.startswith(".")
+    )
+
+
 def clear_dataset(out_dir: Path) -> None:
     """Remove what a dataset writer put in ``out_dir`` (and nothing else)."""
     out_dir = Path(out_dir)
