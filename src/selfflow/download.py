@@ -192,7 +192,6 @@ def download(
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    host = urllib.parse.urlsplit(url).hostname or url
     last_error: BaseException | None = None
     refused = 0
     for attempt in range(retries + 1):
@@ -217,16 +216,10 @@ def download(
             raise  # a full or read-only cache (an OSError too): retrying will not help
         except (http.client.HTTPException, OSError) as error:
             # OSError covers URLError, ssl.SSLError, connection resets and timeouts; errors
-            # writing the file come as DownloadError instead and are not retried. A name that
-            # does not resolve will not resolve seconds later (no network, no DNS), and a
-            # refused connection rarely opens: the first is not retried, the second once.
+            # writing the file come as DownloadError instead and are not retried.
             refused += _connection_refused(error)
-            if _name_not_resolved(error) or refused > 1:
-                raise DownloadError(
-                    f"could not download {url}: {network_failure_words(error, host)}"
-                    f"{_kept(part)}. Fetch it by hand on a machine with internet access and place it "
-                    f"at {dest}"
-                ) from error
+            if hopeless := _hopeless(error, refused, url, part, dest):
+                raise hopeless from error
             last_error = error
             continue
         size = part.stat().st_size if part.exists() else 0
@@ -250,6 +243,21 @@ def download(
             )
     os.replace(part, dest)
     return dest
+
+
+def _hopeless(
+    error: BaseException, refused: int, url: str, part: Path, dest: Path
+) -> DownloadError | None:
+    """The error to stop with when retrying cannot help, else None. A name that does not
+    resolve will not resolve seconds later (no network, no DNS): not retried. A refused
+    connection rarely opens: retried once (``refused`` counts them)."""
+    if not (_name_not_resolved(error) or refused > 1):
+        return None
+    host = urllib.parse.urlsplit(url).hostname or url
+    return DownloadError(
+        f"could not download {url}: {network_failure_words(error, host)}{_kept(part)}. "
+        f"Fetch it by hand on a machine with internet access and place it at {dest}"
+    )
 
 
 def _kept(part: Path) -> str:
