@@ -230,15 +230,17 @@ class LatentDataset:
         if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
             raise TypeError(f"indices must be a 1-D integer array; got {idx.dtype} {idx.shape}")
         idx = idx.astype(np.int64, copy=False)
-        if self._verifier is not None:
-            self._verifier.check()  # a damaged shard found in the background stops the reads
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             bad = idx[(idx < 0) | (idx >= len(self))][0]
             raise IndexError(f"index {bad} is out of range for {len(self)} images")
+        shard_ids = np.searchsorted(self._starts, idx, side="right") - 1
+        if self._verifier is not None:
+            self._verifier.check()  # a damaged shard found in the background stops the reads
+            if not self._verifier.done:  # this batch's unverified shards, hashed side by side
+                self._verifier.require_all(np.unique(shard_ids))
         n = idx.shape[0]
         means = np.empty((n, *self.latent_shape), dtype=np.float32)
         stds = np.empty_like(means) if self.has_std else None
-        shard_ids = np.searchsorted(self._starts, idx, side="right") - 1
         order = np.argsort(shard_ids, kind="stable")
         bounds = np.flatnonzero(np.diff(shard_ids[order])) + 1
         for group in np.split(order, bounds) if n else []:

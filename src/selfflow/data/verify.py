@@ -1,15 +1,16 @@
-"""Shard contents against the manifest's sha256: once per shard, off the training step's path.
+"""Shard contents against the manifest's sha256: once per shard, before any row of it is used.
 
 The manifest records every shard's sha256 when ``selfflow prepare`` (or ``write_dataset``)
 writes it; a flipped byte on a disk, a partial copy or an edited file shows as another digest.
-Hashing ImageNet's 42 GB takes a core about half a minute (see
+Hashing ImageNet's 42 GB took one core of a busy 2-core CPU 82–123 s (see
 ``benchmarks/results/2026-12-06-cpu/shard_verify.md``), too long to put before every start, so:
 
 - **While training**, :class:`ShardVerifier` (started by
   :meth:`~selfflow.data.LatentDataset.start_verifying`) hashes the shards on a background
-  thread in the order the run first reads them; a read that needs a shard not yet verified
-  hashes it on the reading thread (the trainer's prefetch thread, one step ahead of the
-  device). No row of a shard is returned before its digest matched; a mismatch raises
+  thread in the order the run first reads them; a batch that needs shards not yet verified
+  hashes them on the reading thread and a few helpers (the trainer's prefetch thread, one
+  step ahead of the device; a run's first batches, which read from most shards, wait for
+  them). No row of a shard is returned before its digest matched; a mismatch raises
   :class:`~selfflow.errors.DatasetError` naming the file, both digests and the repair. Each
   training process verifies the shards it reads (every rank reads from every shard).
 - **Before a run or on demand**, :func:`verify_all` hashes every shard (a few threads,
@@ -167,6 +168,23 @@ class ShardVerifier:
                 self._changed.wait()
         self._hash(shard_id, None)  # a reader's own check is never stopped half-way
         self.require(shard_id)
+
+    def require_all(self, shard_ids: Iterable[int]) -> None:
+        """:meth:`require` for the shards of one batch: those no thread is at are hashed side
+        by side (up to ``MAX_VERIFY_THREADS``), so a run's first batches, which read from most
+        shards, wait for a few cores' hashing rather than one's."""
+        missing = [k for k in dict.fromkeys(int(k) for k in shard_ids) if k not in self.good]
+        with self._changed:
+            mine = [k for k in missing if k not in self._busy and k not in self._failed]
+            self._busy.update(mine)
+        if len(mine) > 1:
+            threads = min(MAX_VERIFY_THREADS, os.cpu_count() or 1, len(mine))
+            with ThreadPoolExecutor(threads, thread_name_prefix="selfflow-verify") as pool:
+                list(pool.map(lambda k: self._hash(k, None), mine))
+        elif mine:
+            self._hash(mine[0], None)
+        for shard_id in missing:
+            self.require(shard_id)
 
     def check(self) -> None:
         """Raise for a damaged shard found so far (by shard order), if any."""
