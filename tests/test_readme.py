@@ -3,6 +3,7 @@ environment is, how long the suite takes, and what the P/R agreement was measure
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -77,3 +78,29 @@ def test_precision_recall_agreement_says_what_it_was_measured_against(capsys):
         low, high = round(min(gaps), digits), round(max(gaps), digits)
         assert f"{low:.{digits}f} to {high:.{digits}f} from exact" in readme, (case, low, high)
     assert "4000 + 4000 random features of width 2048, 5 seeds" in readme
+
+
+def test_the_digits_demo_table_is_the_recorded_runs():
+    section = README.split("### It learns real data on a CPU", 1)[1].split("\n### ", 1)[0]
+    cited = re.findall(r"`(benchmarks/results/[^`]+/digits_demo\.log)`", section)
+    assert len(cited) == 1, cited
+    record = (ROOT / cited[0]).read_text()
+    final = dict(
+        ((method, int(step)), float(value))
+        for method, step, value in re.findall(
+            r"^\| (selfflow|flow) \| (\d+) \| ([\d.]+)%", record, re.M
+        )
+    )
+    runs = [json.loads(line) for line in record.splitlines() if line.startswith("{")]
+    seconds = {(run["method"], run["step"]): run["train_seconds"] for run in runs}
+    rows = re.findall(
+        r"^\| (\d+)[^|]* \| ([\d.]+) % \| ([^|]+) \| ([\d.]+) % \| ([^|]+) \|$", section, re.M
+    )
+    assert len(rows) >= 4 and {int(r[0]) for r in rows} == {s for _, s in final}, rows
+    for step, ours, our_time, sit, sit_time in rows:
+        step = int(step)
+        assert float(ours) == final[("selfflow", step)] and float(sit) == final[("flow", step)]
+        for method, shown in (("selfflow", our_time), ("flow", sit_time)):
+            if step:
+                figure = float(shown.strip().removesuffix(" s"))  # whole seconds, rounded
+                assert abs(figure - seconds[(method, step)]) <= 0.5, (method, step, shown)
