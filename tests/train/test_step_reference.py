@@ -1,9 +1,11 @@
 """An independent re-computation of three training steps, compared with the run's checkpoints.
 
 Everything here is written from the recipe, not from the trainer's objective or streams code:
-the keyed random numbers are re-derived from ``stream_seed`` in the documented order (image
-order: a Philox permutation per epoch under ``"train-order"``; ``"posterior"`` normals;
-``"times"``: t, then s, then u, all ``U[0, 1)``; ``"noise"``; ``"label-drop"``: ``U[0, 1) < p``),
+the keyed random numbers are re-derived from the documented streams (numpy Philox keyed by the
+first 16 bytes of sha256("selfflow/PURPOSE/SEED/KEY"), little-endian), in the documented order
+(image order: a permutation per epoch under ``"train-order"``; ``"posterior"`` float32 normals;
+``"times"``: t, then s, then u, all float32 ``U[0, 1)``; ``"noise"``; ``"label-drop"``:
+``U[0, 1) < p``),
 each image is re-read with ``ds[i]``, and the loss, clipping, AdamW and EMA are plain torch.
 Label dropout 0.3 and a clip norm of 0.05 make sure dropping and clipping both act.
 """
@@ -11,6 +13,7 @@ Label dropout 0.3 and a clip norm of 0.05 make sure dropping and clipping both a
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import numpy as np
 import torch
@@ -18,7 +21,6 @@ import torch.nn.functional as F
 
 from selfflow.data import LatentDataset
 from selfflow.model import SelfFlowDiT
-from selfflow.seeds import stream_seed
 from selfflow.train.trainer import train
 
 from .helpers import final_state, log_records, make_dataset, tiny_config
@@ -26,8 +28,17 @@ from .helpers import final_state, log_records, make_dataset, tiny_config
 STEPS = 3
 
 
-def keyed(seed: int, key: int, purpose: str) -> torch.Generator:
-    return torch.Generator().manual_seed(stream_seed(seed, key, purpose))
+def keyed(seed: int, key: int, purpose: str) -> np.random.Generator:
+    digest = hashlib.sha256(f"selfflow/{purpose}/{seed}/{key}".encode()).digest()
+    return np.random.Generator(np.random.Philox(key=int.from_bytes(digest[:16], "little")))
+
+
+def normal(rng: np.random.Generator, shape) -> torch.Tensor:
+    return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+
+
+def uniform(rng: np.random.Generator, shape) -> torch.Tensor:
+    return torch.from_numpy(rng.random(shape, dtype=np.float32))
 
 
 def step_inputs(ds: LatentDataset, seed: int, step: int, batch: int, tokens: int, s) -> dict:
@@ -35,15 +46,15 @@ def step_inputs(ds: LatentDataset, seed: int, step: int, batch: int, tokens: int
     n = len(ds)
     first = step * batch
     assert (first + batch - 1) // n == first // n  # one epoch: one permutation
-    order = np.random.Generator(np.random.Philox(stream_seed(seed, first // n, "train-order")))
+    order = keyed(seed, first // n, "train-order")
     indices = order.permutation(n)[[p % n for p in range(first, first + batch)]]
     shape = (batch, *ds.latent_shape)
-    posterior = torch.randn(shape, generator=keyed(seed, step, "posterior"))
+    posterior = normal(keyed(seed, step, "posterior"), shape)
     times = keyed(seed, step, "times")
-    t, u_s = torch.rand(batch, generator=times), torch.rand(batch, generator=times)
-    u = torch.rand(batch, tokens, generator=times)
-    noise = torch.randn(shape, generator=keyed(seed, step, "noise"))
-    drop = torch.rand(batch, generator=keyed(seed, step, "label-drop")) < s.label_dropout
+    t, u_s = uniform(times, batch), uniform(times, batch)
+    u = uniform(times, (batch, tokens))
+    noise = normal(keyed(seed, step, "noise"), shape)
+    drop = uniform(keyed(seed, step, "label-drop"), batch) < s.label_dropout
     x0, labels = [], []
     for row, index in enumerate(indices):
         mean, std, label = ds[int(index)]
@@ -82,7 +93,8 @@ def test_three_steps_match_an_independent_recomputation(tmp_path):
     s, mc = resolved.settings, resolved.model
     assert mc.null_class == ds.num_classes and s.rep_weight > 0 and s.mask_ratio > 0
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream_seed(s.seed, 0, "init"))  # the run's initial weights
+        init = hashlib.sha256(f"selfflow/init/{s.seed}/0".encode()).digest()
+        torch.manual_seed(int.from_bytes(init[:4], "little"))  # the run's initial weights
         model = SelfFlowDiT(mc).float().train()
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(

@@ -25,7 +25,7 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "selfflow-fid-batch"
 FORMAT_VERSION = 1
 
-SAMPLING_REVISION = 3
+SAMPLING_REVISION = 4
 """The revision of the image maths, compared on resume (the package version is only recorded).
 
 Bump it only in a change that makes the same settings give other images: how the per-sample
@@ -40,6 +40,9 @@ bf16 rounding fewer: bf16 images move by rounding, the float32 path is unchanged
 3 — the VAE decodes in fixed chunks of 8 latents and every process samples in batches of
 min(--batch-size, N) rows, whatever its share of the work (images move by rounding, a level in
 a few pixels; in exchange an image's bytes no longer depend on how the work is cut).
+4 — every keyed stream (label, start noise, Brownian increments, the class-balanced order) is
+numpy's Philox keyed by 128 bits of its hash (``selfflow.seeds.keyed_rng``); the first three
+were torch generators, which keep only 32 bits of a seed (every image changes).
 """
 
 

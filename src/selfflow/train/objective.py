@@ -29,7 +29,13 @@ from torch import Tensor, nn
 
 from selfflow.errors import ConfigurationError
 
-__all__ = ["dual_timesteps", "noised_input", "representation_loss", "self_flow_loss"]
+__all__ = [
+    "dual_timesteps",
+    "dual_timesteps_from",
+    "noised_input",
+    "representation_loss",
+    "self_flow_loss",
+]
 
 
 def dual_timesteps(
@@ -53,20 +59,34 @@ def dual_timesteps(
     for name, value in (("batch_size", batch_size), ("num_tokens", num_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigurationError(f"{name} must be a positive integer; got {value!r}")
-    if isinstance(mask_ratio, bool) or not (
-        isinstance(mask_ratio, (int, float)) and 0.0 <= mask_ratio <= 1.0
-    ):
-        raise ConfigurationError(f"mask_ratio must be a number in [0, 1]; got {mask_ratio!r}")
+    _check_mask_ratio(mask_ratio)
     draw_device = generator.device if generator is not None else torch.device("cpu")
     t = torch.rand(batch_size, generator=generator, device=draw_device)
     s = torch.rand(batch_size, generator=generator, device=draw_device)
     u = torch.rand(batch_size, num_tokens, generator=generator, device=draw_device)
-    masked = u < mask_ratio
-    tau = torch.where(masked, s[:, None], t[:, None])
-    tau_teacher = torch.minimum(t, s)
+    tau, tau_teacher = dual_timesteps_from(t, s, u, mask_ratio=mask_ratio)
     if device is not None:
         tau, tau_teacher = tau.to(device), tau_teacher.to(device)
     return tau, tau_teacher
+
+
+def dual_timesteps_from(
+    t: Tensor, s: Tensor, u: Tensor, *, mask_ratio: float = 0.25
+) -> tuple[Tensor, Tensor]:
+    """The deterministic half of :func:`dual_timesteps`: ``tau`` and ``tau_teacher`` from the
+    uniforms ``t (B,)``, ``s (B,)`` and ``u (B, num_tokens)``, however they were drawn (the
+    trainer draws them from its keyed streams, :mod:`selfflow.train.streams`)."""
+    _check_mask_ratio(mask_ratio)
+    masked = u < mask_ratio
+    tau = torch.where(masked, s[:, None], t[:, None])
+    return tau, torch.minimum(t, s)
+
+
+def _check_mask_ratio(mask_ratio: float) -> None:
+    if isinstance(mask_ratio, bool) or not (
+        isinstance(mask_ratio, (int, float)) and 0.0 <= mask_ratio <= 1.0
+    ):
+        raise ConfigurationError(f"mask_ratio must be a number in [0, 1]; got {mask_ratio!r}")
 
 
 def noised_input(x0: Tensor, noise: Tensor, tau: Tensor, patch_size: int) -> Tensor:

@@ -1,22 +1,24 @@
 """The global batch of step k as a function of (seed, step) and the dataset alone.
 
-Every random number of a training step comes from a CPU generator keyed by
-``stream_seed(seed, step, purpose)``, never from a rank, a worker or a generator's history:
+Every random number of a training step comes from a CPU stream keyed by
+``(seed, step, purpose)`` (:func:`selfflow.seeds.keyed_rng`: Philox under a 128-bit key, so no
+two steps or purposes share a stream), never from a rank, a worker or a generator's history:
 
 - **which images** (``"train-order"``, keyed by the *epoch*, not the step): the run visits the
   dataset in a seeded permutation per epoch; position ``p = step·G + j`` of the stream (``G``
   the global batch) is image ``perm_{p // N}[p % N]``. Each image is seen once per epoch, and
   a batch that straddles two epochs takes the end of one permutation and the start of the next;
-- **posterior draws** (``"posterior"``): standard normals ``n`` for ``mean + std·n``;
-- **times and masks** (``"times"``): :func:`selfflow.train.objective.dual_timesteps` on the
-  whole global batch (its draw order t, s, u is part of the stream);
+- **posterior draws** (``"posterior"``): float32 standard normals ``n`` for ``mean + std·n``;
+- **times and masks** (``"times"``): float32 ``U[0, 1)`` in the order ``t (G,)``, ``s (G,)``,
+  ``u (G, T)``, turned into per-token times by
+  :func:`selfflow.train.objective.dual_timesteps_from`;
 - **path noise** (``"noise"``): the ``ε`` of ``x_τ = (1 − τ)·x0 + τ·ε``;
 - **label drops** (``"label-drop"``): ``U[0, 1) < p`` per sample.
 
 Every process draws the whole global batch's numbers and keeps its own rows, so any process
 count and any accumulation split see the same numbers, and a resumed run needs no RNG state:
-the step number is the whole state. The draws cost a few milliseconds per step (about 2 M
-normals for ImageNet's batch of 256), made on a background thread one step ahead
+the step number is the whole state. The draws (about 2 M float32 normals for ImageNet's batch of
+256: tens of milliseconds on one CPU core) are made on a background thread one step ahead
 (:class:`Prefetcher`), together with the reads from the memory-mapped dataset.
 """
 
@@ -32,16 +34,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from selfflow.seeds import stream_seed
-from selfflow.train.objective import dual_timesteps
+from selfflow.seeds import keyed_rng, normals, uniforms
+from selfflow.train.objective import dual_timesteps_from
 
 if TYPE_CHECKING:
     from selfflow.data import LatentDataset
     from selfflow.train.config import ResolvedConfig
-
-
-def keyed_generator(seed: int, key: int, purpose: str) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(stream_seed(seed, key, purpose))
 
 
 class DataOrder:
@@ -60,10 +58,7 @@ class DataOrder:
     def permutation(self, epoch: int) -> np.ndarray:
         perm = self._cache.get(epoch)
         if perm is None:
-            rng = np.random.Generator(
-                np.random.Philox(stream_seed(self.seed, epoch, "train-order"))
-            )
-            perm = rng.permutation(self.size)
+            perm = keyed_rng(self.seed, epoch, "train-order").permutation(self.size)
             self._cache = {e: p for e, p in self._cache.items() if e >= epoch - 1}
             self._cache[epoch] = perm
         return perm
@@ -138,15 +133,13 @@ def draw_step(spec: StreamSpec, order: DataOrder, step: int) -> StepDraws:
     shape = (g, *spec.latent_shape)
     posterior = None
     if spec.has_std:
-        posterior = torch.randn(shape, generator=keyed_generator(spec.seed, step, "posterior"))
-    tau, tau_teacher = dual_timesteps(
-        g,
-        spec.num_tokens,
-        mask_ratio=spec.mask_ratio,
-        generator=keyed_generator(spec.seed, step, "times"),
-    )
-    noise = torch.randn(shape, generator=keyed_generator(spec.seed, step, "noise"))
-    drop = torch.rand(g, generator=keyed_generator(spec.seed, step, "label-drop"))
+        posterior = normals(keyed_rng(spec.seed, step, "posterior"), shape)
+    times = keyed_rng(spec.seed, step, "times")
+    t, s = uniforms(times, g), uniforms(times, g)
+    u = uniforms(times, (g, spec.num_tokens))
+    tau, tau_teacher = dual_timesteps_from(t, s, u, mask_ratio=spec.mask_ratio)
+    noise = normals(keyed_rng(spec.seed, step, "noise"), shape)
+    drop = uniforms(keyed_rng(spec.seed, step, "label-drop"), g)
     return StepDraws(
         step=step,
         indices=order.indices(step * g, g),
