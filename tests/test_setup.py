@@ -253,6 +253,12 @@ def test_loading_a_hub_vae_without_network_fails_at_once_without_retry_lines(
     assert "thrown while requesting" not in printed.err + logged
 
 
+def test_a_missing_absolute_vae_folder_is_not_asked_of_the_hub(empty_hub_cache, no_dns, tmp_path):
+    with pytest.raises(DownloadError) as caught:
+        load_vae(tmp_path / "moved-away")
+    assert no_dns == [] and str(tmp_path / "moved-away") in str(caught.value)
+
+
 def test_a_cached_hub_vae_loads_from_the_cache_without_network(empty_hub_cache, no_dns, capfd):
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = empty_hub_cache / "models--someone--tiny-vae"

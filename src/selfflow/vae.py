@@ -54,7 +54,7 @@ def load_vae(
             f"diffusion_pytorch_model.safetensors inside (save it with vae.save_pretrained(folder))"
         )
     unreachable = None  # why the hub cannot be asked now: then its cache alone, at once
-    if not local.exists():
+    if not local.exists() and not local.is_absolute():  # an absolute path is no hub id
         from selfflow.download import hub_unreachable
 
         unreachable = hub_unreachable(source, "config.json")
