@@ -807,8 +807,9 @@ def test_export_of_a_given_step_and_of_a_checkpoint_file(tmp_path, reference):
     by_step = export_run(reference, tmp_path / "a.pt", step=2)
     by_file = export_run(run_state.checkpoint_path(reference, 2), tmp_path / "b.pt")
     ema = final_state(reference, 2)["ema"]
-    for path in (by_step, by_file):
-        state = load_model(path).state_dict()
+    assert by_step.step == by_file.step == 2 and by_file.checkpoint == by_step.checkpoint
+    for exported in (by_step, by_file):
+        state = load_model(exported.path).state_dict()
         assert all(torch.equal(state[k], ema[k]) for k in state)
     with pytest.raises(CheckpointError, match="no checkpoint of step 3"):
         export_run(reference, tmp_path / "c.pt", step=3)

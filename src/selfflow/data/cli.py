@@ -82,6 +82,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "main process (default: 8, or the CPUs this process may use if fewer: here "
         "%(default)s)",
     )
+    _selection_options(parser)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete a dataset already in OUT_DIR and start over",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def _selection_options(parser: argparse.ArgumentParser) -> None:
+    """Which images, how they are cut into shards, and what to do with undecodable files."""
     parser.add_argument(
         "--limit",
         type=int,
@@ -108,13 +120,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="leave out files that are not images or do not decode, listing them in the "
         "manifest, instead of stopping at the first",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="delete a dataset already in OUT_DIR and start over",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -201,3 +201,20 @@ class ShardVerifier:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def verify_report(
+    dataset: LatentDataset, *, progress: bool, log: Callable[[str], None]
+) -> list[str]:
+    """Hash every shard (``train --dry-run``); ``log`` the verdict and return the failure,
+    if any, for the dry run's last line."""
+    began = time.perf_counter()
+    problems = verify_all(dataset, progress=progress)
+    if problems:
+        return [str(damaged_error(dataset, problems))]
+    size = sum(dataset.shard_path(k).stat().st_size for k in range(dataset.num_shards))
+    log(
+        f"the {dataset.num_shards} shards ({size / 1e9:.2f} GB) match the manifest's "
+        f"sha256 (checked in {time.perf_counter() - began:.1f} s)"
+    )
+    return []

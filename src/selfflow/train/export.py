@@ -26,7 +26,6 @@ from selfflow.files import check_can_write, writing
 from selfflow.model import ModelConfig, SelfFlowDiT
 from selfflow.train import state as run_state
 
-
 EXPORT_SUFFIXES = (".pt", ".safetensors")
 
 

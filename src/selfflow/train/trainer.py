@@ -30,7 +30,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from selfflow import distributed
-from selfflow.card import ModelCard
+from selfflow.data.verify import verify_report
 from selfflow.errors import ConfigurationError, SelfFlowError
 from selfflow.model import SelfFlowDiT
 from selfflow.train import state as run_state
@@ -46,6 +46,7 @@ from selfflow.train.config import ResolvedConfig, TrainConfig, differences, labe
 from selfflow.train.ema import make_ema
 from selfflow.train.fast import FastTrainingDiT, compile_errors, compiles, training_optimizer
 from selfflow.train.parallel import TrainerProcesses
+from selfflow.train.run_card import run_card, vae_plan_line
 from selfflow.train.step import StepRecipe, SummaryReader, TrainStep
 from selfflow.train.streams import (
     MicroBatch,
@@ -218,7 +219,13 @@ class Trainer:
             self.log(f"note: {note}")
         self.dtype = distributed.resolve_dtype(config.dtype, self.context.device)
         check_watch_options(self.resolved, self.dataset)
-        self.vae_name, self.card = self._vae_and_card()
+        self.vae_name, self.card = run_card(
+            self.dataset,
+            self.config,
+            self.resolved.settings,
+            check=self.context.is_main or self.dry_run,
+            log=self.log,
+        )
         self.init_state = None
         if not run_state.list_checkpoints(self.run_dir):
             self.init_state = read_init(self.resolved, config.init_from)
@@ -240,57 +247,13 @@ class Trainer:
 
                 self.vae = load_vae(self.vae_name, device=self.context.device)
 
-    def _vae_and_card(self) -> tuple[str | None, ModelCard]:
-        """The VAE that decodes this run's pictures, and the card its exports carry.
-
-        The VAE is ``--vae`` or the one the dataset records. A ``--vae`` must have the encoder
-        that made the data's latents (loaded once in float32 to check, on the process that
-        reports); a recorded folder missing from this machine is refused only when the run
-        decodes (grids, evaluations), and recorded as it is otherwise.
-        """
-        from selfflow.card import check_vae_identity, chosen_vae
-
-        data, settings = self.dataset, self.resolved.settings
-        recorded = data.manifest.get("vae_identity")
-        card = ModelCard(
-            class_names=tuple(data.class_names),
-            vae=data.vae,
-            vae_identity=recorded,
-            dataset=data.identity,
-        )
-        given = self.config.vae
-        if given is None and (
-            data.vae is None or not (settings.sample_every or settings.eval_every)
-        ):
-            return data.vae, card
-        name = chosen_vae(card, given)
-        if given is not None and recorded is not None and (self.context.is_main or self.dry_run):
-            from selfflow.vae import encoder_record_of
-
-            note = check_vae_identity(
-                recorded,
-                encoder_record_of(name),
-                name,
-                allow=self.config.allow_vae_mismatch,
-                what=f"the dataset {self.config.data}",
-            )
-            if note:
-                self.log(note)
-        return name, replace(card, vae=name)
-
     def _claim_run_folder(self) -> None:
-        from selfflow.batch.lock import FolderBusyError, FolderLock
+        from selfflow.batch.lock import FolderLock
         from selfflow.files import check_can_write
 
         check_can_write(self.run_dir, f"--output-dir {self.run_dir}")  # read-only: say so now
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            self.lock = FolderLock(self.run_dir).acquire()
-        except FolderBusyError as error:
-            raise ConfigurationError(
-                f"another process is training in {self.run_dir} ({error}); wait for it to end "
-                f"or choose another --output-dir"
-            ) from None
+        self.lock = FolderLock(self.run_dir, "selfflow train", "--output-dir").acquire()
         run_state.check_run_record(self.run_dir, self.record())
         removed = run_state.remove_temporaries(self.run_dir)
         if removed:
@@ -299,22 +262,17 @@ class Trainer:
 
     def _check_run_folder(self) -> None:
         """The dry run's read-only twin of :meth:`_claim_run_folder` (and the VAE's lookup)."""
-        from selfflow.batch.lock import lock_holder
+        from selfflow.batch.lock import busy_error, lock_holder
         from selfflow.files import check_can_write
 
         holder = lock_holder(self.run_dir)
         if holder is not None:
-            raise ConfigurationError(f"another process is training in {self.run_dir} ({holder})")
+            raise busy_error(self.run_dir, holder, "--output-dir")
         check_can_write(self.run_dir, f"--output-dir {self.run_dir}")
         run_state.check_run_record(self.run_dir, self.record(), write=False)
         run_state.check_free_space(self.run_dir, run_state.state_bytes(self.num_parameters))
         if self.vae_name is not None:
-            from selfflow.vae import vae_source
-
-            uses = "the sample grids decode with it and the exports record it"
-            if not self.resolved.settings.sample_every:
-                uses = "the exports record it"
-            self.log(f"VAE: {vae_source(self.vae_name)} ({uses})")
+            self.log(vae_plan_line(self.vae_name, self.resolved.settings))
 
     def record(self) -> dict[str, Any]:
         return {"identity": self.resolved.identity(), "dataset": self.dataset.identity}
@@ -508,30 +466,12 @@ class Trainer:
         )
         for line in lines:
             self.log(line)
-        failures += self._verify_data()
+        failures += verify_report(self.dataset, progress=self.config.progress, log=self.log)
         if failures:  # the last line says what failed; the exit status is 1
             raise ConfigurationError("the dry run failed: " + "; ".join(failures))
         self.log("dry run: every check passed and nothing was written")
         checkpoint = found[1] if found is not None else None
         return TrainResult(step, checkpoint, None, 0.0, {}, self.context.rank)
-
-    def _verify_data(self) -> list[str]:
-        """The dry run hashes every shard (a start verifies each in the background before its
-        first row is used); returns the failure, if any."""
-        from selfflow.data.verify import damaged_error, verify_all
-
-        began = time.perf_counter()
-        problems = verify_all(self.dataset, progress=self.config.progress)
-        if problems:
-            return [str(damaged_error(self.dataset, problems))]
-        size = sum(
-            self.dataset.shard_path(k).stat().st_size for k in range(self.dataset.num_shards)
-        )
-        self.log(
-            f"the {self.dataset.num_shards} shards ({size / 1e9:.2f} GB) match the manifest's "
-            f"sha256 (checked in {time.perf_counter() - began:.1f} s)"
-        )
-        return []
 
     def _read(self, reader: SummaryReader, watch: Any, *, keep: int) -> bool:
         """Read step summaries until ``keep`` remain: log them (the newest in ``self.metrics``)
