@@ -2,7 +2,8 @@
 
 Rank 0 writes the scalars (loss, flow, rep, gradient norm, learning rate, images/s, steps/s,
 and ``data_wait``: the share of the time it waited for its batches) every ``--log-every``
-steps, averaged over those steps, to TensorBoard (``RUN/tensorboard``)
+steps, averaged over those steps, to TensorBoard (``RUN/tensorboard``, written by
+:mod:`selfflow.train.events` without importing TensorFlow)
 and as one JSON line to ``RUN/log.jsonl``; the bar shows steps/s, images/s and the ETA. Lines
 with a ``kind`` are the other records: ``"eval"`` metrics and ``"checkpoint"`` write times (the
 trainer's, so a slow file system shows beside the rates it lowers). A resumed run first drops
@@ -94,13 +95,14 @@ class Watch:
         self.vae = trainer.vae
         if not self.main:
             return
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
+
+        from selfflow.train.events import EventWriter
 
         run = trainer.run_dir
         _truncate_log(run / LOG_NAME, step)
         # purge_step drops the events of steps after the checkpoint a resume starts from
-        self.writer = SummaryWriter(str(run / "tensorboard"), purge_step=step or None)
+        self.writer = EventWriter(run / "tensorboard", purge_step=step or None)
         self.bar = tqdm(
             total=s.steps,
             initial=step,
@@ -205,7 +207,7 @@ class Watch:
             folder = trainer.run_dir / "samples"
             folder.mkdir(exist_ok=True)
             save_png(grid, folder / f"step_{step:09d}.png")
-            self.writer.add_image("samples", grid, step, dataformats="HWC")
+            self.writer.add_image("samples", grid, step)
             self.writer.flush()
         distributed.barrier(self.trainer.context)
 
