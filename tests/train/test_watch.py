@@ -1,4 +1,5 @@
-"""TensorBoard files are written without importing TensorFlow (issue 23, item 15)."""
+"""What a researcher watches (issue 23, items 9 and 15): a resume keeps its own step in
+TensorBoard, and TensorBoard files are written without importing TensorFlow."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import numpy as np
 import pytest
 
 from selfflow.train.events import EventWriter, crc32c, masked_crc32c
+from selfflow.train.state import checkpoint_path, export_path
+from selfflow.train.trainer import train
 
-from .helpers import REPO, log_records, make_dataset
+from .helpers import REPO, log_records, make_dataset, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +31,22 @@ def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_a_resume_keeps_the_scalars_of_its_checkpoint_step(tmp_path, data):
+    run = tmp_path / "run"
+    train(tiny_config(data, run, steps=3, checkpoint_every=2))
+    # as if killed after logging step 3 but before its checkpoint: the resume starts at 2
+    checkpoint_path(run, 3).unlink()
+    export_path(run, 3).unlink(missing_ok=True)
+    train(tiny_config(data, run, steps=4, checkpoint_every=2))
+    records = log_records(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    loss = scalars(run, "train/loss")
+    assert [step for step, _ in loss] == [1, 2, 3, 4]  # step 2 kept, step 3 once (the new one)
+    assert [value for _, value in loss] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    # the first run's checkpoint of step 3 (deleted) is purged; the resume writes step 4's
+    assert [step for step, _ in scalars(run, "checkpoint/seconds")] == [2, 4]
 
 
 def test_training_writes_tensorboard_without_importing_tensorflow(tmp_path, data):

@@ -101,8 +101,9 @@ class Watch:
 
         run = trainer.run_dir
         _truncate_log(run / LOG_NAME, step)
-        # purge_step drops the events of steps after the checkpoint a resume starts from
-        self.writer = EventWriter(run / "tensorboard", purge_step=step or None)
+        # a resume from the checkpoint of step N keeps what was logged up to N (as log.jsonl
+        # does) and has TensorBoard drop the events of N + 1 on, which are trained again
+        self.writer = EventWriter(run / "tensorboard", purge_step=step + 1 if step else None)
         self.bar = tqdm(
             total=s.steps,
             initial=step,
