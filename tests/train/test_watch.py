@@ -1,10 +1,12 @@
-"""What a researcher watches (issue 23, items 9 and 15): a resume keeps its own step in
-TensorBoard, and TensorBoard files are written without importing TensorFlow."""
+"""What a researcher watches (issue 23, items 8, 9 and 15): the bar's images/s is log.jsonl's,
+a resume keeps its own step in TensorBoard, and TensorBoard files are written without
+importing TensorFlow."""
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +33,16 @@ def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_the_bar_shows_the_images_per_second_that_log_jsonl_records(tmp_path, data, capsys):
+    # a checkpoint every step: the step summaries are read in bursts, where a rate measured
+    # between two reads came out as tens of thousands of images/s
+    run = tmp_path / "run"
+    train(tiny_config(data, run, steps=6, log_every=2, checkpoint_every=1, progress=True))
+    shown = re.findall(r"([0-9.]+) img/s", capsys.readouterr().err)
+    logged = {f"{r['images_per_s']:.1f}" for r in log_records(run)}
+    assert shown and set(shown) <= logged, (shown, logged)
 
 
 def test_a_resume_keeps_the_scalars_of_its_checkpoint_step(tmp_path, data):

@@ -4,7 +4,9 @@ Rank 0 writes the scalars (loss, flow, rep, gradient norm, learning rate, images
 and ``data_wait``: the share of the time it waited for its batches) every ``--log-every``
 steps, averaged over those steps, to TensorBoard (``RUN/tensorboard``, written by
 :mod:`selfflow.train.events` without importing TensorFlow)
-and as one JSON line to ``RUN/log.jsonl``; the bar shows steps/s, images/s and the ETA. Lines
+and as one JSON line to ``RUN/log.jsonl``; the bar shows steps/s and the ETA, and the images/s
+of the last such window (the same number as ``log.jsonl``: the step summaries are read one step
+late and in bursts before a checkpoint, so a per-step rate would be meaningless). Lines
 with a ``kind`` are the other records: ``"eval"`` metrics and ``"checkpoint"`` write times (the
 trainer's, so a slow file system shows beside the rates it lowers). A resumed run first drops
 the records of steps after its checkpoint (they are trained again), in both.
@@ -89,7 +91,7 @@ class Watch:
         self.window: list[dict[str, float]] = []
         self.window_started = time.perf_counter()
         self.waited_before = 0.0  # the prefetcher's wait when the window began
-        self.last = time.perf_counter()
+        self.images_per_s: float | None = None  # of the last logged window, shown on the bar
         self.writer = None
         self.bar = None
         self.vae = trainer.vae
@@ -114,15 +116,13 @@ class Watch:
         )
 
     def after_step(self, step: int, metrics: dict[str, float]) -> None:
-        now = time.perf_counter()
-        images = self.settings.global_batch_size / max(now - self.last, 1e-9)
-        self.last = now
         self.window.append(metrics)
+        if step % self.settings.log_every == 0 or step == self.settings.steps:
+            self._write_scalars(step, time.perf_counter())
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(f"{images:.1f} img/s, loss {metrics['loss']:.4f}")
-        if step % self.settings.log_every == 0 or step == self.settings.steps:
-            self._write_scalars(step, now)
+            rate = "" if self.images_per_s is None else f"{self.images_per_s:.1f} img/s, "
+            self.bar.set_postfix_str(f"{rate}loss {metrics['loss']:.4f}")
 
     def _write_scalars(self, step: int, now: float) -> None:
         count = len(self.window)
@@ -133,6 +133,7 @@ class Watch:
         record["lr"] = self.settings.lr
         record["steps_per_s"] = count / seconds
         record["images_per_s"] = count * self.settings.global_batch_size / seconds
+        self.images_per_s = record["images_per_s"]
         # the share of the window this process spent waiting for its batches: 0 while the
         # prefetch thread keeps up, towards 1 when the data (disk, CPU) is the bottleneck
         waited = self.trainer.prefetch.waited
