@@ -1,9 +1,11 @@
-"""torchrun set-up and work assignment, from torchrun's environment variables alone.
+"""Process-group set-up and work assignment, for torchrun and for SLURM's ``srun``.
 
 ``torchrun`` (``python -m torch.distributed.run``) starts one process per GPU and tells each
-its place through ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.
-Nothing else is read, so one node or many work the same way. Without those variables the
-program is a single process and no process group is created.
+its place through ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
+``srun`` with one task per GPU tells it through ``SLURM_PROCID``, ``SLURM_NTASKS``,
+``SLURM_LOCALID`` and the job's node list. :mod:`selfflow.launch` reads either (torchrun's
+win); one node or many work the same way. Without them the program is a single process and
+no process group is created.
 
 NCCL is used when the processes run on CUDA devices, gloo on CPUs. The helpers below are thin
 wrappers that do the right thing for a single process too, so callers never branch on it.
@@ -31,10 +33,11 @@ import torch
 
 from selfflow.errors import ConfigurationError, SelfFlowError
 from selfflow.files import replaced_atomically
+from selfflow.launch import Launch, launch_environment
+from selfflow.launch import torchrun_environment as torchrun_environment  # its old home
 
 T = TypeVar("T")
 
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 # Long enough for rank 0 to download the checkpoint and check a folder of shards while the
 # other processes wait in a collective.
 DEFAULT_TIMEOUT = datetime.timedelta(hours=2)
@@ -67,32 +70,6 @@ class DistributedContext:
     @property
     def is_distributed(self) -> bool:
         return self.backend is not None
-
-
-def torchrun_environment(environ: dict[str, str] | None = None) -> tuple[int, int, int] | None:
-    """``(rank, world_size, local_rank)`` from torchrun's variables, or None outside torchrun."""
-    environ = dict(os.environ if environ is None else environ)
-    present = [name for name in _TORCHRUN_VARS if name in environ]
-    if not present:
-        return None
-    missing = [name for name in _TORCHRUN_VARS if name not in environ]
-    if missing:
-        raise ConfigurationError(
-            f"found the torchrun variables {present} but not {missing}; start the processes with "
-            f"torchrun (python -m torch.distributed.run), which sets all of them"
-        )
-    try:
-        rank, world, local = (int(environ[name]) for name in _TORCHRUN_VARS)
-    except ValueError as error:
-        raise ConfigurationError(
-            f"torchrun variables must be integers; got "
-            f"{ {name: environ[name] for name in _TORCHRUN_VARS} }"
-        ) from error
-    if world < 1 or not 0 <= rank < world or local < 0:
-        raise ConfigurationError(
-            f"inconsistent torchrun variables: RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}"
-        )
-    return rank, world, local
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -145,16 +122,26 @@ def resolve_device(
 
 
 def planning_context(device: str | None = None) -> DistributedContext:
-    """This process's place as torchrun describes it, without a process group or a device.
+    """This process's place as its launcher describes it, without a process group or a device.
 
     For checks that plan a run on another machine (``selfflow train --dry-run`` on a login node
     that lacks the job's GPUs): the world size and rank are the job's, ``--device cuda`` is
     taken as given (``here=False``: not checked), and every collective is a no-op (no backend),
     so rank 0 can check alone while the other ranks do nothing.
     """
-    rank, world, local = torchrun_environment() or (0, 1, 0)
+    launch = launch_environment(rendezvous=False)
+    rank, world, local = launch.rank, launch.world_size, launch.local_rank
     resolved = resolve_device(device, local, world, here=False)
     return DistributedContext(rank=rank, world_size=world, local_rank=local, device=resolved)
+
+
+def _gpu_slot(launch: Launch) -> int:
+    """The CUDA index ``--device cuda`` means for this process: its local rank, except for an
+    ``srun`` task that sees a single GPU (``--gpus-per-task=1`` binds one GPU to each task,
+    which is then ``cuda:0`` in every task, whatever its ``SLURM_LOCALID``)."""
+    if launch.launcher == "slurm" and torch.cuda.is_available() and torch.cuda.device_count() == 1:
+        return 0
+    return launch.local_rank
 
 
 def _check_cuda_device(spec: str, index: int) -> None:
@@ -174,25 +161,26 @@ def _check_cuda_device(spec: str, index: int) -> None:
 def setup(
     device: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT
 ) -> DistributedContext:
-    """Join the process group that torchrun describes (or none) and pick this process's device.
+    """Join the process group that torchrun or srun describes (or none) and pick this
+    process's device.
 
     A CUDA device becomes the process's current device (``torch.cuda.set_device``) and stays
     so after :func:`teardown`: a caller in a notebook that passes ``cuda:1`` then finds plain
     ``"cuda"`` tensors on GPU 1 too.
     """
-    place = torchrun_environment()
-    rank, world, local = place or (0, 1, 0)
-    resolved = resolve_device(device, local, world)
+    launch = launch_environment()
+    rank, world, local = launch.rank, launch.world_size, launch.local_rank
+    resolved = resolve_device(device, _gpu_slot(launch), world)
     if resolved.type == "cuda":
         # the current device is where un-placed CUDA work goes (streams, events, compiled
         # graphs); --device cuda:1 in one process must not leave it on GPU 0
         torch.cuda.set_device(resolved)
-    if place is None:
+    if not launch.launcher:
         return DistributedContext(device=resolved)
     if world == 1:
         return DistributedContext(rank=rank, world_size=1, local_rank=local, device=resolved)
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
-    if missing:
+    if launch.launcher == "torchrun" and missing:
         raise ConfigurationError(
             f"WORLD_SIZE={world} but {missing} are not set; start the processes with torchrun"
         )
@@ -203,6 +191,13 @@ def setup(
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
         if backend == "nccl":
             kwargs["device_id"] = resolved
+        if launch.launcher == "slurm":  # torchrun's workers meet through its agent (env://)
+            host = (
+                f"[{launch.master_addr}]" if ":" in str(launch.master_addr) else launch.master_addr
+            )
+            kwargs.update(
+                init_method=f"tcp://{host}:{launch.master_port}", rank=rank, world_size=world
+            )
         dist.init_process_group(**kwargs)
     control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     return DistributedContext(

@@ -78,8 +78,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     ),
     "--device": dict(
         default=None,
-        help="torch device; 'cuda' means cuda:LOCAL_RANK under torchrun "
-        "(default: cuda when available, else cpu)",
+        help="torch device; 'cuda' means cuda:LOCAL_RANK under torchrun (under srun: "
+        "cuda:SLURM_LOCALID, or the task's one GPU) (default: cuda when available, else cpu)",
     ),
     "--dtype": dict(
         choices=("float32", "bfloat16"),

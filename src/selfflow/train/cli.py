@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 
 from selfflow.options import add_options
@@ -269,6 +268,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from selfflow.errors import ReportedOnRankZero
+    from selfflow.launch import launch_environment
     from selfflow.train.trainer import StoppedBySignal, train
 
     try:
@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     except ReportedOnRankZero:
         return 1
     except StoppedBySignal as stop:
-        if os.environ.get("RANK", "0") == "0":
+        if launch_environment(rendezvous=False).rank == 0:  # RANK, or srun's SLURM_PROCID
             print(f"selfflow train: {stop}", flush=True)
         return 128 + int(stop.signum)
     if result.rank != 0 or args.dry_run:
