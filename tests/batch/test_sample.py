@@ -502,12 +502,19 @@ def test_a_second_run_in_the_same_folder_is_refused_until_the_first_ends(
     args = sample_args(tiny_checkpoint, tiny_vae_dir, out, "--overwrite")
     with open(out / ".lock", "w") as other_run:  # what a running `selfflow sample` holds
         fcntl.flock(other_run, fcntl.LOCK_EX)
-        other_run.write("4242 on elsewhere\n")
+        # what a running `selfflow sample` writes into the lock file
+        other_run.write(
+            '{"command": "selfflow sample", "pid": 4242, "host": "elsewhere", '
+            '"started": "2026-12-06 17:00:00 UTC"}\n'
+        )
         other_run.flush()
         code, _, err = run_cli(args, capsys)
     assert code == 1
     line = err.strip().splitlines()[-1]
-    assert f"another selfflow sample run (pid 4242 on elsewhere) is using {out}" in line
+    assert line.endswith(
+        f"{out} is in use by `selfflow sample` (pid 4242 on elsewhere, started 2026-12-06 "
+        "17:00:00 UTC); wait for it to end or stop it, or choose another --output-dir"
+    )
     assert in_flight.exists() and len(list((out / "shards").glob("shard_*.npz"))) == 4
     # the lock ended with its process; the file it leaves behind does not block the next run
     code, stdout, err = run_cli(args, capsys)
@@ -524,7 +531,8 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path, tiny_checkpoint, tiny_v
     from selfflow.batch.lock import FolderLock
 
     with FolderLock(out) as lock:  # free again, in this same process
-        assert lock.held and (out / ".lock").read_text().startswith(f"{os.getpid()} on ")
+        holder = json.loads((out / ".lock").read_text())
+        assert lock.held and holder["pid"] == os.getpid() and holder["command"] == "selfflow sample"
     assert not (out / ".lock").exists()
 
 

@@ -262,9 +262,11 @@ def test_a_second_run_in_the_same_folder_is_refused(tree, tiny_vae_dir, tmp_path
     from selfflow.batch.lock import FolderBusyError, FolderLock
 
     (tmp_path / "out").mkdir()
-    with FolderLock(tmp_path / "out"), pytest.raises(FolderBusyError) as caught:
+    holder = FolderLock(tmp_path / "out", "selfflow prepare", "OUT_DIR")  # a running prepare
+    with holder, pytest.raises(FolderBusyError) as caught:
         prepare(tree, tmp_path / "out", tiny_vae_dir)
-    assert "another selfflow prepare run" in str(caught.value) and "OUT_DIR" in str(caught.value)
+    assert "is in use by `selfflow prepare` (pid" in str(caught.value)
+    assert str(caught.value).endswith("or choose another OUT_DIR")
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 

@@ -312,7 +312,8 @@ def test_a_dry_run_checks_and_plans_but_writes_nothing(tmp_path, data, reference
         train(tiny_config(data, run, seed=3), dry_run=True)
     from selfflow.batch.lock import FolderLock
 
-    with FolderLock(run).acquire(), pytest.raises(ConfigurationError, match="another process"):
+    holder = FolderLock(run, "selfflow train").acquire()  # a running training
+    with holder, pytest.raises(ConfigurationError, match="is in use by `selfflow train`"):
         train(config, dry_run=True)
     assert not (run / ".lock").exists()
     with pytest.raises(ConfigurationError, match="is a file, not a folder"):

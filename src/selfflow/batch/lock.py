@@ -3,7 +3,9 @@
 Two runs in one folder would break each other: each one's set-up deletes the temporaries of
 the other's shards in flight, and both would write the same shards and npz. So rank 0 takes
 the lock before it touches anything in the folder and keeps it until the run ends; a second
-run is refused at once with the first one's pid. The lock belongs to the open file, so the
+run is refused at once, naming the command that holds the folder (``selfflow train``,
+``prepare`` or ``sample``, written into the file with its pid, host and start time). The lock
+belongs to the open file, so the
 kernel frees it when the process dies, even by SIGKILL: a killed run never blocks a restart.
 (On NFS, Linux maps ``flock`` to a POSIX lock that all clients see.)
 
@@ -15,8 +17,10 @@ and starts again if not.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
+import time
 from pathlib import Path
 
 from selfflow.errors import ConfigurationError
@@ -43,8 +47,8 @@ class FolderLock:
         option: str = "--output-dir",
     ) -> None:
         self.folder = Path(folder)
-        self.command = command  # named in the refusal, with the option that picks the folder
-        self.option = option
+        self.command = command  # recorded in the file: what a refused run is told holds it
+        self.option = option  # the refused run's option that picks the folder
         self.path = self.folder / LOCK_NAME
         self._fd: int | None = None
 
@@ -62,10 +66,7 @@ class FolderLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise FolderBusyError(
-                    f"another {self.command} run (pid {holder}) is using {self.folder}; wait "
-                    f"for it to finish or choose another {self.option}"
-                ) from None
+                raise busy_error(self.folder, holder, self.option) from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -77,7 +78,13 @@ class FolderLock:
                 break
             os.close(fd)  # locked a file that the previous holder deleted meanwhile: again
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
+        holder = {
+            "command": self.command,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        }
+        os.write(fd, (json.dumps(holder) + "\n").encode())
         self._fd = fd
         return self
 
@@ -106,15 +113,31 @@ class FolderLock:
 
 
 def _read_holder(fd: int) -> str:
+    """Who holds the lock, in words: "`selfflow train` (pid 1234 on HOST, started …)"."""
     try:
-        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        text = os.pread(fd, 1000, 0).decode(errors="replace").strip()
     except OSError:
         text = ""
-    return text or "unknown"
+    try:
+        found = json.loads(text)
+        return (
+            f"`{found['command']}` (pid {found['pid']} on {found['host']}, started "
+            f"{found['started']})"
+        )
+    except (ValueError, TypeError, KeyError):  # written by an older selfflow, or cut short
+        return f"another selfflow process (pid {text or 'unknown'})"
+
+
+def busy_error(folder: str | os.PathLike, holder: str, option: str) -> FolderBusyError:
+    """The refusal of a run whose folder ``holder`` (from :func:`lock_holder`) is using."""
+    return FolderBusyError(
+        f"{folder} is in use by {holder}; wait for it to end or stop it, or choose another {option}"
+    )
 
 
 def lock_holder(folder: str | os.PathLike) -> str | None:
-    """Who holds ``folder``'s lock ("PID on HOST"), or None; reads only, creates nothing.
+    """Who holds ``folder``'s lock (its command, pid, host and start), or None; reads only,
+    creates nothing.
 
     For checks that must not take the lock (a dry run): a shared ``flock`` on a read-only
     descriptor fails at once while another process holds the exclusive one.
