@@ -264,7 +264,10 @@ def test_sample_on_a_full_disk_keeps_its_shards_and_continues(
 
     mounts.free_space(disk)
     assert cli.main([str(a) for a in sample_args(tiny_checkpoint, tiny_vae_dir, out)]) == 0
-    assert f"{4 * done} done, {3 - done} shards to sample" in capsys.readouterr().out
+    left = f"{3 - done} shard{'s' * (3 - done > 1)} ({4 * (3 - done)} images) to sample"
+    assert f"{done} shard{'s' * (done > 1)} ({4 * done} images) done, {left}" in (
+        capsys.readouterr().out
+    )
     assert (out / "samples_12.npz").is_file()
 
 

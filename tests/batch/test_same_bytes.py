@@ -108,8 +108,10 @@ def test_a_resume_that_redoes_shards_gives_the_bytes_of_one_run(
     shutil.copytree(folder, out)
     unfinish(out, N, damaged=damaged)
     messages = run(tiny_checkpoint, tiny_vae_dir, out, N, dtype)
-    done = N - SHARD * len(damaged)
-    assert any(f"{done} done, {len(damaged)} shards to sample" in m for m in messages), messages
+    left = len(damaged)
+    done = f"{N // SHARD - left} shards ({N - SHARD * left} images) done"
+    redo = f"{left} shard{'s' * (left > 1)} ({SHARD * left} images) to sample"
+    assert any(f"{done}, {redo}" in m for m in messages), messages
     assert not [m for m in messages if m.startswith("note:")]
     np.testing.assert_array_equal(images(out, N), images(folder, N))
 

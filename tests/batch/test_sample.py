@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -293,7 +294,7 @@ def test_resume_with_another_process_count_and_batch_size(
         shutil.copy(source / "shards" / f"shard_{k:05d}.npz", out / "shards")
     code, stdout, _ = run_cli(sample_args(tiny_checkpoint, tiny_vae_dir, out, batch=7), capsys)
     assert code == 0
-    assert "12 done, 3 shards to sample" in stdout
+    assert "3 shards (12 images) done, 3 shards (12 images) to sample" in stdout
     assert "(12 sampled now)" in stdout
     assert_same_images(load(out)[0], load(reference)[0])
     assert not (out / "shards").exists()  # removed once the npz is written
@@ -340,7 +341,8 @@ def test_sigkill_then_same_command_gives_a_byte_identical_arr_0(
         command(tmp_path / "victim"), capture_output=True, text=True, env=env, timeout=240
     )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    done_before = int(rerun.stdout.split("shards of 8; ")[1].split(" done")[0])
+    resumed = re.search(r"shards of 8: \d+ shards? \((\d+) images?\) done", rerun.stdout)
+    done_before = int(resumed.group(1))
     assert done_before >= 8 * len(finished) - 8  # it continued, it did not start over
     with (
         zipfile.ZipFile(tmp_path / "ref" / "samples_480.npz") as a,
@@ -374,7 +376,7 @@ def test_damaged_shards_and_temporaries_are_redone(
         "shard 2 (samples 8…11) is redone" in stdout
         and "shard 4 (samples 16…19) is redone" in stdout
     )
-    assert "16 done, 2 shards to sample" in stdout
+    assert "4 shards (16 images) done, 2 shards (8 images) to sample" in stdout
     np.testing.assert_array_equal(load(out)[0], load(reference)[0])
     assert (out / "images" / "000013.png").exists()
 
@@ -446,7 +448,7 @@ def test_a_bf16_resume_at_another_batch_size_says_the_images_round_differently(
         args = sample_args(tiny_checkpoint, tiny_vae_dir, out, *bf16, batch=batch)
         code, stdout, err = run_cli(args, capsys)
         assert code == 0, err
-        assert "20 done, 1 shards to sample" in stdout
+        assert "5 shards (20 images) done, 1 shard (4 images) to sample" in stdout
         return stdout
 
     assert "note:" not in resume(5)
@@ -466,7 +468,7 @@ def test_a_folder_begun_by_another_package_version_resumes(
     monkeypatch.setattr(selfflow, "__version__", "99.0")
     code, stdout, err = run_cli(sample_args(tiny_checkpoint, tiny_vae_dir, out), capsys)
     assert code == 0, err
-    assert "16 done, 2 shards to sample" in stdout
+    assert "4 shards (16 images) done, 2 shards (8 images) to sample" in stdout
     np.testing.assert_array_equal(load(out)[0], load(reference)[0])
     info = json.loads((out / "manifest.json").read_text())["info"]
     assert info["selfflow_version"] == "0.0.1" and info["runs"][-1]["selfflow_version"] == "99.0"
@@ -550,7 +552,10 @@ def test_overwrite_starts_over(reference, tmp_path, tiny_checkpoint, tiny_vae_di
         sample_args(tiny_checkpoint, tiny_vae_dir, out, "--seed", "32", "--overwrite"), capsys
     )
     assert code == 0
-    assert "--overwrite: removed" in stdout and "0 done" in stdout
+    assert (
+        "--overwrite: removed" in stdout
+        and f"of 4: {N // 4} shards ({N} images) to sample" in stdout
+    )
     assert json.loads((out / "manifest.json").read_text())["settings"]["seed"] == 32
     images, labels = load(out)
     np.testing.assert_array_equal(labels, expected_labels(32, N))

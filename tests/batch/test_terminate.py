@@ -4,6 +4,7 @@ line that says to rerun, the folder lock removed, and a rerun that continues."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,5 +43,6 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, tiny_checkpoint, tiny_vae_dir)
 
     rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    done_before = int(rerun.stdout.split("shards of 8; ")[1].split(" done")[0])
+    resumed = re.search(r"shards of 8: \d+ shards? \((\d+) images?\) done", rerun.stdout)
+    done_before = int(resumed.group(1))
     assert done_before >= 8 * len(finished) - 8  # it continued, it did not start over

@@ -39,6 +39,7 @@ from selfflow import distributed
 from selfflow.batch import store
 from selfflow.batch.assemble import GRID_SAMPLES, assemble, npz_name
 from selfflow.batch.config import (
+    VAE_DTYPE,
     BatchConfig,
     BatchResult,
     batch_shape,
@@ -89,6 +90,11 @@ def generate_fid_batch(
             distributed.teardown(context)
 
 
+def _shards(shards: int, images: int) -> str:
+    """Shards and the images they hold, said together: "4 shards (52 images)"."""
+    return f"{shards} shard{'s' * (shards != 1)} ({images} image{'s' * (images != 1)})"
+
+
 def _print(message: str) -> None:
     print(message, flush=True)
 
@@ -109,6 +115,7 @@ class BatchJob:
         self.pipe = None
         self.network = ""
         self.vae_name: str | None = None  # the VAE used (--vae, else the checkpoint's own)
+        self.vae_dtype = ""  # the dtype the loaded VAE decodes in (recorded in the manifest)
         self.num_classes: int | None = None  # the model's label space, known once loaded
         self.manifest: Manifest | None = None
         self.plan: store.ShardPlan | None = None
@@ -141,11 +148,14 @@ class BatchJob:
         pending = self._verify(outcome.candidates)
         mine = distributed.assign(pending, self.context.rank, self.context.world_size)
         done_before = self.config.num_samples - sum(self.plan.shard(k).size for k in pending)
+        left = f"{_shards(len(pending), self.config.num_samples - done_before)} to sample"
+        if done_before:
+            left = f"{_shards(self.plan.num_shards - len(pending), done_before)} done, {left}"
         self.log(
             f"selfflow sample: {self.config.num_samples} images in {self.plan.num_shards} shards "
-            f"of {self.plan.shard_size}; {done_before} done, {len(pending)} shards to sample on "
-            f"{self.context.world_size} process(es) ({self.context.device}, {self.network}, "
-            f"batch {self.config.batch_size} per process)"
+            f"of {self.plan.shard_size}: {left} on {self.context.world_size} process(es) "
+            f"({self.context.device}, {self.network}, batch {self.config.batch_size} per "
+            f"process, VAE in {self.vae_dtype})"
         )
         sampling_started = time.perf_counter()
         self._sample(pending, mine, done_before)  # ends when every process has finished
@@ -177,6 +187,7 @@ class BatchJob:
             self.config.vae,  # None: the VAE the checkpoint's card records
             device=device,
             dtype=getattr(torch, self.dtype_name),
+            vae_dtype=getattr(torch, VAE_DTYPE),
             allow_vae_mismatch=self.config.allow_vae_mismatch,
         )
         self.vae_name = pipe.vae_name
@@ -184,6 +195,7 @@ class BatchJob:
         self.network = f"{type(pipe.model_fn).__name__}/{self.dtype_name}"
         if self.prepare_pipeline is not None:
             self.prepare_pipeline(pipe)
+        self.vae_dtype = str(next(pipe.autoencoder.parameters()).dtype).removeprefix("torch.")
         return pipe, checkpoint
 
     # -- step 2: verify -----------------------------------------------------------------------

@@ -25,7 +25,7 @@ import selfflow
 from selfflow import distributed
 from selfflow.batch import reuse, store
 from selfflow.batch.assemble import npz_name
-from selfflow.batch.config import VAE_DTYPE, batch_shape
+from selfflow.batch.config import batch_shape
 from selfflow.batch.folder import (
     any_shard_files,
     clear_output_dir,
@@ -174,7 +174,7 @@ def _image_settings(job: Any, checkpoint_sha256: str) -> dict:
         num_classes=job.num_classes,
         dtype=job.dtype_name,
         network=job.network,
-        vae_dtype=VAE_DTYPE,
+        vae_dtype=job.vae_dtype,  # what the loaded VAE runs in, read from its weights
     )
 
 
