@@ -22,6 +22,7 @@ SLURM = {
     "SLURM_LOCALID": "1",
     "SLURM_JOB_NODELIST": "gpu[003-004,010],login7",
     "SLURM_JOB_ID": "412345",
+    "SLURM_STEP_ID": "0",  # srun's tasks have it; the batch script does not
 }
 
 
@@ -74,6 +75,13 @@ def test_no_launcher_is_one_process():
     assert launch_environment({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) == Launch()  # salloc
 
 
+def test_a_command_in_the_batch_script_itself_is_one_process():
+    """The batch step has SLURM_PROCID=0 and the job's SLURM_NTASKS but no SLURM_STEP_ID: it is
+    not rank 0 of the job's tasks (which would wait for 7 others that never come)."""
+    batch = {name: value for name, value in SLURM.items() if name != "SLURM_STEP_ID"}
+    assert launch_environment({**batch, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}) == Launch()
+
+
 def test_srun_tasks_read_their_place_from_slurm():
     launch = launch_environment(SLURM)
     assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == (
@@ -81,7 +89,7 @@ def test_srun_tasks_read_their_place_from_slurm():
     )  # fmt: skip
     assert launch.master_addr == "gpu003"
     # every task of the job computes the same port, inside the documented range
-    assert launch.master_port == slurm_default_port("412345")
+    assert launch.master_port == slurm_default_port("412345", "0")
     assert SLURM_PORT_BASE <= launch.master_port < SLURM_PORT_BASE + SLURM_PORT_SPAN
     other_tasks = [launch_environment({**SLURM, "SLURM_PROCID": str(r)}) for r in range(8)]
     assert {(t.master_addr, t.master_port) for t in other_tasks} == {("gpu003", launch.master_port)}
@@ -114,7 +122,8 @@ def test_torchrun_variables_win_over_slurm():
 
 
 def test_one_srun_task_needs_no_address():
-    launch = launch_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"})
+    one = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_STEP_ID": "3"}
+    launch = launch_environment(one)
     assert (launch.launcher, launch.world_size, launch.master_addr) == ("slurm", 1, None)
 
 
@@ -143,7 +152,8 @@ def test_a_broken_slurm_environment_is_one_clear_error(change, message):
 
 
 def _only(monkeypatch, variables: dict[str, str]) -> None:
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", *SLURM,
+                 "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_NODELIST"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
@@ -164,7 +174,8 @@ def test_the_dry_run_plans_for_the_slurm_job(monkeypatch):
 
 
 def test_one_srun_task_sets_up_as_one_process(monkeypatch):
-    _only(monkeypatch, {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"})
+    _only(monkeypatch, {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
+                        "SLURM_STEP_ID": "0"})  # fmt: skip
     context = distributed.setup("cpu")
     assert (context.rank, context.world_size, context.is_distributed) == (0, 1, False)
     assert context.device == torch.device("cpu")
@@ -186,8 +197,14 @@ def test_a_task_that_sees_one_gpu_takes_it_whatever_its_local_id(monkeypatch):
 @pytest.mark.parametrize(
     "variables, says",
     [
-        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}, True),
-        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1"}, False),
+        (
+            {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_STEP_ID": "0"},
+            True,
+        ),
+        (
+            {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0"},
+            False,
+        ),
         ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0"}, False),
         ({}, True),
     ],
@@ -202,8 +219,6 @@ def test_only_the_first_process_reports_a_stop_by_signal(monkeypatch, capsys, va
     def stopped(*args, **kwargs):
         raise trainer.StoppedBySignal("stopped by SIGTERM after step 7", signal.SIGTERM)
 
-    for name in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS"):
-        monkeypatch.delenv(name, raising=False)
     _only(monkeypatch, variables)
     monkeypatch.setattr(trainer, "train", stopped)
     monkeypatch.setattr(cli, "config_from_args", lambda args: None)

@@ -4,7 +4,8 @@ train and sample exactly as two processes given torchrun's variables do (gloo on
 Both pairs are started the same way (no agent, see tests/batch/two_ranks.py), so the only
 difference is how each process learns its place: ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
 ``MASTER_ADDR``/``MASTER_PORT``, or ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``/
-``SLURM_JOB_NODELIST``/``SLURM_JOB_ID`` (the port derived from the job id).
+``SLURM_JOB_NODELIST``/``SLURM_JOB_ID``/``SLURM_STEP_ID`` (the port derived from the job and
+step ids).
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ def torchrun_style(rank: int) -> dict[str, str]:
 
 def slurm_style(host: str):
     """SLURM's variables for a job whose derived port is free here (no MASTER_* at all)."""
-    job = next(j for j in range(900001, 901000) if _free(slurm_default_port(str(j))))
+    job = next(j for j in range(900001, 901000) if _free(slurm_default_port(str(j), "0")))
 
     def env(rank: int) -> dict[str, str]:
         return {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
-                "SLURM_JOB_NODELIST": host, "SLURM_JOB_ID": str(job)}  # fmt: skip
+                "SLURM_JOB_NODELIST": host, "SLURM_JOB_ID": str(job),
+                "SLURM_STEP_ID": "0"}  # fmt: skip
 
     return env
 

@@ -15,6 +15,10 @@ process group from what it returns, for sampling, training, ``prepare`` and the 
   ``SLURM_JOB_NODELIST``): task 0 runs there under SLURM's block and cyclic distributions.
   ``MASTER_ADDR`` and ``MASTER_PORT`` win when set; without ``MASTER_PORT`` every task derives
   the same port from the job (and step) id, so no task has to tell the others.
+  ``SLURM_STEP_ID`` marks a task that ``srun`` started: the batch script itself also has
+  ``SLURM_PROCID=0`` and the job's ``SLURM_NTASKS``, but no step id (SLURM leaves it out for
+  the batch and interactive steps), and a command typed there is one process, not rank 0 of
+  tasks that will never come.
 - Neither: one process, no process group.
 
 SLURM writes node lists in a compressed form (``node[01-03,07],gpu5``); :func:`expand_hostlist`
@@ -75,7 +79,7 @@ def launch_environment(
             master_addr=environ.get("MASTER_ADDR"),
             master_port=_port(port, "MASTER_PORT") if port else None,
         )
-    if "SLURM_PROCID" in environ:
+    if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
         return slurm_environment(environ, rendezvous=rendezvous)
     return Launch()
 
