@@ -65,9 +65,8 @@ def launch_environment(
 ) -> Launch:
     """This process's :class:`Launch`, from torchrun's variables, else SLURM's, else none.
 
-    ``rendezvous=False`` reads the place alone, for a plan made where no process group will be
-    joined (the dry run on a login node, given the job's ``SLURM_NTASKS``): no node list or
-    job id is needed then.
+    ``rendezvous=False`` reads the place alone, for code that joins no process group (the dry
+    run, the rank-0-only report of a stop): no node list or job id is needed then.
     """
     environ = os.environ if environ is None else environ
     place = torchrun_environment(environ)
