@@ -9,8 +9,15 @@ step times with the background verification on and off.
    :meth:`LatentDataset.start_verifying` as the trainer calls it, and with it replaced by a
    no-op: the first step (which waits for the shards it reads to be hashed) and the median of
    the later steps, from ``log.jsonl`` (one line per step).
+3. A run's record of verified shards (``RUN/verified_shards/``): the verification of a first
+   start and of a resume of the same run (one process), started as the trainer starts it (the
+   run's read order, then its first 256 images read as one batch): seconds until that batch
+   is read, seconds until every shard is verified, shards hashed. Then two verifiers of one
+   first start as ranks 0 and 1 of 2 (two threads of this process, sharing through their
+   records): the shards each hashed.
 
     python benchmarks/shard_verify.py --shards 4 --steps 40
+    python benchmarks/shard_verify.py --record-only --shards 8 --shard-size 1024
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ except ImportError:  # run from a checkout that is not installed
 
 from selfflow.data import LatentDataset, write_dataset
 from selfflow.data import verify as verify_module
+from selfflow.data.verify import ShardRecord
 from selfflow.files import file_sha256
 from selfflow.train.config import TrainConfig
 from selfflow.train.trainer import train
@@ -43,13 +51,67 @@ IMAGENET_BYTES = 41.98e9  # 313 float32 shards (README, "Training data")
 SHARD = 4096
 
 
-def make_dataset(folder: Path, shards: int) -> LatentDataset:
+def make_dataset(folder: Path, shards: int, shard_size: int = SHARD) -> LatentDataset:
     rng = np.random.default_rng(0)
-    n = shards * SHARD
+    n = shards * shard_size
     means = rng.standard_normal((n, 4, 32, 32), dtype=np.float32)
     stds = np.abs(rng.standard_normal((n, 4, 32, 32), dtype=np.float32)) * 0.1
-    write_dataset(folder, means, np.arange(n) % 10, stds=stds, shard_size=SHARD)
+    write_dataset(folder, means, np.arange(n) % 10, stds=stds, shard_size=shard_size)
     return LatentDataset(folder)
+
+
+def wait_done(verifiers: list) -> None:
+    while not all(v.done for v in verifiers):
+        time.sleep(0.001)
+
+
+def record_starts(data: Path, run: Path, batch: int) -> list[tuple[str, float, float, str]]:
+    """(start, first batch s, every shard verified s, shards hashed): a first start and a
+    resume of one run, then a first start of a 2-process run (another run folder)."""
+    rows = []
+    order = np.random.default_rng(3).permutation(len(LatentDataset(data)))
+    for label in ("first start", "resume"):
+        ds = LatentDataset(data)
+        began = time.perf_counter()
+        verifier = ds.start_verifying(order, ShardRecord(run, ds))
+        ds.get_batch(order[:batch])
+        first = time.perf_counter() - began
+        wait_done([verifier])
+        total = time.perf_counter() - began
+        ds.stop_verifying()
+        rows.append((label, first, total, f"{verifier.hashed} of {ds.num_shards}"))
+    sets = [LatentDataset(data) for _ in range(2)]
+    began = time.perf_counter()
+    verifiers = [
+        ds.start_verifying(order, ShardRecord(run.with_name("two"), ds, rank, 2))
+        for rank, ds in enumerate(sets)
+    ]
+    wait_done(verifiers)
+    total = time.perf_counter() - began
+    for ds in sets:
+        ds.stop_verifying()
+    hashed = " and ".join(str(v.hashed) for v in verifiers)
+    rows.append(
+        (
+            "first start, ranks 0 and 1 of 2",
+            float("nan"),
+            total,
+            f"{hashed} of {sets[0].num_shards}",
+        )
+    )
+    return rows
+
+
+def print_record_starts(data: Path, run: Path, batch: int, rounds: int) -> None:
+    print(
+        f"| start (record in the run folder) | first batch of {batch} read | every shard "
+        f"verified | shards hashed |"
+    )
+    print("|---|---|---|---|")
+    for round_ in range(rounds):
+        for label, first, total, hashed in record_starts(data, run / f"r{round_}" / "run", batch):
+            first_text = "—" if first != first else f"{first:.2f} s"
+            print(f"| {label} | {first_text} | {total:.2f} s | {hashed} |")
 
 
 def memory_rate(rounds: int) -> list[float]:
@@ -118,11 +180,11 @@ def step_times(
     started = []
     original = LatentDataset.start_verifying
 
-    def spy(self, indices=None):
-        started.append(original(self, indices))
+    def spy(self, indices=None, record=None):
+        started.append(original(self, indices, record))
         return started[-1]
 
-    LatentDataset.start_verifying = spy if verify else (lambda self, indices=None: None)
+    LatentDataset.start_verifying = spy if verify else (lambda self, *args: None)
     try:
         config = TrainConfig(
             data=str(data), output_dir=str(out), steps=steps, model="tiny",
@@ -146,6 +208,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=16, help="global batch of the tiny run")
+    parser.add_argument("--shard-size", type=int, default=SHARD, help="images per shard")
+    parser.add_argument(
+        "--record-only", action="store_true", help="only part 3: first start against resume"
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     print(
@@ -153,9 +219,12 @@ def main() -> None:
         f"torch {torch.__version__}, numpy {np.__version__}, {time.strftime('%Y-%m-%d %H:%M')}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        ds = make_dataset(Path(tmp) / "ds", args.shards)
+        ds = make_dataset(Path(tmp) / "ds", args.shards, args.shard_size)
         size = sum(ds.shard_path(k).stat().st_size for k in range(ds.num_shards))
         print(f"\n{ds.num_shards} shards, {size / 1e6:.1f} MB, in the page cache\n")
+        if args.record_only:
+            print_record_starts(Path(tmp) / "ds", Path(tmp), 256, args.rounds)
+            return
         print("| how | MB/s per round | best |")
         print("|---|---|---|")
         rows = [("hashlib, 128 MiB in memory (the CPU's ceiling)", memory_rate(args.rounds))]
@@ -195,6 +264,8 @@ def main() -> None:
                 f"| verification {'on ' if verify else 'off'} | {first * 1e3:.1f} ms "
                 f"| {later * 1e3:.1f} ms | {hashing:.2f} s |"
             )
+        print()
+        print_record_starts(Path(tmp) / "ds", Path(tmp), 256, args.rounds)
 
 
 if __name__ == "__main__":

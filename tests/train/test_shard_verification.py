@@ -30,8 +30,8 @@ def verified_run(tmp_path_factory, data) -> tuple[Path, list]:
     started = []
     original = LatentDataset.start_verifying
 
-    def spy(self, indices=None):
-        started.append(original(self, indices))
+    def spy(self, indices=None, record=None):
+        started.append(original(self, indices, record))
         return started[-1]
 
     run = tmp_path_factory.mktemp("verified") / "run"
@@ -94,7 +94,7 @@ def test_intact_data_trains_exactly_as_without_verification(
 ):
     run, started = verified_run
     assert len(started) == 1 and started[0].done and started[0].good == {0, 1, 2, 3}
-    monkeypatch.setattr(LatentDataset, "start_verifying", lambda self, indices=None: None)
+    monkeypatch.setattr(LatentDataset, "start_verifying", lambda self, *args: None)
     train(tiny_config(data, tmp_path / "plain", steps=2, checkpoint_every=1))
     verified = [(r["step"], r["loss"], r["grad_norm"]) for r in log_records(run)]
     plain = [(r["step"], r["loss"], r["grad_norm"]) for r in log_records(tmp_path / "plain")]

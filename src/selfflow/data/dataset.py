@@ -9,8 +9,9 @@ shard and reads each shard's rows with one vectorised fancy-index on its memory 
 (no data read), so a missing or truncated shard is refused before a run writes anything.
 The shards' contents are checked against the manifest's sha256 by
 :meth:`LatentDataset.start_verifying` (the trainer's reads: each shard hashed once, on a
-background thread, before any row of it is returned) and by
-:func:`selfflow.data.verify.verify_all` (``train --dry-run``, ``prepare --verify``).
+background thread, before any row of it is returned; a resume skips the unchanged shards its
+run verified before) and by :func:`selfflow.data.verify.verify_all` (``train --dry-run``,
+``prepare --verify``: every shard, every time).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from selfflow.data.store import LABELS_NAME, STORED_DTYPES, labels_sha256, read_
 from selfflow.errors import DatasetError
 
 if TYPE_CHECKING:
-    from selfflow.data.verify import ShardVerifier
+    from selfflow.data.verify import ShardRecord, ShardVerifier
 
 # Memory maps kept open at once; with more shards the least recently used are closed and
 # re-opened on demand (each open map holds a file descriptor).
@@ -135,16 +136,20 @@ class LatentDataset:
             )
         return "rewrite the dataset (selfflow.data.write_dataset with overwrite=True)"
 
-    def start_verifying(self, indices: Any = None) -> ShardVerifier:
+    def start_verifying(
+        self, indices: Any = None, record: ShardRecord | None = None
+    ) -> ShardVerifier:
         """From now on no row of a shard is returned before the shard's sha256 matched the
         manifest: a background thread hashes the shards, in the order in which ``indices``
         (the dataset indices in the order a run will read them; default: shard order) first
         touch them, and a read that needs a shard not yet verified hashes it first. A damaged
-        shard raises :class:`DatasetError` naming it, at the first read after it was found."""
+        shard raises :class:`DatasetError` naming it, at the first read after it was found.
+        ``record``: a run's :class:`~selfflow.data.verify.ShardRecord`, whose unchanged
+        shards count as verified and which learns the shards hashed here."""
         from selfflow.data.verify import ShardVerifier
 
         self.stop_verifying()
-        self._verifier = ShardVerifier(self, self._first_touch(indices))
+        self._verifier = ShardVerifier(self, self._first_touch(indices), record)
         return self._verifier
 
     def stop_verifying(self) -> None:

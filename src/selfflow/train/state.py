@@ -7,6 +7,7 @@ Layout of ``RUN/``::
     checkpoints/step_000001000.pt   training state: model, EMA, optimiser, step, config, dataset
     checkpoints/step_000001000-ema.pt   the EMA weights alone, in the sampler's format (export)
     log.jsonl, tensorboard/, samples/, eval/
+    verified_shards/rank_00000.json the shards this run verified (selfflow.data.verify.ShardRecord)
 
 A checkpoint holds no RNG state: every random number of step k comes from streams keyed by
 (seed, k) (see :mod:`selfflow.train.streams`), so the step number is all a resume needs. Files
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from selfflow.checkpoint import torch_load_verified
+from selfflow.data.verify import RECORD_DIR
 from selfflow.errors import CheckpointError, ConfigurationError, DiskFullError
 from selfflow.files import nearest_existing, replaced_atomically, writing
 from selfflow.files import remove_temporaries as remove_temporaries_in
@@ -164,7 +166,7 @@ def check_free_space(run: Path, needed: int) -> None:
 
 def remove_temporaries(run: Path) -> int:
     """Delete temporaries a killed run left (``.NAME.tmp-PID``); returns how many."""
-    return remove_temporaries_in([Path(run), Path(run) / CHECKPOINT_DIR])
+    return remove_temporaries_in([Path(run), Path(run) / CHECKPOINT_DIR, Path(run) / RECORD_DIR])
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from selfflow import distributed
-from selfflow.data.verify import verify_report
+from selfflow.data.verify import ShardRecord, verify_report
 from selfflow.errors import ConfigurationError, SelfFlowError
 from selfflow.model import SelfFlowDiT
 from selfflow.train import state as run_state
@@ -248,8 +248,8 @@ class Trainer:
                 self.vae = load_vae(self.vae_name, device=self.context.device)
 
     def _claim_run_folder(self) -> None:
-        from selfflow.batch.lock import FolderLock
         from selfflow.files import check_can_write
+        from selfflow.lock import FolderLock
 
         check_can_write(self.run_dir, f"--output-dir {self.run_dir}")  # read-only: say so now
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -262,8 +262,8 @@ class Trainer:
 
     def _check_run_folder(self) -> None:
         """The dry run's read-only twin of :meth:`_claim_run_folder` (and the VAE's lookup)."""
-        from selfflow.batch.lock import busy_error, lock_holder
         from selfflow.files import check_can_write
+        from selfflow.lock import busy_error, lock_holder
 
         holder = lock_holder(self.run_dir)
         if holder is not None:
@@ -393,10 +393,12 @@ class Trainer:
             return TrainResult(step, self.last_checkpoint, export, 0.0, {}, self.context.rank)
         self.log(self._describe(step))
         watch = Watch(self, step)
-        # each shard's sha256 checked once, in the background, before a row of it is read
+        # each shard's sha256 checked once per run (a resume skips what the run folder records
+        # as verified and unchanged), in the background, before a row of it is read
         _, order = run_streams(self.resolved, self.dataset)
-        g = self.resolved.settings.global_batch_size
-        self.dataset.start_verifying(order.indices(step * g, len(self.dataset)))
+        g, context = self.resolved.settings.global_batch_size, self.context
+        record = ShardRecord(self.run_dir, self.dataset, context.rank, context.world_size, self.log)
+        self.dataset.start_verifying(order.indices(step * g, len(self.dataset)), record)
         prefetch = self.prefetch = Prefetcher(self._make_batches, step, end)
         reader = SummaryReader()
         self.metrics: dict[str, float] = {}
