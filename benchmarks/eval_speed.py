@@ -38,11 +38,11 @@ from selfflow.eval.inception import InceptionV3
 from selfflow.eval.metrics import (
     compute_statistics,
     frechet_distance,
-    full_fp32,
     inception_score,
     precision_recall,
 )
 from selfflow.eval.synthetic import inception_like_graph
+from selfflow.precision import full_fp32
 
 
 def log(message: str) -> None:

@@ -50,8 +50,8 @@ from selfflow.batch.bench import random_checkpoint, random_model, random_vae
 from selfflow.distributed import resolve_dtype
 from selfflow.eval.graphdef import TFGraph
 from selfflow.eval.inception import InceptionV3
-from selfflow.eval.metrics import full_fp32
 from selfflow.eval.synthetic import inception_like_graph
+from selfflow.precision import full_fp32
 
 
 def log(message: str) -> None:

@@ -189,3 +189,196 @@ def test_no_source_points_outside_the_repository(phrase: str) -> None:
         if phrase in line
     ]
     assert not found, f"{phrase!r} in {found}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Rooms: no two modules lean on each other, and a shared concern lives in the base
+
+
+def _dependencies(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere: at load time, inside functions and
+    for type hints alone (``if TYPE_CHECKING:``). A module that needs another's types, or
+    imports it late to dodge a load-time loop, depends on it all the same."""
+    known = set(modules)
+    return {
+        name: {t for t in _all_imports(name, path, known) if t not in _parents(name)}
+        for name, path in modules.items()
+    }
+
+
+def _mutual_groups(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every group of two or more nodes that all reach each other (the graph's cycles)."""
+    reach: dict[str, set[str]] = {}
+    for start in graph:
+        seen, todo = set(), [start]
+        while todo:
+            for target in graph.get(todo.pop(), ()):
+                if target not in seen:
+                    seen.add(target)
+                    todo.append(target)
+        reach[start] = seen
+    groups = {
+        tuple(sorted({node} | {other for other in reach[node] if node in reach[other]}))
+        for node in graph
+    }
+    return sorted(list(group) for group in groups if len(group) > 1)
+
+
+def test_mutual_groups_finds_every_cycle_and_nothing_else() -> None:
+    graph = {"a": {"b"}, "b": {"a", "c"}, "c": {"d"}, "d": set(), "e": {"f"}, "f": {"g"}}
+    graph["g"] = {"e"}
+    assert _mutual_groups(graph) == [["a", "b"], ["e", "f", "g"]]
+    assert _mutual_groups({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_the_dependency_reader_sees_late_and_type_only_imports(tmp_path: Path) -> None:
+    """The trainer <-> watch pattern: one side imports the other inside a function, the other
+    imports the first for a type hint only. Neither is a load-time import, yet it is a loop."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    (package / "trainer.py").write_text(
+        "def run():\n    from pkg.watch import Watch\n", encoding="utf-8"
+    )
+    (package / "watch.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.trainer import T\n",
+        encoding="utf-8",
+    )
+    modules = {"pkg": package / "__init__.py"}
+    modules |= {f"pkg.{n}": package / f"{n}.py" for n in ("trainer", "watch")}
+    assert _mutual_groups(_dependencies(modules)) == [["pkg.trainer", "pkg.watch"]]
+
+
+def test_no_two_modules_depend_on_each_other_even_late_or_for_types() -> None:
+    groups = _mutual_groups(_dependencies(_modules()))
+    assert not groups, "modules that depend on each other: " + "; ".join(
+        " <-> ".join(group) for group in groups
+    )
+
+
+def _rooms() -> set[str]:
+    """The package's sub-packages (``batch``, ``data``, ...): each one owns one job."""
+    return {
+        path.parent.name
+        for path in (SRC / PACKAGE).glob("*/__init__.py")
+        if path.parent.name != "__pycache__"
+    }
+
+
+def _room(name: str) -> str | None:
+    """The room a module belongs to (``selfflow.data.prepare`` -> ``data``), None for the base."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 2 or (SRC / PACKAGE / parts[-1]).is_dir() else None
+
+
+# Which rooms each room may use: the way data flows. Training reads the data and runs the FID
+# batch (its periodic evaluation); the FID batch scores itself with the evaluator.
+ROOM_USES = {"batch": {"eval"}, "data": set(), "eval": set(), "train": {"batch", "data"}}
+# What a room offers the others: its face (``__init__``) and the entry points named here. A
+# concern two rooms share (a folder lock, a float32 switch, the version) is no room's to offer:
+# it lives in the base, beside files.py and errors.py.
+ROOM_OFFERS = {
+    "batch": {"selfflow.batch"},
+    "data": {"selfflow.data", "selfflow.data.verify"},
+    "eval": {"selfflow.eval", "selfflow.eval.evaluator"},
+    "train": {"selfflow.train"},
+}
+
+
+def test_every_room_has_its_place_in_the_flow() -> None:
+    assert _rooms() == set(ROOM_USES) == set(ROOM_OFFERS), (
+        "a new sub-package: say which rooms it uses and what it offers (ROOM_USES, ROOM_OFFERS)"
+    )
+
+
+def _room_crossings() -> list[tuple[str, str, str, str]]:
+    """(importer, its room, imported module, its room) for every import from room to room."""
+    found = []
+    for name, targets in _dependencies(_modules()).items():
+        for target in targets:
+            mine, theirs = _room(name), _room(target)
+            if mine and theirs and mine != theirs:
+                found.append((name, mine, target, theirs))
+    return sorted(found)
+
+
+def test_a_room_uses_only_the_rooms_its_data_flows_to() -> None:
+    """``data/`` took its folder lock from ``batch/`` and its float32 switch from ``eval/``."""
+    wrong = [
+        f"{name} -> {target}"
+        for name, mine, target, theirs in _room_crossings()
+        if theirs not in ROOM_USES[mine]
+    ]
+    assert not wrong, f"rooms that reach into a room they do not use: {wrong}"
+
+
+def test_a_room_takes_from_another_only_what_that_room_offers() -> None:
+    """The trainer took its folder lock from ``batch/lock.py``: a shared concern in a sibling."""
+    wrong = [
+        f"{name} -> {target}"
+        for name, _, target, theirs in _room_crossings()
+        if target not in ROOM_OFFERS[theirs]
+    ]
+    assert not wrong, (
+        f"imports of another room's internals (move a shared concern to the base): {wrong}"
+    )
+
+
+def test_the_base_imports_no_room() -> None:
+    """The base (the modules beside the rooms) is below every room: rooms call it, never the
+    reverse. The command line, which dispatches to the rooms' commands, is above them all."""
+    wrong = [
+        f"{name} -> {target}"
+        for name, targets in _dependencies(_modules()).items()
+        if _room(name) is None and not _is_cli(name)
+        for target in targets
+        if _room(target) is not None
+    ]
+    assert not wrong, f"base modules that import a room: {wrong}"
+
+
+def test_no_module_takes_a_name_from_the_package_face() -> None:
+    """``selfflow/__init__`` is the users' entry point (the network, checkpoints, pipeline);
+    the package's own modules import what they need from the module that owns it."""
+    modules = _modules()
+    wrong = []
+    for name, path in modules.items():
+        if name == PACKAGE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                wrong += [f"{name}: import {a.name}" for a in node.names if a.name == PACKAGE]
+            elif isinstance(node, ast.ImportFrom) and node.module == PACKAGE and not node.level:
+                wrong += [
+                    f"{name}: from {PACKAGE} import {a.name}"
+                    for a in node.names
+                    if f"{PACKAGE}.{a.name}" not in modules
+                ]
+    assert not wrong, f"imports of the package face instead of the owning module: {wrong}"
+
+
+def _defines_a_network(path: Path) -> bool:
+    """Whether a module defines a ``torch.nn.Module`` subclass (directly)."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ClassDef):
+            for base in node.bases:
+                if ast.unparse(base) in ("nn.Module", "torch.nn.Module", "Module"):
+                    return True
+    return False
+
+
+def test_the_samplers_know_a_velocity_function_not_the_network() -> None:
+    """``transport.py`` took the null label from ``model.py``; the caller now names it. Nothing
+    the samplers import, directly or through others, defines a network."""
+    modules = _modules()
+    graph = _dependencies(modules)
+    (samplers,) = [name for name in modules if name.rpartition(".")[2] == "transport"]
+    seen, todo = set(), [samplers]
+    while todo:
+        for target in graph[todo.pop()]:
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    networks = sorted(name for name in seen if _defines_a_network(modules[name]))
+    assert any(_defines_a_network(path) for path in modules.values())  # the probe works
+    assert not networks, f"the samplers reach modules that define a network: {networks}"

@@ -357,6 +357,9 @@ def test_brownian_wrong_shape_is_refused(bad_step, value, message):
 # --------------------------------------------------------------------------------------------
 
 
+NULL = 1000  # the released model's unconditional label, named by the caller (the pipeline)
+
+
 class FakeModel:
     """Records every call; returns a value that depends on x, tau and the label."""
 
@@ -368,7 +371,7 @@ class FakeModel:
         return x * (y.to(x.dtype)[:, None] + 1) + tau.to(x.dtype)[:, None]
 
 
-def _expected_guided(x, tau, labels, scale, null=1000):
+def _expected_guided(x, tau, labels, scale, null=NULL):
     cond = x * (labels.to(x.dtype)[:, None] + 1) + tau[:, None]
     uncond = x * (null + 1) + tau[:, None]
     return uncond + scale * (cond - uncond)
@@ -377,7 +380,9 @@ def _expected_guided(x, tau, labels, scale, null=1000):
 def test_guidance_inside_is_one_batched_call_with_the_formula():
     model = FakeModel()
     labels = torch.tensor([3, 207, 0])
-    velocity = guided_velocity(model, labels, cfg_scale=1.5, guidance_interval=(0.0, 0.7))
+    velocity = guided_velocity(
+        model, labels, null_label=NULL, cfg_scale=1.5, guidance_interval=(0.0, 0.7)
+    )
     x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
     tau = torch.full((3,), 0.5)
     out = velocity(x, tau)
@@ -389,6 +394,20 @@ def test_guidance_inside_is_one_batched_call_with_the_formula():
     assert torch.allclose(out, _expected_guided(x, tau, labels, 1.5), rtol=1e-6, atol=1e-5)
 
 
+def test_the_null_label_is_the_callers_not_a_default_of_the_sampler():
+    """A sampler knows a velocity function, not the network's label table: a 10-class model's
+    null row is 10, and nothing in the sampler may assume the released model's 1000."""
+    with pytest.raises(TypeError, match="null_label"):
+        guided_velocity(FakeModel(), torch.tensor([1]), cfg_scale=2.0)  # type: ignore[call-arg]
+    model = FakeModel()
+    labels = torch.tensor([3, 7])
+    velocity = guided_velocity(model, labels, null_label=10, cfg_scale=2.0)
+    x, tau = torch.ones(2, 2), torch.full((2,), 0.5)
+    out = velocity(x, tau)
+    assert torch.equal(model.calls[0][2], torch.tensor([3, 7, 10, 10]))
+    assert torch.allclose(out, _expected_guided(x, tau, labels, 2.0, null=10))
+
+
 def test_guidance_interval_is_inclusive_and_outside_runs_only_the_conditional_pass():
     labels = torch.tensor([1, 2])
     x = torch.ones(2, 2)
@@ -398,7 +417,9 @@ def test_guidance_interval_is_inclusive_and_outside_runs_only_the_conditional_pa
     cases = [(0.0, True), (high.item(), True), (just_above.item(), False), (1.0, False)]
     for tau_value, guided in cases:
         model = FakeModel()
-        velocity = guided_velocity(model, labels, cfg_scale=4.0, guidance_interval=(0.0, 0.7))
+        velocity = guided_velocity(
+            model, labels, null_label=NULL, cfg_scale=4.0, guidance_interval=(0.0, 0.7)
+        )
         tau = torch.full((2,), tau_value, dtype=torch.float32)
         out = velocity(x, tau)
         assert [c[0] for c in model.calls] == ([4] if guided else [2]), tau_value
@@ -407,7 +428,9 @@ def test_guidance_interval_is_inclusive_and_outside_runs_only_the_conditional_pa
             assert torch.equal(out, x * (labels[:, None] + 1) + tau[:, None])
     # Lower bound inclusive too, float64 tau compared in float64.
     model = FakeModel()
-    velocity = guided_velocity(model, labels, cfg_scale=2.0, guidance_interval=(0.3, 0.3))
+    velocity = guided_velocity(
+        model, labels, null_label=NULL, cfg_scale=2.0, guidance_interval=(0.3, 0.3)
+    )
     velocity(x.double(), torch.full((2,), 0.3, dtype=torch.float64))
     velocity(x.double(), torch.full((2,), math.nextafter(0.3, 0.0), dtype=torch.float64))
     assert [c[0] for c in model.calls] == [4, 2]
@@ -416,7 +439,9 @@ def test_guidance_interval_is_inclusive_and_outside_runs_only_the_conditional_pa
 def test_cfg_one_never_runs_the_null_pass():
     model = FakeModel()
     labels = torch.tensor([5, 6, 7])
-    velocity = guided_velocity(model, labels, cfg_scale=1.0, guidance_interval=(0.0, 1.0))
+    velocity = guided_velocity(
+        model, labels, null_label=NULL, cfg_scale=1.0, guidance_interval=(0.0, 1.0)
+    )
     for tau in (0.0, 0.5, 1.0):
         velocity(torch.ones(3, 2), torch.full((3,), tau))
     assert [c[0] for c in model.calls] == [3, 3, 3]
@@ -426,7 +451,9 @@ def test_cfg_one_never_runs_the_null_pass():
 def test_guidance_with_mixed_times_guides_only_the_samples_inside():
     model = FakeModel()
     labels = torch.tensor([1, 2])
-    velocity = guided_velocity(model, labels, cfg_scale=3.0, guidance_interval=(0.0, 0.7))
+    velocity = guided_velocity(
+        model, labels, null_label=NULL, cfg_scale=3.0, guidance_interval=(0.0, 0.7)
+    )
     x = torch.ones(2, 2)
     tau = torch.tensor([0.5, 0.9])
     out = velocity(x, tau)
@@ -445,6 +472,7 @@ def test_guided_sde_guides_exactly_the_steps_inside_the_interval():
         velocity = guided_velocity(
             lambda x, tau, y, m=model: m(x, tau, y) * 0.0,
             labels,
+            null_label=NULL,
             cfg_scale=2.0,
             guidance_interval=interval,
         )
@@ -545,7 +573,7 @@ def test_bad_last_t(last_t):
 @pytest.mark.parametrize("cfg_scale", [-0.1, math.nan, math.inf, "2", None])
 def test_bad_cfg_scale(cfg_scale):
     with pytest.raises(ConfigurationError, match="cfg_scale"):
-        guided_velocity(FakeModel(), torch.tensor([1]), cfg_scale=cfg_scale)
+        guided_velocity(FakeModel(), torch.tensor([1]), null_label=NULL, cfg_scale=cfg_scale)
 
 
 @pytest.mark.parametrize(
@@ -553,17 +581,23 @@ def test_bad_cfg_scale(cfg_scale):
 )
 def test_bad_guidance_interval(interval):
     with pytest.raises(ConfigurationError, match="guidance_interval"):
-        guided_velocity(FakeModel(), torch.tensor([1]), cfg_scale=2.0, guidance_interval=interval)
+        guided_velocity(
+            FakeModel(),
+            torch.tensor([1]),
+            null_label=NULL,
+            cfg_scale=2.0,
+            guidance_interval=interval,
+        )
 
 
 def test_bad_labels_and_null_label():
     with pytest.raises(ConfigurationError, match="1-D integer"):
-        guided_velocity(FakeModel(), torch.tensor([[1]]))
+        guided_velocity(FakeModel(), torch.tensor([[1]]), null_label=NULL)
     with pytest.raises(ConfigurationError, match="integer tensor"):
-        guided_velocity(FakeModel(), torch.tensor([1.0]))
+        guided_velocity(FakeModel(), torch.tensor([1.0]), null_label=NULL)
     with pytest.raises(ConfigurationError, match="null_label"):
         guided_velocity(FakeModel(), torch.tensor([1]), null_label=-1)
-    velocity = guided_velocity(FakeModel(), torch.tensor([1, 2]), cfg_scale=2.0)
+    velocity = guided_velocity(FakeModel(), torch.tensor([1, 2]), null_label=NULL, cfg_scale=2.0)
     with pytest.raises(ConfigurationError, match="2 labels"):
         velocity(torch.zeros(3, 2), torch.zeros(3))
 

@@ -6,9 +6,8 @@ are imported only when used.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from selfflow.errors import CheckpointError, ConfigurationError, DownloadError, SelfFlowError
+from selfflow.version import __version__
 
 __all__ = [
     "CheckpointError",

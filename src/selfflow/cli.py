@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
             "and train (prepare a latent dataset, train, export the EMA)."
         ),
     )
-    from selfflow import __version__
+    from selfflow.version import __version__
 
     parser.add_argument("--version", action="version", version=f"selfflow {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

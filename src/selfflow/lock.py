@@ -1,7 +1,9 @@
 """One run per output folder: rank 0 holds an exclusive ``flock`` on ``DIR/.lock``.
 
 Two runs in one folder would break each other: each one's set-up deletes the temporaries of
-the other's shards in flight, and both would write the same shards and npz. So rank 0 takes
+the other's files in flight, and both would write the same shards, checkpoints or npz. So
+``sample``, ``prepare`` and ``train`` all take this one lock (it lives in the base, beside
+:mod:`selfflow.files`, for that reason): rank 0 takes
 the lock before it touches anything in the folder and keeps it until the run ends; a second
 run is refused at once, naming the command that holds the folder (``selfflow train``,
 ``prepare`` or ``sample``, written into the file with its pid, host and start time). The lock

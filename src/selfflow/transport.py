@@ -30,7 +30,6 @@ from tqdm import tqdm
 from selfflow.defaults import DEFAULT_NUM_STEPS, default_num_steps
 from selfflow.errors import ConfigurationError
 from selfflow.finite import FirstNonFinite
-from selfflow.model import NULL_CLASS
 from selfflow.sampler_settings import (
     DEFAULT_CFG_SCALE,
     DEFAULT_GUIDANCE_INTERVAL,
@@ -427,7 +426,7 @@ def guided_velocity(
     *,
     cfg_scale: float = DEFAULT_CFG_SCALE,
     guidance_interval: tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL,
-    null_label: int = NULL_CLASS,
+    null_label: int,
 ) -> Velocity:
     """Turn a class-conditional ``model_fn(x, tau, y)`` into a velocity function with CFG.
 
@@ -437,6 +436,10 @@ def guided_velocity(
     ``v_null + s (v_cond - v_null)`` (the official guidance rule). Otherwise only the conditional pass runs, so
     the unguided noisy part of the path and cfg 1.0 cost one pass. With guidance the interval
     test reads ``tau`` on the host once per call.
+
+    ``null_label`` is the network's unconditional label (``model.config.null_class``: 1000 for
+    the released model); the caller names it, since a sampler knows a velocity function, not
+    the network and its label table.
     """
     scale, low, high = _check_guidance(cfg_scale, guidance_interval)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1:

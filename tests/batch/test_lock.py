@@ -11,7 +11,7 @@ import socket
 
 from selfflow import cli
 from selfflow.batch import BatchConfig, generate_fid_batch
-from selfflow.batch.lock import FolderLock, lock_holder
+from selfflow.lock import FolderLock, lock_holder
 from selfflow.train.trainer import train
 from tests.train.helpers import cli_args, make_dataset, tiny_config
 

@@ -459,13 +459,13 @@ def test_a_bf16_resume_at_another_batch_size_says_the_images_round_differently(
 def test_a_folder_begun_by_another_package_version_resumes(
     reference, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys, monkeypatch
 ):
-    import selfflow
+    from selfflow import version
 
     out = tmp_path / "samples"
     manifest = _half_finished_copy(reference, out)
     manifest["info"]["selfflow_version"] = "0.0.1"
     (out / "manifest.json").write_text(json.dumps(manifest))
-    monkeypatch.setattr(selfflow, "__version__", "99.0")
+    monkeypatch.setattr(version, "__version__", "99.0")
     code, stdout, err = run_cli(sample_args(tiny_checkpoint, tiny_vae_dir, out), capsys)
     assert code == 0, err
     assert "4 shards (16 images) done, 2 shards (8 images) to sample" in stdout
@@ -530,7 +530,7 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path, tiny_checkpoint, tiny_v
     out.mkdir()  # a folder the run did not create stays (one it created is removed)
     code, _, err = run_cli(sample_args(tmp_path / "missing.pt", tiny_vae_dir, out), capsys)
     assert code == 1 and "checkpoint not found" in err
-    from selfflow.batch.lock import FolderLock
+    from selfflow.lock import FolderLock
 
     with FolderLock(out) as lock:  # free again, in this same process
         holder = json.loads((out / ".lock").read_text())

@@ -259,7 +259,7 @@ def test_float16_storage_is_the_float32_values_rounded(prepared, tree, tiny_vae_
 
 
 def test_a_second_run_in_the_same_folder_is_refused(tree, tiny_vae_dir, tmp_path):
-    from selfflow.batch.lock import FolderBusyError, FolderLock
+    from selfflow.lock import FolderBusyError, FolderLock
 
     (tmp_path / "out").mkdir()
     holder = FolderLock(tmp_path / "out", "selfflow prepare", "OUT_DIR")  # a running prepare

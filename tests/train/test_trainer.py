@@ -310,7 +310,7 @@ def test_a_dry_run_checks_and_plans_but_writes_nothing(tmp_path, data, reference
     # refused as a start refuses: another run's settings, a folder in use, a path through a file
     with pytest.raises(ConfigurationError, match="seed: 0 → 3"):
         train(tiny_config(data, run, seed=3), dry_run=True)
-    from selfflow.batch.lock import FolderLock
+    from selfflow.lock import FolderLock
 
     holder = FolderLock(run, "selfflow train").acquire()  # a running training
     with holder, pytest.raises(ConfigurationError, match="is in use by `selfflow train`"):

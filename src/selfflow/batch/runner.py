@@ -45,7 +45,6 @@ from selfflow.batch.config import (
     batch_shape,
     pad_batch,
 )
-from selfflow.batch.lock import FolderLock
 from selfflow.batch.manifest import MANIFEST_NAME, Manifest, write_manifest
 from selfflow.batch.progress import BatchProgress, progress_bar
 from selfflow.batch.setup import agreed_setup
@@ -53,6 +52,7 @@ from selfflow.batch.writer import NOTHING_WRITTEN, ShardWriter, write_pngs
 from selfflow.errors import ConfigurationError, ReportedOnRankZero
 from selfflow.files import file_sha256
 from selfflow.finite import NonFiniteSamplesError
+from selfflow.lock import FolderLock
 from selfflow.npz import iter_npz_rows
 
 __all__ = ["BatchConfig", "BatchJob", "BatchResult", "ReportedOnRankZero", "generate_fid_batch"]

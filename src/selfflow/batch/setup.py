@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-import selfflow
-from selfflow import distributed
+from selfflow import distributed, version
 from selfflow.batch import reuse, store
 from selfflow.batch.assemble import npz_name
 from selfflow.batch.config import batch_shape
@@ -184,7 +183,7 @@ def _run_info(job: Any, checkpoint: str, checkpoint_sha256: str) -> dict:
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "world_size": job.context.world_size,
         "device": str(job.context.device),
-        "selfflow_version": selfflow.__version__,
+        "selfflow_version": version.__version__,
         "batch_size": job.config.batch_size,
         "command": " ".join(sys.argv),
         "checkpoint_integrity": verification(checkpoint, checkpoint_sha256),
@@ -254,7 +253,7 @@ def _new_manifest(
         info={
             "checkpoint": str(Path(checkpoint).resolve()),
             "vae": job.vae_name,
-            "selfflow_version": selfflow.__version__,
+            "selfflow_version": version.__version__,
             "torch": torch_version(),
             "created": run_info["started"],
             "runs": [run_info],

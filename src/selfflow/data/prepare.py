@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from selfflow import distributed
-from selfflow.batch.lock import FolderLock
 from selfflow.data import store
 from selfflow.data.images import (
     CroppedImages,
@@ -51,6 +50,7 @@ from selfflow.data.images import (
 from selfflow.data.summary import PrepareResult
 from selfflow.errors import ConfigurationError, DatasetError, ReportedOnRankZero
 from selfflow.files import check_can_write, remove_temporaries
+from selfflow.lock import FolderLock
 
 CROP = "adm_center_crop"
 # Settings that must match to resume in a folder, with how a difference is described.
@@ -275,7 +275,7 @@ class _Job:
 
     def _header(self, source: SourceList) -> dict[str, Any]:
         from selfflow.card import resolved_vae_name
-        from selfflow.eval.metrics import full_fp32
+        from selfflow.precision import full_fp32
         from selfflow.vae import SD_VAE_ID, encode_posterior, encoder_record
 
         size = self.config.image_size
@@ -356,7 +356,7 @@ class _Job:
     def _encode(self, plan: _Plan, shards: list[int], bar: _Progress) -> None:
         """Encode ``shards`` with TF32 off (full float32 matmuls and convolutions, as the
         evaluator does), so the stored posteriors do not depend on the GPU generation."""
-        from selfflow.eval.metrics import full_fp32
+        from selfflow.precision import full_fp32
         from selfflow.vae import encode_posterior
 
         if not shards:

@@ -154,7 +154,7 @@ def finalize(out_dir: Path, header: dict[str, Any], records: Sequence[dict[str, 
     ``header`` holds the settings (shapes, dtype, VAE, crop, class names, source, ...); the
     shard list, image count, skipped files and upscaled count are taken from the records.
     """
-    from selfflow import __version__
+    from selfflow.version import __version__
 
     out_dir = Path(out_dir)
     records = sorted(records, key=lambda r: r["id"])

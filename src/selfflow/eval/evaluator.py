@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import selfflow
+from selfflow import version
 from selfflow.distributed import resolve_device
 from selfflow.download import verification
 from selfflow.errors import ConfigurationError
@@ -40,13 +40,13 @@ from selfflow.eval.metrics import (
     Statistics,
     compute_statistics,
     frechet_distance,
-    full_fp32,
     inception_score,
     precision_recall,
 )
 from selfflow.eval.npz import NpzImages, read_small_arrays, verify_batch
 from selfflow.files import atomic_write, check_can_write, file_sha256
 from selfflow.npz import npz_keys
+from selfflow.precision import full_fp32
 
 REPORT_KEYS = (
     ("Inception Score", "inception_score"),
@@ -255,7 +255,7 @@ def evaluate(
         "batch_size": batch_size,
         "seconds": {"total": round(time.time() - started, 3), "metrics": round(metrics_time, 3)},
         "notes": notes,
-        "selfflow_version": selfflow.__version__,
+        "selfflow_version": version.__version__,
     }
     if out_path is not None:
         _write_json_atomic(out_path / "metrics.json", _json_safe(result))

@@ -30,7 +30,6 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,39 +128,6 @@ def inception_score(probabilities: np.ndarray, split_size: int = IS_SPLIT) -> fl
 
 # ----------------------------------------------------------------------------------------------
 # Precision and recall
-
-
-def _tf32_switches(backends) -> list[tuple[object, str, object]]:
-    """(owner, attribute, full-precision value) for matmuls and cuDNN convolutions.
-
-    torch >= 2.9 spells each switch ``fp32_precision`` ("ieee" = full float32); older releases
-    ``allow_tf32`` (False = full float32).
-    """
-    matmul = backends.cuda.matmul
-    conv = getattr(backends.cudnn, "conv", None)
-    return [
-        (matmul, "fp32_precision", "ieee")
-        if hasattr(matmul, "fp32_precision")
-        else (matmul, "allow_tf32", False),
-        (conv, "fp32_precision", "ieee")
-        if conv is not None and hasattr(conv, "fp32_precision")
-        else (backends.cudnn, "allow_tf32", False),
-    ]
-
-
-@contextmanager
-def full_fp32(backends=None):
-    """Turn TF32 off for matmuls and convolutions, so numbers match across GPU generations;
-    the caller's settings come back afterwards. ``backends`` defaults to ``torch.backends``."""
-    switches = _tf32_switches(torch.backends if backends is None else backends)
-    saved = [getattr(owner, name) for owner, name, _ in switches]
-    for owner, name, full in switches:
-        setattr(owner, name, full)
-    try:
-        yield
-    finally:
-        for (owner, name, _), value in zip(switches, saved, strict=True):
-            setattr(owner, name, value)
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,9 @@ VAE for latent data, shown as the arrays themselves for pixel data; saved to
 ``RUN/samples/step_N.png`` and TensorBoard. Every ``--eval-every`` steps the EMA is exported
 and the FID batch's own entry, :func:`selfflow.batch.generate_fid_batch`, samples
 ``--eval-samples`` images on all processes and scores them with the package's evaluator.
+
+The watch reads the run it watches through :class:`WatchedRun`, the few attributes it needs
+of the trainer, so the trainer imports the watch and the watch never imports the trainer.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -34,8 +37,12 @@ from selfflow.errors import ConfigurationError
 from selfflow.files import replaced_atomically, writing
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from selfflow.card import ModelCard
+    from selfflow.data import LatentDataset
     from selfflow.train.config import ResolvedConfig
-    from selfflow.train.trainer import Trainer
+    from selfflow.train.streams import Prefetcher
 
 LOG_NAME = "log.jsonl"
 GRID_SAMPLES = 16
@@ -79,10 +86,35 @@ def grid_labels(num_classes: int, count: int = GRID_SAMPLES) -> torch.Tensor:
     return torch.tensor([(i * num_classes) // count for i in range(count)], dtype=torch.int64)
 
 
+class WatchedRun(Protocol):
+    """What the watch reads of the run it watches (:class:`selfflow.train.trainer.Trainer`)."""
+
+    context: distributed.DistributedContext
+    resolved: ResolvedConfig
+    run_dir: Path
+    dataset: LatentDataset  # its class count spreads the grid's labels
+    vae: Any  # decodes the grid; None for pixel data
+    ema: nn.Module  # sharded under FSDP
+    card: ModelCard  # what the evaluation's export carries
+    dtype: torch.dtype  # the FID batch samples in it
+    prefetch: Prefetcher  # its ``waited`` seconds give ``data_wait``
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the EMA is sharded (FSDP across processes): gathering it is a collective."""
+        ...
+
+    def full_states(
+        self, ema_only: bool = False
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Full CPU state dicts of model, EMA and optimiser on rank 0 (a collective)."""
+        ...
+
+
 class Watch:
     """Logging, the progress bar, sample grids and evaluations of one run (see module doc)."""
 
-    def __init__(self, trainer: Trainer, step: int) -> None:
+    def __init__(self, trainer: WatchedRun, step: int) -> None:
         self.trainer = trainer
         self.main = trainer.context.is_main
         s = trainer.resolved.settings
