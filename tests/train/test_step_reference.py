@@ -3,9 +3,9 @@
 Everything here is written from the recipe, not from the trainer's objective or streams code:
 the keyed random numbers are re-derived from the documented streams (numpy Philox keyed by the
 first 16 bytes of sha256("selfflow/PURPOSE/SEED/KEY"), little-endian), in the documented order
-(image order: a permutation per epoch under ``"train-order"``; ``"posterior"`` float32 normals;
-``"times"``: t, then s, then u, all float32 ``U[0, 1)``; ``"noise"``; ``"label-drop"``:
-``U[0, 1) < p``),
+(image order: a permutation per epoch under ``"train-order"``; ``"posterior/b"`` float32
+normals for rows 16b to 16b + 15; ``"times"``: t, then s, then u, all float32 ``U[0, 1)``;
+``"noise/b"`` like the posterior; ``"label-drop"``: ``U[0, 1) < p``),
 each image is re-read with ``ds[i]``, and the loss, clipping, AdamW and EMA are plain torch.
 Label dropout 0.3 and a clip norm of 0.05 make sure dropping and clipping both act.
 """
@@ -41,6 +41,17 @@ def uniform(rng: np.random.Generator, shape) -> torch.Tensor:
     return torch.from_numpy(rng.random(shape, dtype=np.float32))
 
 
+def blocked_normals(seed: int, step: int, purpose: str, shape) -> torch.Tensor:
+    """The per-row tensors, drawn 16 rows per keyed stream."""
+    rows = shape[0]
+    return torch.cat(
+        [
+            normal(keyed(seed, step, f"{purpose}/{b}"), (min(16, rows - 16 * b), *shape[1:]))
+            for b in range((rows + 15) // 16)
+        ]
+    )
+
+
 def step_inputs(ds: LatentDataset, seed: int, step: int, batch: int, tokens: int, s) -> dict:
     """Clean latents, labels, noise and times of ``step``'s global batch, row by row."""
     n = len(ds)
@@ -49,11 +60,11 @@ def step_inputs(ds: LatentDataset, seed: int, step: int, batch: int, tokens: int
     order = keyed(seed, first // n, "train-order")
     indices = order.permutation(n)[[p % n for p in range(first, first + batch)]]
     shape = (batch, *ds.latent_shape)
-    posterior = normal(keyed(seed, step, "posterior"), shape)
+    posterior = blocked_normals(seed, step, "posterior", shape)
     times = keyed(seed, step, "times")
     t, u_s = uniform(times, batch), uniform(times, batch)
     u = uniform(times, (batch, tokens))
-    noise = normal(keyed(seed, step, "noise"), shape)
+    noise = blocked_normals(seed, step, "noise", shape)
     drop = uniform(keyed(seed, step, "label-drop"), batch) < s.label_dropout
     x0, labels = [], []
     for row, index in enumerate(indices):
@@ -81,11 +92,11 @@ def noised(x0, noise, tau, patch: int):
 
 
 def test_three_steps_match_an_independent_recomputation(tmp_path):
-    data = make_dataset(tmp_path / "ds")
+    data = make_dataset(tmp_path / "ds", n=80)
     run = tmp_path / "run"
     config = tiny_config(
         data, run, steps=STEPS, checkpoint_every=1, keep_last=STEPS + 1,
-        label_dropout=0.3, grad_clip=0.05,
+        label_dropout=0.3, grad_clip=0.05, global_batch_size=24,  # 2 blocks of noise rows
     )  # fmt: skip
     train(config, log=lambda _: None)
     ds = LatentDataset(data)

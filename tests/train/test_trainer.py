@@ -33,6 +33,7 @@ from selfflow.train.streams import (
     draw_step,
     materialise,
     micro_batches,
+    process_range,
     process_rows,
 )
 from selfflow.train.trainer import NonFiniteLossError, train
@@ -142,6 +143,17 @@ def test_a_process_and_micro_batch_split_sees_the_global_batch_s_numbers():
     for name in ("posterior", "noise", "tau", "tau_teacher", "drop"):
         joined = torch.cat([getattr(p, name) for p in parts])
         assert torch.equal(joined, getattr(whole, name)), name
+    # a process draws only its rows (the large tensors block by block), and they are the
+    # whole batch's rows, for shares that cut blocks and shares that do not
+    whole48 = draw_step(spec(global_batch=48), DataOrder(3, 40), step=5)  # 3 blocks of 16
+    for world in (1, 2, 3, 4, 6, 12):
+        for rank in range(world):
+            share = process_range(48, rank, world)
+            own = draw_step(spec(global_batch=48), DataOrder(3, 40), 5, rows=share)
+            cut = process_rows(whole48, rank, world)
+            assert np.array_equal(own.indices, cut.indices)
+            for name in ("posterior", "noise", "tau", "tau_teacher", "drop"):
+                assert torch.equal(getattr(own, name), getattr(cut, name)), (world, rank, name)
     again = draw_step(spec(), DataOrder(3, 40), step=5)
     assert torch.equal(again.noise, whole.noise)  # a function of (seed, step) alone
     other = draw_step(spec(), DataOrder(3, 40), step=6)
@@ -907,3 +919,21 @@ def test_a_prepared_dataset_trains_and_its_grid_is_decoded_by_its_vae(tmp_path, 
     with Image.open(out / "samples" / "step_000000002.png") as grid:
         # 16 samples of 16 × 16 RGB (the tiny VAE's 8 × 8 latents decoded) in a 4 × 4 grid
         assert grid.mode == "RGB" and grid.size == (4 * 16 + 3 * 2, 4 * 16 + 3 * 2)
+
+
+def test_a_run_begun_under_other_random_streams_is_not_resumed(tmp_path, data, reference):
+    """A run folder whose run.json predates the current streams (no or another
+    streams_revision) continues with other numbers, so its resume is refused, naming it."""
+    import json
+    import shutil
+
+    from selfflow.train.config import STREAMS_REVISION
+
+    run = tmp_path / "old"
+    shutil.copytree(reference, run)
+    record = json.loads((run / "run.json").read_text())
+    assert record["identity"]["streams_revision"] == STREAMS_REVISION
+    del record["identity"]["streams_revision"]  # as written before the revision existed
+    (run / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigurationError, match="streams_revision.*finish it with that version"):
+        train(tiny_config(data, run, steps=6))

@@ -66,6 +66,13 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+STREAMS_REVISION = 2
+"""The revision of how a step's random numbers are drawn (:mod:`selfflow.train.streams`), part
+of a run's identity: 1 seeded torch's generator (32 bits of each key kept), 2 keys numpy's
+Philox with 128 bits and draws the per-row tensors in blocks. A run begun under another
+revision would continue with other numbers, so its resume is refused, naming it."""
+
+
 def default_layer(fraction: float, depth: int) -> int:
     """``round(fraction · depth)`` rounding halves up (Python's ``round`` rounds 0.5 to 0)."""
     return math.floor(fraction * depth + 0.5)
@@ -235,6 +242,7 @@ class ResolvedConfig:
             if f.name not in RESUMABLE_CHANGES
         }
         values["model_config"] = self.model.to_dict()
+        values["streams_revision"] = STREAMS_REVISION
         return values
 
     def to_dict(self) -> dict[str, Any]:

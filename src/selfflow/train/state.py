@@ -257,10 +257,18 @@ def check_run_record(run: Path, record: dict[str, Any], *, write: bool = True) -
     if stored.get("dataset") != record["dataset"]:
         found.append(f"dataset: {stored.get('dataset')!r} → {record['dataset']!r}")
     if found:
+        hint = "Rerun with that run's settings to resume it"
+        if stored.get("identity", {}).get("streams_revision") != record["identity"].get(
+            "streams_revision"
+        ):
+            hint = (
+                "This selfflow draws a step's random numbers differently from the one that "
+                "began the run (streams_revision); finish it with that version"
+            )
         raise ConfigurationError(
             f"{run} holds a run with other settings ("
             + "; ".join(found)
-            + "). Rerun with that run's settings to resume it, or choose another --output-dir"
+            + f"). {hint}, or choose another --output-dir"
         )
 
 

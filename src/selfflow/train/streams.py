@@ -8,18 +8,22 @@ two steps or purposes share a stream), never from a rank, a worker or a generato
   dataset in a seeded permutation per epoch; position ``p = step·G + j`` of the stream (``G``
   the global batch) is image ``perm_{p // N}[p % N]``. Each image is seen once per epoch, and
   a batch that straddles two epochs takes the end of one permutation and the start of the next;
-- **posterior draws** (``"posterior"``): float32 standard normals ``n`` for ``mean + std·n``;
+- **posterior draws** (``"posterior/b"``, per block ``b`` of :data:`ROW_BLOCK` rows): float32
+  standard normals ``n`` for ``mean + std·n``;
 - **times and masks** (``"times"``): float32 ``U[0, 1)`` in the order ``t (G,)``, ``s (G,)``,
   ``u (G, T)``, turned into per-token times by
   :func:`selfflow.train.objective.dual_timesteps_from`;
-- **path noise** (``"noise"``): the ``ε`` of ``x_τ = (1 − τ)·x0 + τ·ε``;
+- **path noise** (``"noise/b"``, per block as above): the ``ε`` of ``x_τ = (1 − τ)·x0 + τ·ε``;
 - **label drops** (``"label-drop"``): ``U[0, 1) < p`` per sample.
 
-Every process draws the whole global batch's numbers and keeps its own rows, so any process
-count and any accumulation split see the same numbers, and a resumed run needs no RNG state:
-the step number is the whole state. The draws (about 2 M float32 normals for ImageNet's batch of
-256: tens of milliseconds on one CPU core) are made on a background thread one step ahead
-(:class:`Prefetcher`), together with the reads from the memory-mapped dataset.
+Every process draws the small per-step numbers of the whole global batch (times, masks, drops)
+and the blocks of the large per-row ones (about 2 M float32 normals for ImageNet's batch of 256,
+tens of milliseconds on one CPU core) that hold its own rows, so any process count and any
+accumulation split see the same numbers while the large draws shrink with the process count,
+and a resumed run needs no RNG state: the step number is the whole state. The draws are made on
+a background thread one step ahead (:class:`Prefetcher`), together with the reads from the
+memory-mapped dataset. Any change to these draws raises
+:data:`selfflow.train.config.STREAMS_REVISION`, so a run begun under other draws is not resumed.
 """
 
 from __future__ import annotations
@@ -127,27 +131,53 @@ def run_streams(resolved: ResolvedConfig, dataset: LatentDataset) -> tuple[Strea
     return spec, DataOrder(s.seed, len(dataset))
 
 
-def draw_step(spec: StreamSpec, order: DataOrder, step: int) -> StepDraws:
-    """All random numbers of step ``step``'s global batch (every process calls this alike)."""
+ROW_BLOCK = 16
+"""Rows per keyed block of the per-row tensors (posterior draws, path noise): a process draws
+only the blocks that hold its rows, so the largest draws shrink with the process count, while
+one block's numbers never depend on how the batch is split (about 0.1 ms per block to key)."""
+
+
+def _row_normals(spec: StreamSpec, step: int, purpose: str, start: int, stop: int) -> torch.Tensor:
+    """Standard normals of rows ``start … stop − 1`` of step ``step``'s ``(G, C, H, W)`` tensor:
+    block ``b`` (rows ``16b …``) is drawn from the stream ``purpose/b``."""
     g = spec.global_batch
-    shape = (g, *spec.latent_shape)
+    first, last = start // ROW_BLOCK, (stop - 1) // ROW_BLOCK
+    blocks = [
+        normals(
+            keyed_rng(spec.seed, step, f"{purpose}/{b}"),
+            (min(ROW_BLOCK, g - b * ROW_BLOCK), *spec.latent_shape),
+        )
+        for b in range(first, last + 1)
+    ]
+    offset = first * ROW_BLOCK
+    return torch.cat(blocks)[start - offset : stop - offset]
+
+
+def draw_step(
+    spec: StreamSpec, order: DataOrder, step: int, rows: tuple[int, int] | None = None
+) -> StepDraws:
+    """The random numbers of step ``step``: of its whole global batch, or of ``rows``
+    (``(start, stop)``, a process's share: :func:`process_range`), which are the same numbers
+    as those rows of the whole batch."""
+    g = spec.global_batch
+    start, stop = rows if rows is not None else (0, g)
     posterior = None
     if spec.has_std:
-        posterior = normals(keyed_rng(spec.seed, step, "posterior"), shape)
+        posterior = _row_normals(spec, step, "posterior", start, stop)
     times = keyed_rng(spec.seed, step, "times")
     t, s = uniforms(times, g), uniforms(times, g)
     u = uniforms(times, (g, spec.num_tokens))
     tau, tau_teacher = dual_timesteps_from(t, s, u, mask_ratio=spec.mask_ratio)
-    noise = normals(keyed_rng(spec.seed, step, "noise"), shape)
+    noise = _row_normals(spec, step, "noise", start, stop)
     drop = uniforms(keyed_rng(spec.seed, step, "label-drop"), g)
     return StepDraws(
         step=step,
-        indices=order.indices(step * g, g),
+        indices=order.indices(step * g + start, stop - start),
         posterior=posterior,
         noise=noise,
-        tau=tau,
-        tau_teacher=tau_teacher,
-        drop=drop < spec.label_dropout,
+        tau=tau[start:stop],
+        tau_teacher=tau_teacher[start:stop],
+        drop=(drop < spec.label_dropout)[start:stop],
     )
 
 
@@ -188,10 +218,15 @@ def materialise(draws: StepDraws, dataset, null_class: int) -> MicroBatch:
     return MicroBatch(x0, y, draws.noise, draws.tau, draws.tau_teacher)
 
 
+def process_range(global_batch: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share ``(start, stop)`` of the global batch's rows."""
+    per = global_batch // world_size
+    return rank * per, (rank + 1) * per
+
+
 def process_rows(draws: StepDraws, rank: int, world_size: int) -> StepDraws:
     """Rank ``rank``'s contiguous share of the global batch."""
-    per = len(draws.indices) // world_size
-    return draws.rows(rank * per, (rank + 1) * per)
+    return draws.rows(*process_range(len(draws.indices), rank, world_size))
 
 
 def micro_batches(draws: StepDraws, size: int) -> list[StepDraws]:

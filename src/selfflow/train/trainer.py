@@ -54,7 +54,7 @@ from selfflow.train.streams import (
     draw_step,
     materialise,
     micro_batches,
-    process_rows,
+    process_range,
     run_streams,
 )
 from selfflow.train.weights import initial_model, read_init
@@ -524,8 +524,8 @@ class Trainer:
         """This process's micro-batches of step ``step`` (runs on the prefetch thread)."""
         if not hasattr(self, "_order"):
             self._spec, self._order = run_streams(self.resolved, self.dataset)
-        draws = draw_step(self._spec, self._order, step)
-        mine = process_rows(draws, self.context.rank, self.context.world_size)
+        share = process_range(self._spec.global_batch, self.context.rank, self.context.world_size)
+        mine = draw_step(self._spec, self._order, step, rows=share)  # this process's rows only
         null = self.resolved.model.null_class  # the label table's last row
         batches = [
             materialise(part, self.dataset, null)
