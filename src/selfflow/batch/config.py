@@ -178,5 +178,3 @@ def _cache_hint(path: str | os.PathLike) -> str:
     from selfflow.cache import cache_dir
 
     return f", neither here nor in {cache_dir()} (`selfflow download reference` puts it there)"
-
-
