@@ -23,11 +23,18 @@ EVALUATION = PAGES["docs/evaluation.md"]
 TRAINING = PAGES["docs/training.md"]
 
 
-def test_torch_is_installed_first_cpu_or_cuda():
-    cpu = SETUP.index("download.pytorch.org/whl/cpu")
-    package = SETUP.index("pip install -e .")
-    assert cpu < package and SETUP.index("pip install torch\n") < package
-    assert "CUDA" in SETUP
+def test_setup_is_two_commands_then_the_cpu_wheel_as_an_option():
+    """A fresh machine: one line installs and runs the main job, one installs the test extra
+    and passes the tests; below them, the CPU-only torch wheel, installed before the package."""
+    blocks = re.findall(r"```bash\n(.*?)```", SETUP, re.S)
+    assert len(blocks) >= 2, blocks
+    first = [line.split("  #")[0].strip() for line in blocks[0].strip().splitlines()]
+    assert len(first) == 2, first
+    assert first[0].startswith("pip install -e . && selfflow sample "), first
+    assert first[1] == 'pip install -e ".[test]" && python -m pytest -q', first
+    option = SETUP.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    assert SETUP.index(blocks[0]) < option
+    assert re.search(r"CPU-only build \*\*first\*\*", SETUP) and "CUDA" in SETUP
 
 
 def test_the_test_extra_says_it_brings_tensorflow_for_the_parity_tests_only():
@@ -172,3 +179,35 @@ def test_every_cited_record_exists():
             assert (ROOT / path).exists(), f"{name} cites {path}, which is not there"
             cited += 1
     assert cited >= 15, cited
+
+
+def test_the_readme_is_at_most_250_lines():
+    assert len(README.splitlines()) <= 250, len(README.splitlines())
+
+
+def test_the_readme_maps_every_page_of_docs():
+    """The README's map of docs/ links every page there, and every docs page it links exists
+    (the link test checks the latter for every link)."""
+    documentation = README.split("## Documentation", 1)[1].split("\n## ", 1)[0]
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)\)", documentation))
+    pages = {name for name in PAGES if name.startswith("docs/")}
+    assert linked == pages, (pages - linked, linked - pages)
+
+
+def test_the_headline_figures_are_those_of_their_pages():
+    """Each row of the README's headline table links its record under benchmarks/results/ and
+    the docs page that states the figure with its measurement; every number of the row's
+    figure appears on that page (whose own tests hold it to the record)."""
+    headline = README.split("## Headline figures", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in headline.splitlines() if line.startswith("| ") and "](" in line]
+    assert len(rows) >= 6, rows
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        figure, record, page = cells[1], cells[3], cells[4]
+        assert re.search(r"\]\(benchmarks/results/[^)]+\)", record), row
+        (target,) = re.findall(r"\]\((docs/[\w.-]+\.md)(?:#[\w-]+)?\)", page)
+        text = " ".join(PAGES[target].split())
+        for number in re.findall(r"\d+(?:\.\d+)?", figure):
+            assert re.search(rf"(?<![\d.]){re.escape(number)}(?![\d]|\.\d)", text), (
+                f"{target} does not state {number} ({figure})"
+            )
