@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the README's Performance section, measured in one time-boxed run.
+# The GPU figures of docs/performance.md (Sampling), measured in one time-boxed run.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root; 6 minutes on an H200
 #

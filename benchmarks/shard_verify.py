@@ -47,7 +47,7 @@ from selfflow.files import file_sha256
 from selfflow.train.config import TrainConfig
 from selfflow.train.trainer import train
 
-IMAGENET_BYTES = 41.98e9  # 313 float32 shards (README, "Training data")
+IMAGENET_BYTES = 41.98e9  # 313 float32 shards (docs/data.md)
 SHARD = 4096
 
 

@@ -12,7 +12,7 @@ with ``batch_size=B`` every network call sees B rows (a short last batch is padd
 of its last sample) and every VAE decode sees ``selfflow.vae.DECODE_BATCH`` latents: an
 image's bytes are then the same whichever call, batch or position it is drawn in. Another B
 rounds differently: the same noise and labels, so the same distribution, but other bytes
-(the README's "What is byte-identical" gives the measured sizes).
+(docs/sampling.md's "What is byte-identical" gives the measured sizes).
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ def counted_step_flops(
 ) -> float:
     """FLOPs of one loss + backward per image, counted by PyTorch on weightless (meta) models:
     the fast modules through ``self_flow_loss``, or plain ones the straightforward way. (The
-    README's B/2 figures are this at layers 4 and 8.)"""
+    B/2 figures of docs/performance.md are this at layers 4 and 8.)"""
     cls, loss_fn = (
         (FastTrainingDiT, self_flow_loss) if fast else (SelfFlowDiT, straightforward_loss)
     )

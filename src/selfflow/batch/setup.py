@@ -265,8 +265,8 @@ def _note_other_batch_size(job: Any, runs: list[dict], batch_size: int) -> None:
     """Say so when a resume changes ``--batch-size``.
 
     The images keep their noise and labels, but kernels are chosen per batch shape and round
-    differently, so bytes change by rounding only (the README's "What is byte-identical" gives
-    the measured sizes). Byte-identical results need one ``--batch-size``; the GPU count does
+    differently, so bytes change by rounding only (docs/sampling.md's "What is byte-identical"
+    gives the measured sizes). Byte-identical results need one ``--batch-size``; the GPU count does
     not matter.
     """
     shape = batch_shape(job.config.num_samples, batch_size)
