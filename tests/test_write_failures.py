@@ -11,9 +11,6 @@ Mounting needs root: elsewhere these tests are skipped.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,65 +19,6 @@ import pytest
 from selfflow import cli
 from selfflow.files import is_temporary_name
 from tests.data.trees import write_tree
-
-
-class Mounts:
-    """tmpfs mounts below a test's folder, all unmounted at the end of the test."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.mounted: list[Path] = []
-
-    def _mount(self, name: str, size: str) -> Path:
-        folder = self.root / name
-        folder.mkdir()
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-        self.mounted.append(folder)
-        return folder
-
-    def read_only(self, name: str = "ro") -> Path:
-        """An empty read-only file system."""
-        folder = self._mount(name, "1M")
-        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
-        return folder
-
-    def full(self, name: str = "full", leave: int = 0, size: str = "16M") -> Path:
-        """A file system with ``leave`` bytes free (rounded to pages), filled by ``filler``."""
-        folder = self._mount(name, size)
-        self.fill(folder, leave)
-        return folder
-
-    def fill(self, folder: Path, leave: int) -> None:
-        filler = folder / "filler"
-        free = shutil.disk_usage(folder).free
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        try:
-            os.posix_fallocate(fd, 0, max(free - leave, 1))
-        finally:
-            os.close(fd)
-
-    def free_space(self, folder: Path) -> None:
-        """What a user does: delete what filled the disk."""
-        (folder / "filler").unlink()
-
-    def unmount_all(self) -> None:
-        for folder in reversed(self.mounted):
-            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
-@pytest.fixture
-def mounts(tmp_path):
-    found = Mounts(tmp_path)
-    try:
-        yield found
-    finally:
-        found.unmount_all()
 
 
 def run(capsys, *args: str) -> tuple[int, list[str]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -60,30 +59,16 @@ def run_cli(argv: list[str]) -> tuple[int, list[str]]:
     return status, out.getvalue().strip().splitlines()
 
 
-@contextlib.contextmanager
-def small_disk(folder: Path, size: int):
-    """A tmpfs of ``size`` bytes at ``folder`` (root only; the test is skipped otherwise)."""
-    folder.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-        capture_output=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
-def test_the_dry_run_fails_when_the_disk_cannot_hold_the_checkpoints_the_run_keeps(tmp_path, data):
+def test_the_dry_run_fails_when_the_disk_cannot_hold_the_checkpoints_the_run_keeps(
+    tmp_path, data, mounts
+):
     config = tiny_config(data, tmp_path / "disk" / "run", steps=4, checkpoint_every=1)
     # what one checkpoint and its export really take on disk, measured on a finished run
     train(tiny_config(data, tmp_path / "measured", steps=1, checkpoint_every=1))
     one = sum(p.stat().st_size for p in (tmp_path / "measured").rglob("*.pt"))
     # room for one checkpoint (a start's own check passes) but not for the three kept
-    with small_disk(tmp_path / "disk", int(2.2 * one) // 4096 * 4096):
-        status, lines = run_cli(["train", *cli_args(config), "--dry-run"])
+    mounts.mount("disk", int(2.2 * one) // 4096 * 4096)
+    status, lines = run_cli(["train", *cli_args(config), "--dry-run"])
     assert status == 1
     assert lines[-1].startswith("selfflow train: error: the dry run failed: not enough free")
     assert "3 kept checkpoints" in lines[-1] and "every check passed" not in "\n".join(lines)
