@@ -1,6 +1,6 @@
 """What the CRC-32 pass over a checkpoint costs: seconds for a file the size of the release.
 
-``selfflow.checkpoint.torch_load_verified`` reads every entry of a ``torch.save`` archive to its
+``selfflow.model.checkpoint.torch_load_verified`` reads every entry of a ``torch.save`` archive to its
 end before ``torch.load`` (which never checks the archive's CRC-32s). This writes a file of
 random float32 tensors with the released checkpoint's size (2.7 GB by default) under a
 temporary folder, then times, on the same warm page cache and in this order:
@@ -36,7 +36,7 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from selfflow.checkpoint import torch_load_verified, verify_torch_archive
+from selfflow.model.checkpoint import torch_load_verified, verify_torch_archive
 
 RELEASED_BYTES = 2.72e9  # selfflow_imagenet256.pt: 680.4 M float32 values
 

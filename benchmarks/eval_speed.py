@@ -33,6 +33,7 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from selfflow.base.precision import full_fp32
 from selfflow.eval.graphdef import TFGraph
 from selfflow.eval.inception import InceptionV3
 from selfflow.eval.metrics import (
@@ -42,7 +43,6 @@ from selfflow.eval.metrics import (
     precision_recall,
 )
 from selfflow.eval.synthetic import inception_like_graph
-from selfflow.precision import full_fp32
 
 
 def log(message: str) -> None:

@@ -17,7 +17,7 @@ the released shapes (XL/2 and the SD-VAE architecture):
    synthetic graph with the real structure): the CPU executor is the one the tests prove
    against TensorFlow.
 5. **VAE decode shape.** The bf16 SD-VAE decoded one latent at a time against the same
-   latents together (the plain decoder: how many bytes the shape changes), ``selfflow.vae.decode``
+   latents together (the plain decoder: how many bytes the shape changes), ``selfflow.model.vae.decode``
    (fixed chunks of ``DECODE_BATCH``) alone against together (must be bit-identical), and what
    the fixed chunks cost against one call for a whole batch.
 
@@ -44,14 +44,14 @@ except (
 ):  # run from a checkout that is not installed (e.g. a fresh clone on a GPU machine)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from selfflow import distributed
+from selfflow.base import distributed
+from selfflow.base.distributed import resolve_dtype
+from selfflow.base.precision import full_fp32
 from selfflow.batch import BatchConfig, generate_fid_batch
 from selfflow.batch.bench import random_checkpoint, random_model, random_vae
-from selfflow.distributed import resolve_dtype
 from selfflow.eval.graphdef import TFGraph
 from selfflow.eval.inception import InceptionV3
 from selfflow.eval.synthetic import inception_like_graph
-from selfflow.precision import full_fp32
 
 
 def log(message: str) -> None:
@@ -114,8 +114,8 @@ def sample(folder: Path, name: str, args, **overrides) -> tuple[np.ndarray, floa
 
 def batch_composition(args) -> dict:
     """Question 1: the same images in batches of the same shape but other neighbours."""
-    from selfflow import seeds
-    from selfflow.pipeline import SamplerSettings, SelfFlowPipeline, network_for
+    from selfflow.base import seeds
+    from selfflow.sampling.pipeline import SamplerSettings, SelfFlowPipeline, network_for
 
     device = torch.device(args.device)
     model = random_model(args.tiny, device)
@@ -143,7 +143,7 @@ def batch_composition(args) -> dict:
 
 def decode_shapes(vae_folder: Path, device: str, batch: int) -> dict:
     """Question 5: bytes of the plain decoder by shape; selfflow's fixed chunks; their cost."""
-    from selfflow import vae
+    from selfflow.model import vae
 
     model = vae.load_vae(vae_folder, device=device, dtype=torch.bfloat16)
     size = model.config.sample_size // 2 ** (len(model.config.block_out_channels) - 1)

@@ -2,7 +2,7 @@
 step times with the background verification on and off.
 
 1. sha256 of ImageNet-sized shard files (4096 SD-VAE posteriors, 128 MiB each, in the page
-   cache) with ``selfflow.files.file_sha256``, one file at a time on one thread; then
+   cache) with ``selfflow.base.files.file_sha256``, one file at a time on one thread; then
    ``verify_all`` (what ``train --dry-run`` and ``prepare --verify`` run) on 1 and 2 threads.
    What that means for ImageNet's 41.98 GB (313 shards) follows from the one-thread rate.
 2. The same tiny training run (``--model tiny`` on the same 4 × 32 × 32 data, ``--batch``) with
@@ -40,10 +40,10 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from selfflow.base.files import file_sha256
 from selfflow.data import LatentDataset, write_dataset
 from selfflow.data import verify as verify_module
 from selfflow.data.verify import ShardRecord
-from selfflow.files import file_sha256
 from selfflow.train.config import TrainConfig
 from selfflow.train.trainer import train
 

@@ -8,14 +8,14 @@ One process, one run, random weights with the released shapes (no checkpoint nee
   a real run to show how little they cost);
 * measures the machine's matmul peak in the fast path's dtype (large square products) and
   prints the model FLOP utilisation (MFU) of the *useful* work: 237 GFLOP per image per
-  evaluation for XL/2 (``selfflow.fast.forward_flops``; per-sample adaLN, so the official
+  evaluation for XL/2 (``selfflow.model.inference.forward_flops``; per-sample adaLN, so the official
   path's per-token modulation counts as waste, not work);
 * prints the relative L2 error of every path against the float32 per-sample network, for one
   forward pass and after ``--error-steps`` SDE steps driven by the same start noise and the same
   Brownian increments.
 
 Paths: ``official`` (fp32 weights, bf16 autocast, per-token adaLN, eager: what the release
-runs) and ``fast`` (:class:`selfflow.fast.FastSelfFlow`) with options joined by ``+``:
+runs) and ``fast`` (:class:`selfflow.model.inference.FastSelfFlow`) with options joined by ``+``:
 ``fast+compile``, ``fast+cudnn+gelu``, ... (see ``--paths``).
 
     python benchmarks/throughput.py                      # XL/2 on the GPU, batches 64 and 256
@@ -42,9 +42,9 @@ except (
 ):  # run from a checkout that is not installed (e.g. a fresh clone on a GPU machine)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from selfflow.fast import FastSelfFlow, forward_flops, official_equivalent
-from selfflow.model import ModelConfig, SelfFlowDiT
-from selfflow.transport import sample_sde
+from selfflow.model.inference import FastSelfFlow, forward_flops, official_equivalent
+from selfflow.model.network import ModelConfig, SelfFlowDiT
+from selfflow.sampling.transport import sample_sde
 
 ALIASES = {"fast-eager": "fast", "fast-compiled": "fast+compile"}
 MODIFIERS = ("compile", "autotune", "cudnn", "gelu")

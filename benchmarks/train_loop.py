@@ -42,10 +42,10 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from selfflow.base.distributed import resolve_device, resolve_dtype
 from selfflow.data import LatentDataset, write_dataset
-from selfflow.distributed import resolve_device, resolve_dtype
 from selfflow.train import TrainConfig, train
-from selfflow.train.fast import FastTrainingDiT
+from selfflow.train.network import FastTrainingDiT
 from selfflow.train.step import StepRecipe
 from selfflow.train.streams import draw_step, materialise, micro_batches, run_streams
 from selfflow.train.weights import initial_model

@@ -3,12 +3,12 @@
 One process, random weights with the released shapes (no data or checkpoint needed). Paths:
 
 * ``straightforward``: written the way the released model and SiT/REPA-style loops are:
-  float32 weights under bf16 autocast, the plain :class:`~selfflow.model.SelfFlowDiT` with the
+  float32 weights under bf16 autocast, the plain :class:`~selfflow.model.network.SelfFlowDiT` with the
   adaLN modulation computed for every token, the EMA teacher run through all its blocks (and its
   final layer) with a hook catching its block, eager, PyTorch's default (unfused) AdamW, EMA
-  updated parameter by parameter (:func:`selfflow.train.fast.straightforward_loss`);
+  updated parameter by parameter (:func:`selfflow.train.network.straightforward_loss`);
 * ``fast``: ``selfflow train``'s own step, :class:`selfflow.train.step.TrainStep` (what the
-  trainer runs every step) on :class:`selfflow.train.fast.FastTrainingDiT` (modulation for each
+  trainer runs every step) on :class:`selfflow.train.network.FastTrainingDiT` (modulation for each
   sample's two times, teacher stopped at its block, the block function compiled on CUDA): bf16
   autocast over float32 weights, fused AdamW on CUDA, one multi-tensor EMA update, no host
   synchronisation;
@@ -53,7 +53,7 @@ except ImportError:  # run from a checkout that is not installed (e.g. a fresh G
 
 from throughput import device_name, matmul_peak, realistic_random_, sync  # noqa: E402
 
-from selfflow.model import ModelConfig, SelfFlowDiT  # noqa: E402
+from selfflow.model.network import ModelConfig, SelfFlowDiT  # noqa: E402
 from selfflow.train import (  # noqa: E402
     FastTrainingDiT,
     dual_timesteps,

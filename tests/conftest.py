@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfflow.model import ModelConfig, SelfFlowDiT
+from selfflow.model.network import ModelConfig, SelfFlowDiT
 
 
 class NetworkUsed(AssertionError):
@@ -114,7 +114,7 @@ def tiny_vae_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
     """A tiny random Self-Flow model saved by ``save_model`` (stores its config)."""
-    from selfflow.checkpoint import save_model
+    from selfflow.model.checkpoint import save_model
 
     path = tmp_path_factory.mktemp("tiny_ckpt") / "tiny.pt"
     save_model(randomize_(SelfFlowDiT(ModelConfig.tiny()), seed=7, gain=0.5), path)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfflow.checkpoint import (
+from selfflow.base.errors import CheckpointError, DownloadError
+from selfflow.model.checkpoint import (
     HUB_FILENAME,
     HUB_REPO_ID,
     HUB_URL,
@@ -16,8 +17,7 @@ from selfflow.checkpoint import (
     load_model,
     save_model,
 )
-from selfflow.errors import CheckpointError, DownloadError
-from selfflow.model import ModelConfig, SelfFlowDiT
+from selfflow.model.network import ModelConfig, SelfFlowDiT
 
 
 def bare_state(model: SelfFlowDiT) -> dict[str, torch.Tensor]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfflow.checkpoint import load_model, save_model
-from selfflow.errors import CheckpointError
+from selfflow.base.errors import CheckpointError
+from selfflow.model.checkpoint import load_model, save_model
 
 
 def _damage(data: bytes, rng: random.Random) -> tuple[str, bytes]:
@@ -93,4 +93,4 @@ def test_every_reader_of_pt_files_goes_through_the_verified_loader():
     ] + [
         name for name in ("sample.py", "evaluator.py") if "torch.load(" in (root / name).read_text()
     ]
-    assert sorted(callers) == ["benchmarks/crc_cost.py", "src/selfflow/checkpoint.py"]
+    assert sorted(callers) == ["benchmarks/crc_cost.py", "src/selfflow/model/checkpoint.py"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from selfflow.classes import class_index, find_classes, imagenet_classes, imagenet_wnids
-from selfflow.errors import ConfigurationError
+from selfflow.base.classes import class_index, find_classes, imagenet_classes, imagenet_wnids
+from selfflow.base.errors import ConfigurationError
 
 
 def test_labels_follow_sorted_wordnet_ids_as_imagefolder_numbers_them():

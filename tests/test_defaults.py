@@ -9,7 +9,7 @@ import torch
 
 from selfflow import cli
 from selfflow.batch import progress, runner
-from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
+from selfflow.sampling.pipeline import SamplerSettings, SelfFlowPipeline
 
 
 def counting_pipeline(model):

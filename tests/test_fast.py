@@ -1,7 +1,7 @@
 """The fast sampling path against the plain network, and the throughput benchmark's smoke run.
 
 References: the plain :class:`SelfFlowDiT` (float32, and float64 for the exactness check), the
-official sampler from ``selfflow.transport`` driven by shared noise, PyTorch's own FLOP counter,
+official sampler from ``selfflow.sampling.transport`` driven by shared noise, PyTorch's own FLOP counter,
 and the model's published FLOP figures. The fast path shares no layer code with the network (stacked
 weights, one batched adaLN matmul, its own loop), so agreement is not by construction.
 """
@@ -17,10 +17,15 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from selfflow.errors import CheckpointError, ConfigurationError
-from selfflow.fast import FastSelfFlow, OfficialEquivalent, forward_flops, official_equivalent
-from selfflow.model import ModelConfig
-from selfflow.transport import sample_sde
+from selfflow.base.errors import CheckpointError, ConfigurationError
+from selfflow.model.inference import (
+    FastSelfFlow,
+    OfficialEquivalent,
+    forward_flops,
+    official_equivalent,
+)
+from selfflow.model.network import ModelConfig
+from selfflow.sampling.transport import sample_sde
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 8

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from selfflow.files import file_sha256
+from selfflow.base.files import file_sha256
 
 
 def test_file_sha256_matches_hashlib_on_multiple_chunks(tmp_path):
@@ -25,18 +25,18 @@ def test_file_sha256_of_an_empty_file(tmp_path):
 
 
 def test_every_module_hashes_with_the_same_function():
-    import selfflow.checkpoint
-    import selfflow.download
+    import selfflow.base.download
     import selfflow.eval.evaluator
+    import selfflow.model.checkpoint
 
-    assert selfflow.checkpoint.file_sha256 is file_sha256
-    assert selfflow.download.file_sha256 is file_sha256
+    assert selfflow.model.checkpoint.file_sha256 is file_sha256
+    assert selfflow.base.download.file_sha256 is file_sha256
     assert selfflow.eval.evaluator.file_sha256 is file_sha256
 
 
 def test_files_and_download_stay_light():
     code = (
-        "import sys, selfflow.files, selfflow.download; "
+        "import sys, selfflow.base.files, selfflow.base.download; "
         "print('torch' in sys.modules, 'numpy' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -46,7 +46,7 @@ def test_files_and_download_stay_light():
 def test_replaced_atomically_keeps_the_old_file_when_the_writer_fails(tmp_path):
     import pytest
 
-    from selfflow.files import replaced_atomically
+    from selfflow.base.files import replaced_atomically
 
     path = tmp_path / "data.json"
     path.write_text("old")
@@ -62,7 +62,7 @@ def test_replaced_atomically_keeps_the_old_file_when_the_writer_fails(tmp_path):
 
 
 def test_atomic_write_writes_bytes_and_makes_missing_folders(tmp_path):
-    from selfflow.files import atomic_write
+    from selfflow.base.files import atomic_write
 
     path = tmp_path / "a" / "b.bin"
     atomic_write(path, lambda handle: handle.write(b"\x00\x01"))
@@ -70,7 +70,7 @@ def test_atomic_write_writes_bytes_and_makes_missing_folders(tmp_path):
 
 
 def test_the_clean_up_removes_exactly_the_temporaries_of_killed_writers(tmp_path):
-    from selfflow.files import remove_temporaries, temporary_name
+    from selfflow.base.files import remove_temporaries, temporary_name
 
     keep = ["shard_00000.npz", "manifest.json", ".hidden", "notes.tmp"]
     for name in keep:
@@ -98,7 +98,7 @@ def test_every_atomic_rename_goes_through_the_one_helper():
 
 
 def test_folder_sha256_is_the_hash_of_names_and_contents_in_order(tmp_path):
-    from selfflow.files import folder_sha256
+    from selfflow.base.files import folder_sha256
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.bin").write_bytes(b"bee")

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from selfflow import cli
-from selfflow.images import image_grid
-from selfflow.pipeline import SelfFlowPipeline
+from selfflow.base.images import image_grid
+from selfflow.sampling.pipeline import SelfFlowPipeline
 
 SIZE, GAP = 16, 2  # the tiny VAE's images and the grid's padding
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfflow import distributed
-from selfflow.errors import ConfigurationError
-from selfflow.launch import (
+from selfflow.base import distributed
+from selfflow.base.errors import ConfigurationError
+from selfflow.base.launch import (
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,
     Launch,

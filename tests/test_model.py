@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow.model import NULL_CLASS, ModelConfig, SelfFlowDiT
+from selfflow.model.network import NULL_CLASS, ModelConfig, SelfFlowDiT
 
 # ----------------------------------------------------------------------------------------------
 # Reference maths, float64 numpy, straight from the model's equations
@@ -228,7 +228,7 @@ def test_forward_matches_float64_reference_per_token(tiny_model):
 
 
 def test_patch_layout_round_trip_by_loops():
-    from selfflow.model import patchify, unpatchify
+    from selfflow.model.network import patchify, unpatchify
 
     latent = torch.arange(4 * 8 * 8, dtype=torch.float64).reshape(1, 4, 8, 8)
     np.testing.assert_array_equal(patchify(latent, 2)[0].numpy(), ref_tokens(latent[0].numpy()))

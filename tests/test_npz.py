@@ -1,4 +1,4 @@
-"""The streamed .npz (selfflow.npz) against numpy's own writer and reader."""
+"""The streamed .npz (selfflow.base.npz) against numpy's own writer and reader."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from selfflow.errors import ConfigurationError
-from selfflow.npz import (
+from selfflow.base.errors import ConfigurationError
+from selfflow.base.npz import (
     NpzArray,
     NpzStreamWriter,
     iter_npz_rows,

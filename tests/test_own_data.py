@@ -1,6 +1,6 @@
 """A user's own folder end to end (issue #23, items 1, 2, 3, 12 and 19): prepare with a relative
 --vae, train from another folder, export, sample and generate from the export alone. The model
-carries its classes and its VAE (selfflow.card); labels come from its own label space."""
+carries its classes and its VAE (selfflow.model.card); labels come from its own label space."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from selfflow import cli
-from selfflow.card import RELEASED, ModelCard
-from selfflow.checkpoint import checkpoint_classes, load_model, read_card, save_model
-from selfflow.classes import class_index, imagenet_classes
-from selfflow.errors import CheckpointError
-from selfflow.model import ModelConfig, SelfFlowDiT
+from selfflow.base.classes import class_index, imagenet_classes
+from selfflow.base.errors import CheckpointError
+from selfflow.model.card import RELEASED, ModelCard
+from selfflow.model.checkpoint import checkpoint_classes, load_model, read_card, save_model
+from selfflow.model.network import ModelConfig, SelfFlowDiT
 from tests.conftest import make_tiny_vae, randomize_
 from tests.data.trees import write_tree
 
@@ -113,17 +113,17 @@ def test_sample_draws_labels_from_the_models_classes_with_its_own_vae(own_run, m
 
 
 def test_generate_names_the_models_classes(own_run, monkeypatch, capsys):
-    import selfflow.images
+    import selfflow.base.images
 
     monkeypatch.chdir(own_run / "other")
     seen = {}
-    real = selfflow.images.save_grid
+    real = selfflow.base.images.save_grid
 
     def recording(images, path, columns=None, captions=None):
         seen["captions"] = captions
         return real(images, path, columns, captions=captions)
 
-    monkeypatch.setattr(selfflow.images, "save_grid", recording)
+    monkeypatch.setattr(selfflow.base.images, "save_grid", recording)
     export = "run/checkpoints/step_000000002-ema.pt"
     base = ["generate", "--ckpt", export, "--num", "3", "--captions", *FAST, "--out", "g.png"]
     assert cli.main([*base, "--class", "boat", "tree", "unconditional"]) == 0

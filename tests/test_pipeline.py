@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow import seeds
-from selfflow.errors import ConfigurationError, DownloadError
-from selfflow.finite import NonFiniteSamplesError
-from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
-from selfflow.vae import load_vae, to_uint8
+from selfflow.base import seeds
+from selfflow.base.errors import ConfigurationError, DownloadError
+from selfflow.base.finite import NonFiniteSamplesError
+from selfflow.model.vae import load_vae, to_uint8
+from selfflow.sampling.pipeline import SamplerSettings, SelfFlowPipeline
 
 SHAPE = (4, 8, 8)
 
@@ -201,7 +201,7 @@ def test_a_nan_in_one_guided_pass_names_that_sample_by_its_index(
 def test_a_nan_in_the_second_decode_chunk_names_that_sample_by_its_index(pipe, monkeypatch):
     """The VAE decodes 8 latents per call: a NaN in row 1 of its second call is row 9 of the
     12 images, reported as that sample's index."""
-    from selfflow.vae import DECODE_BATCH
+    from selfflow.model.vae import DECODE_BATCH
 
     real, calls = pipe.autoencoder.decode, []
 

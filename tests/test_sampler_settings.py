@@ -7,10 +7,10 @@ import math
 
 import pytest
 
+from selfflow.base.errors import ConfigurationError
 from selfflow.batch.config import BatchConfig
-from selfflow.errors import ConfigurationError
 from selfflow.options import add_options
-from selfflow.sampler_settings import OPTION_NAMES, PYTHON_NAMES, SamplerSettings
+from selfflow.sampling.settings import OPTION_NAMES, PYTHON_NAMES, SamplerSettings
 
 BAD = [
     ({"num_steps": 1}, "num_steps", "must be at least 2"),

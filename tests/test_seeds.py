@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow import seeds
+from selfflow.base import seeds
 from selfflow.train.streams import DataOrder, StreamSpec, draw_step
 
 SEED = 0

@@ -17,9 +17,9 @@ import torch
 
 from selfflow import cli
 from selfflow import download as dl
-from selfflow.checkpoint import load_model
-from selfflow.errors import CheckpointError, DownloadError
-from selfflow.vae import SD_VAE_ID, load_vae
+from selfflow.base.errors import CheckpointError, DownloadError
+from selfflow.model.checkpoint import load_model
+from selfflow.model.vae import SD_VAE_ID, load_vae
 from tests.conftest import make_tiny_vae
 from tests.eval.test_download import FileServer
 
@@ -67,8 +67,8 @@ def test_download_vae_loads_it_the_way_every_run_does(tmp_path, monkeypatch, cap
 
 
 def test_download_all_fetches_the_four_and_names_what_failed(server, tmp_path, monkeypatch, capsys):
-    import selfflow.checkpoint
-    import selfflow.vae
+    import selfflow.model.checkpoint
+    import selfflow.model.vae
 
     monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
     server.files["/graph.pb"] = b"graph bytes"
@@ -77,8 +77,8 @@ def test_download_all_fetches_the_four_and_names_what_failed(server, tmp_path, m
     monkeypatch.setattr(dl, "REFERENCE_URL", server.url("/ref.npz"))
     checkpoint = tmp_path / "ckpt.pt"
     checkpoint.write_bytes(b"weights")
-    monkeypatch.setattr(selfflow.checkpoint, "download_checkpoint", lambda: checkpoint)
-    monkeypatch.setattr(selfflow.vae, "download_vae", lambda: tmp_path / "vae")
+    monkeypatch.setattr(selfflow.model.checkpoint, "download_checkpoint", lambda: checkpoint)
+    monkeypatch.setattr(selfflow.model.vae, "download_vae", lambda: tmp_path / "vae")
     assert cli.main(["download", "all"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [
@@ -94,7 +94,7 @@ def test_download_all_fetches_the_four_and_names_what_failed(server, tmp_path, m
     def offline():
         raise DownloadError("could not load the VAE: offline")
 
-    monkeypatch.setattr(selfflow.vae, "download_vae", offline)
+    monkeypatch.setattr(selfflow.model.vae, "download_vae", offline)
     (tmp_path / "cache" / "classify_image_graph_def.pb").unlink()
     assert cli.main(["download", "all"]) == 1
     captured = capsys.readouterr()
@@ -276,7 +276,7 @@ def test_the_checkpoint_without_network_fails_at_once_naming_the_hub(
 ):
     import time
 
-    from selfflow.checkpoint import HUB_URL, download_checkpoint
+    from selfflow.model.checkpoint import HUB_URL, download_checkpoint
 
     monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
     began = time.monotonic()

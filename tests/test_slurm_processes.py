@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from selfflow.launch import slurm_default_port
+from selfflow.base.launch import slurm_default_port
 from tests.batch.test_sample import sample_args
 from tests.train.helpers import (
     REPO,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from selfflow.base.launch import launch_environment
 from selfflow.cli import build_parser
-from selfflow.launch import launch_environment
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts" / "slurm"

@@ -167,15 +167,17 @@ def test_the_checkpoint_loader_and_the_downloader_do_not_import_each_other() -> 
     """Even inside functions: the cache folder and the HTTP client are below both."""
     modules = _modules()
     known = set(modules)
-    checkpoint, download = f"{PACKAGE}.checkpoint", f"{PACKAGE}.download"
+    checkpoint, download = f"{PACKAGE}.model.checkpoint", f"{PACKAGE}.base.download"
     assert checkpoint not in _all_imports(download, modules[download], known)
 
 
 @pytest.mark.parametrize("source", ["import os\n", "from selfflow import cli\n"])
 def test_the_import_reader_sees_module_level_imports(tmp_path: Path, source: str) -> None:
     path = tmp_path / "probe.py"
-    path.write_text(source + "def f():\n    import selfflow.model\n", encoding="utf-8")
-    found = _module_level_imports("selfflow.probe", path, {"selfflow.cli", "selfflow.model"})
+    path.write_text(source + "def f():\n    import selfflow.model.network\n", encoding="utf-8")
+    found = _module_level_imports(
+        "selfflow.probe", path, {"selfflow.cli", "selfflow.model.network"}
+    )
     assert found == ({"selfflow.cli"} if "cli" in source else set())
 
 
@@ -271,13 +273,29 @@ def _room(name: str) -> str | None:
     return parts[1] if len(parts) > 2 or (SRC / PACKAGE / parts[-1]).is_dir() else None
 
 
-# Which rooms each room may use: the way data flows. Training reads the data and runs the FID
-# batch (its periodic evaluation); the FID batch scores itself with the evaluator.
-ROOM_USES = {"batch": {"eval"}, "data": set(), "eval": set(), "train": {"batch", "data"}}
-# What a room offers the others: its face (``__init__``) and the entry points named here. A
-# concern two rooms share (a folder lock, a float32 switch, the version) is no room's to offer:
-# it lives in the base, beside files.py and errors.py.
-ROOM_OFFERS = {
+# Which rooms each room may use: the way data flows, bottom to top. The base (files, locks,
+# seeds, processes, downloads) is below everything; the model (network, checkpoints, card, VAE)
+# stands on it; the sampler side drives a model. The jobs come above: the evaluator needs only
+# the base; data preparation encodes with the model's VAE; the FID batch runs the sampler and
+# scores itself with the evaluator; training reads the data and runs the FID batch.
+ROOM_USES = {
+    "base": set(),
+    "model": {"base"},
+    "sampling": {"base", "model"},
+    "eval": {"base"},
+    "data": {"base", "model"},
+    "batch": {"base", "model", "sampling", "eval"},
+    "train": {"base", "model", "sampling", "batch", "data"},
+}
+# What a room offers the others. The three library rooms (base, model, sampling) offer every
+# module: they exist to be called. A job room offers its face (``__init__``) and the entry
+# points named here. A concern two rooms share (a folder lock, a float32 switch, the version)
+# is no job room's to offer: it lives in the base.
+EVERYTHING = None
+ROOM_OFFERS: dict[str, set[str] | None] = {
+    "base": EVERYTHING,
+    "model": EVERYTHING,
+    "sampling": EVERYTHING,
     "batch": {"selfflow.batch"},
     "data": {"selfflow.data", "selfflow.data.verify"},
     "eval": {"selfflow.eval", "selfflow.eval.evaluator"},
@@ -317,24 +335,37 @@ def test_a_room_takes_from_another_only_what_that_room_offers() -> None:
     wrong = [
         f"{name} -> {target}"
         for name, _, target, theirs in _room_crossings()
-        if target not in ROOM_OFFERS[theirs]
+        if ROOM_OFFERS[theirs] is not EVERYTHING and target not in ROOM_OFFERS[theirs]
     ]
     assert not wrong, (
         f"imports of another room's internals (move a shared concern to the base): {wrong}"
     )
 
 
-def test_the_base_imports_no_room() -> None:
-    """The base (the modules beside the rooms) is below every room: rooms call it, never the
-    reverse. The command line, which dispatches to the rooms' commands, is above them all."""
+def test_the_top_level_holds_only_the_face_and_the_commands() -> None:
+    """Every other module lives in a room whose name says what it is for: the 23 modules that
+    once stood side by side at the top did not show which were the sampler's and which the
+    base's."""
+    command_line = {PACKAGE, f"{PACKAGE}.options"}  # the face, and options commands share
+    loose = [
+        name
+        for name in _modules()
+        if _room(name) is None and name not in command_line
+        if not _is_cli(name)
+    ]
+    assert not loose, f"modules at the top of the package that belong in a room: {loose}"
+
+
+def test_the_base_imports_nothing_above_it() -> None:
+    """The base is below every room: rooms call it, never the reverse."""
     wrong = [
         f"{name} -> {target}"
         for name, targets in _dependencies(_modules()).items()
-        if _room(name) is None and not _is_cli(name)
+        if _room(name) == "base"
         for target in targets
-        if _room(target) is not None
+        if _room(target) != "base"
     ]
-    assert not wrong, f"base modules that import a room: {wrong}"
+    assert not wrong, f"base modules that import something above the base: {wrong}"
 
 
 def test_no_module_takes_a_name_from_the_package_face() -> None:
@@ -368,7 +399,7 @@ def _defines_a_network(path: Path) -> bool:
 
 
 def test_the_samplers_know_a_velocity_function_not_the_network() -> None:
-    """``transport.py`` took the null label from ``model.py``; the caller now names it. Nothing
+    """``transport`` took the null label from the network's module; the caller now names it. Nothing
     the samplers import, directly or through others, defines a network."""
     modules = _modules()
     graph = _dependencies(modules)
@@ -382,3 +413,20 @@ def test_the_samplers_know_a_velocity_function_not_the_network() -> None:
     networks = sorted(name for name in seen if _defines_a_network(modules[name]))
     assert any(_defines_a_network(path) for path in modules.values())  # the probe works
     assert not networks, f"the samplers reach modules that define a network: {networks}"
+
+
+def test_the_documented_import_paths_survive_the_regrouping() -> None:
+    """What the README and docs/api.md show users, as they show it."""
+    import importlib
+
+    import selfflow
+
+    for name in ("load_model", "save_model", "SelfFlowPipeline", "SelfFlowDiT", "ModelConfig"):
+        assert callable(getattr(selfflow, name)), name
+    assert callable(importlib.import_module("selfflow.batch").generate_fid_batch)
+    assert importlib.import_module("selfflow.batch").BatchConfig
+    data = importlib.import_module("selfflow.data")
+    assert callable(data.write_dataset) and data.LatentDataset
+    for module in ("selfflow.cli", "selfflow.train.demo", "selfflow.train"):
+        assert importlib.import_module(module)
+    assert callable(importlib.import_module("selfflow.cli").main)

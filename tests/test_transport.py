@@ -22,9 +22,9 @@ from decimal import Decimal
 import pytest
 import torch
 
-from selfflow.errors import ConfigurationError
-from selfflow.finite import NonFiniteSamplesError
-from selfflow.transport import (
+from selfflow.base.errors import ConfigurationError
+from selfflow.base.finite import NonFiniteSamplesError
+from selfflow.sampling.transport import (
     guided_velocity,
     sample,
     sample_ode,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow import vae
+from selfflow.model import vae
 from tests.conftest import make_tiny_vae
 
 
@@ -28,7 +28,7 @@ def latents(count: int, seed: int = 0) -> torch.Tensor:
 
 def plain_decode(model, z: torch.Tensor) -> np.ndarray:
     """The reference: one decoder call on exactly these latents, floor(255·clamp((x+1)/2, 0, 1))
-    in the decoder's dtype, written out here rather than taken from selfflow.vae."""
+    in the decoder's dtype, written out here rather than taken from selfflow.model.vae."""
     with torch.no_grad():
         x = model.decode((z / 0.18215).to(torch.bfloat16)).sample
     x = torch.clamp((x + 1) / 2, 0, 1) * 255
@@ -80,7 +80,7 @@ def test_the_shape_matters_to_the_decoder_itself(bf16_vae):
 
 
 def test_decode_refuses_nothing_to_decode_and_a_bad_batch(bf16_vae):
-    from selfflow.errors import ConfigurationError
+    from selfflow.base.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="no latents"):
         vae.decode(bf16_vae, latents(0))

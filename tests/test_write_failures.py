@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from selfflow import cli
-from selfflow.files import is_temporary_name
+from selfflow.base.files import is_temporary_name
 from tests.data.trees import write_tree
 
 

@@ -6,8 +6,8 @@ are imported only when used.
 
 from __future__ import annotations
 
-from selfflow.errors import CheckpointError, ConfigurationError, DownloadError, SelfFlowError
-from selfflow.version import __version__
+from selfflow.base.errors import CheckpointError, ConfigurationError, DownloadError, SelfFlowError
+from selfflow.base.version import __version__
 
 __all__ = [
     "CheckpointError",
@@ -26,15 +26,15 @@ __all__ = [
 def __getattr__(name: str):
     # Lazy attributes keep `import selfflow` fast (no torch import for `selfflow --help`).
     if name in ("ModelConfig", "SelfFlowDiT"):
-        from selfflow import model
+        from selfflow.model import network as model
 
         return getattr(model, name)
     if name in ("load_model", "save_model"):
-        from selfflow import checkpoint
+        from selfflow.model import checkpoint
 
         return getattr(checkpoint, name)
     if name == "SelfFlowPipeline":
-        from selfflow.pipeline import SelfFlowPipeline
+        from selfflow.sampling.pipeline import SelfFlowPipeline
 
         return SelfFlowPipeline
     raise AttributeError(f"module 'selfflow' has no attribute {name!r}")

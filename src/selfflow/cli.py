@@ -14,15 +14,15 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from selfflow.errors import SelfFlowError
+from selfflow.base.errors import SelfFlowError
 
 # (module, attribute) of each subcommand's ``add_parser``, in the order shown by --help.
 _SUBCOMMANDS: tuple[str, ...] = (
     "selfflow.batch.cli",
     "selfflow.eval.cli",
     "selfflow.download_cli",
-    "selfflow.generate_cli",
-    "selfflow.classes_cli",
+    "selfflow.sampling.generate_cli",
+    "selfflow.model.classes_cli",
     "selfflow.data.cli",
     "selfflow.train.cli",
 )
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
             "and train (prepare a latent dataset, train, export the EMA)."
         ),
     )
-    from selfflow.version import __version__
+    from selfflow.base.version import __version__
 
     parser.add_argument("--version", action="version", version=f"selfflow {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -86,7 +86,7 @@ def run_reporting_errors(args: argparse.Namespace, prog: str) -> int:
     except OSError as error:
         # a write the code did not guard (a folder, a lock, a log line): the file system's
         # refusal (read-only, full, quota, permission) is still one line naming the file
-        from selfflow.files import write_failure
+        from selfflow.base.files import write_failure
 
         failure = write_failure(None, error)
         if failure is None:

@@ -1,7 +1,7 @@
 """``selfflow download``: fetch the checkpoint, the VAE, ADM's Inception graph or reference batch.
 
-The command line only: the HTTP client and the cache checks live in :mod:`selfflow.download`,
-the checkpoint's hub download in :mod:`selfflow.checkpoint`.
+The command line only: the HTTP client and the cache checks live in :mod:`selfflow.base.download`,
+the checkpoint's hub download in :mod:`selfflow.model.checkpoint`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from selfflow.download import inception_path, reference_path, verification
-from selfflow.errors import DownloadError
-from selfflow.files import file_sha256
+from selfflow.base.download import inception_path, reference_path, verification
+from selfflow.base.errors import DownloadError
+from selfflow.base.files import file_sha256
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _fetch_checkpoint() -> Path:
     """The released checkpoint, checked against the hub's sha256 when it came from the hub."""
-    from selfflow.checkpoint import download_checkpoint
+    from selfflow.model.checkpoint import download_checkpoint
 
     path = download_checkpoint()
     record = verification(path, file_sha256(path) or "")
@@ -50,7 +50,7 @@ def _fetch_checkpoint() -> Path:
 
 
 def _fetch_vae() -> Path:
-    from selfflow.vae import download_vae
+    from selfflow.model.vae import download_vae
 
     return download_vae()
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from selfflow.defaults import DEFAULT_NUM_STEPS
-from selfflow.sampler_settings import (
+from selfflow.sampling.defaults import DEFAULT_NUM_STEPS
+from selfflow.sampling.settings import (
     DEFAULT_CFG_SCALE,
     DEFAULT_GUIDANCE_INTERVAL,
     DEFAULT_MODE,
@@ -85,7 +85,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
         choices=("float32", "bfloat16"),
         default=None,
         help="network precision: float32 = the plain reference network; bfloat16 = the fast "
-        "path (selfflow.fast) (default: bfloat16 on CUDA, float32 on CPU)",
+        "path (selfflow.model.inference) (default: bfloat16 on CUDA, float32 on CPU)",
     ),
 }
 

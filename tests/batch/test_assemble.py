@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+from selfflow.base.npz import iter_npz_rows
 from selfflow.batch import store
 from selfflow.batch.assemble import assemble
-from selfflow.npz import iter_npz_rows
 
 SHAPE = (64, 64, 3)  # 12 KiB per image
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from selfflow.base.errors import ConfigurationError
 from selfflow.batch.runner import BatchConfig, generate_fid_batch
-from selfflow.errors import ConfigurationError
 
 
 def _config(checkpoint, vae, out, n, **changes) -> BatchConfig:

@@ -10,8 +10,8 @@ import os
 import socket
 
 from selfflow import cli
+from selfflow.base.lock import FolderLock, lock_holder
 from selfflow.batch import BatchConfig, generate_fid_batch
-from selfflow.lock import FolderLock, lock_holder
 from selfflow.train.trainer import train
 from tests.train.helpers import cli_args, make_dataset, tiny_config
 

@@ -40,17 +40,17 @@ def test_a_resume_says_shards_and_images_apart(tmp_path, tiny_checkpoint, tiny_v
 def test_the_manifest_records_the_dtype_the_vae_ran_in(
     tmp_path, tiny_checkpoint, tiny_vae_dir, capsys, monkeypatch
 ):
-    import selfflow.vae
+    import selfflow.model.vae
 
     loaded = []
-    load_vae = selfflow.vae.load_vae
+    load_vae = selfflow.model.vae.load_vae
 
     def remember(*args, **kwargs):
         vae = load_vae(*args, **kwargs)
         loaded.append(next(vae.parameters()).dtype)
         return vae
 
-    monkeypatch.setattr(selfflow.vae, "load_vae", remember)
+    monkeypatch.setattr(selfflow.model.vae, "load_vae", remember)
     said = sample(tiny_checkpoint, tiny_vae_dir, tmp_path / "default", capsys)
     settings = json.loads((tmp_path / "default" / "manifest.json").read_text())["settings"]
     assert settings["dtype"] == "float32"  # the network, on the CPU
@@ -60,7 +60,7 @@ def test_the_manifest_records_the_dtype_the_vae_ran_in(
     def in_float32(*args, **kwargs):  # a VAE that runs in float32 must be recorded as such
         return remember(*args, **{**kwargs, "dtype": torch.float32})
 
-    monkeypatch.setattr(selfflow.vae, "load_vae", in_float32)
+    monkeypatch.setattr(selfflow.model.vae, "load_vae", in_float32)
     said = sample(tiny_checkpoint, tiny_vae_dir, tmp_path / "float32", capsys)
     settings = json.loads((tmp_path / "float32" / "manifest.json").read_text())["settings"]
     assert loaded[-1] == torch.float32

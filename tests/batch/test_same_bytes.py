@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfflow import cli, seeds, vae
+from selfflow import cli
+from selfflow.base import seeds
 from selfflow.batch.runner import BatchConfig, generate_fid_batch
+from selfflow.model import vae
 
 N, BATCH, SHARD, STEPS = 24, 5, 4, 4
 
@@ -121,7 +123,7 @@ def test_a_sample_drawn_alone_through_the_python_api_has_the_bytes_of_the_batch(
 ):
     import torch
 
-    from selfflow.pipeline import SelfFlowPipeline
+    from selfflow.sampling.pipeline import SelfFlowPipeline
 
     dtype, folder = reference
     batch = images(folder, N)

@@ -24,11 +24,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfflow import cli, seeds
+from selfflow import cli
+from selfflow.base import seeds
+from selfflow.base.finite import NonFiniteSamplesError
+from selfflow.base.npz import iter_npz_rows
 from selfflow.batch.manifest import SAMPLING_REVISION
 from selfflow.batch.runner import BatchConfig, generate_fid_batch
-from selfflow.finite import NonFiniteSamplesError
-from selfflow.npz import iter_npz_rows
 
 REPO = Path(__file__).resolve().parents[2]
 N = 24
@@ -119,7 +120,7 @@ def test_each_sample_is_what_the_python_api_gives_for_its_index(
 ):
     """Not runner against runner: sample i of the batch equals SelfFlowPipeline(...)([label_i],
     indices=[i]) drawn on its own, and its label is uniform_labels(seed, [i])."""
-    from selfflow.pipeline import SelfFlowPipeline
+    from selfflow.sampling.pipeline import SelfFlowPipeline
 
     seed, steps, picked = 31, 4, (0, 9, 23)
     folder = reference
@@ -459,7 +460,7 @@ def test_a_bf16_resume_at_another_batch_size_says_the_images_round_differently(
 def test_a_folder_begun_by_another_package_version_resumes(
     reference, tmp_path, tiny_checkpoint, tiny_vae_dir, capsys, monkeypatch
 ):
-    from selfflow import version
+    from selfflow.base import version
 
     out = tmp_path / "samples"
     manifest = _half_finished_copy(reference, out)
@@ -530,7 +531,7 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path, tiny_checkpoint, tiny_v
     out.mkdir()  # a folder the run did not create stays (one it created is removed)
     code, _, err = run_cli(sample_args(tmp_path / "missing.pt", tiny_vae_dir, out), capsys)
     assert code == 1 and "checkpoint not found" in err
-    from selfflow.lock import FolderLock
+    from selfflow.base.lock import FolderLock
 
     with FolderLock(out) as lock:  # free again, in this same process
         holder = json.loads((out / ".lock").read_text())
@@ -763,7 +764,7 @@ def test_a_compiled_network_is_announced_before_the_first_batch(
     events = []
 
     class Network:
-        """The network, flagged as selfflow.fast flags a torch.compile'd one."""
+        """The network, flagged as selfflow.model.inference flags a torch.compile'd one."""
 
         def __init__(self, inner):
             self.inner, self.compiled = inner, compiled
@@ -805,8 +806,8 @@ def test_non_finite_padding_rows_are_not_reported(tmp_path, tiny_checkpoint, tin
 def test_non_finite_decoded_images_name_their_indices(tmp_path, tiny_checkpoint, tiny_vae_dir):
     import torch
 
-    from selfflow.checkpoint import load_model
-    from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
+    from selfflow.model.checkpoint import load_model
+    from selfflow.sampling.pipeline import SamplerSettings, SelfFlowPipeline
 
     # Independently, the latents of each batch of 4 (the run's batches): the fake decoder fails
     # on rows whose first latent value is positive.

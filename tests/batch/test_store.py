@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow import distributed, files
+from selfflow.base import distributed, files
+from selfflow.base.errors import ConfigurationError
 from selfflow.batch import store
 from selfflow.batch.manifest import (
     Manifest,
@@ -17,7 +18,6 @@ from selfflow.batch.manifest import (
     read_manifest,
     write_manifest,
 )
-from selfflow.errors import ConfigurationError
 
 # -- plan and assignment ------------------------------------------------------------------------
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from selfflow.base.finite import NonFiniteSamplesError, check_rows
 from selfflow.batch import store
 from selfflow.batch.writer import ShardWriter
-from selfflow.finite import NonFiniteSamplesError, check_rows
 
 SHAPE = (2, 2, 3)
 

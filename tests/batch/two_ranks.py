@@ -12,7 +12,7 @@ import functools
 import os
 import sys
 
-from selfflow import distributed
+from selfflow.base import distributed
 from selfflow.batch import cli, runner
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 import time
 
-from selfflow import cli, vae
+from selfflow import cli
+from selfflow.model import vae
 
 if __name__ == "__main__":
     delay, args = float(sys.argv[1]), sys.argv[2:]

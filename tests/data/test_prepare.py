@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from selfflow import cli
-from selfflow.classes import imagenet_wnids
+from selfflow.base.classes import imagenet_wnids
+from selfflow.base.errors import ConfigurationError, DatasetError
 from selfflow.data import LatentDataset, adm_center_crop
 from selfflow.data.prepare import PrepareConfig, prepare_dataset
-from selfflow.errors import ConfigurationError, DatasetError
 from tests.data.trees import CLASSES, files_in, write_tree
 
 
@@ -175,7 +175,7 @@ def test_a_vae_with_another_latent_scale_or_a_shift_is_refused_before_encoding(
     tree, tmp_path, capsys, monkeypatch, settings, named
 ):
     # the sampler decodes z / 0.18215 with no shift: other latents would decode wrongly
-    import selfflow.vae
+    import selfflow.model.vae
     from tests.conftest import make_tiny_vae
 
     other = make_tiny_vae()
@@ -185,7 +185,7 @@ def test_a_vae_with_another_latent_scale_or_a_shift_is_refused_before_encoding(
     def no_encoding(*args, **kwargs):
         raise AssertionError("encoded before the VAE was checked")
 
-    monkeypatch.setattr(selfflow.vae, "encode_posterior", no_encoding)
+    monkeypatch.setattr(selfflow.model.vae, "encode_posterior", no_encoding)
     assert cli_prepare(tree, tmp_path / "out", tmp_path / "other_vae") == 1
     err = capsys.readouterr().err
     assert named in err and "0.18215" in err and "not supported" in err
@@ -196,7 +196,7 @@ def test_encoding_runs_with_tf32_off_and_restores_the_caller_setting(
     tree, tiny_vae_dir, tmp_path, monkeypatch
 ):
     # TF32 matmuls/convolutions would make the stored posteriors depend on the GPU generation
-    import selfflow.vae
+    import selfflow.model.vae
 
     matmul = torch.backends.cuda.matmul
     name, tf32, ieee = (
@@ -204,13 +204,13 @@ def test_encoding_runs_with_tf32_off_and_restores_the_caller_setting(
         if hasattr(matmul, "fp32_precision")
         else ("allow_tf32", True, False)
     )
-    real, seen = selfflow.vae.encode_posterior, []
+    real, seen = selfflow.model.vae.encode_posterior, []
 
     def recording(*args, **kwargs):
         seen.append(getattr(matmul, name))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(selfflow.vae, "encode_posterior", recording)
+    monkeypatch.setattr(selfflow.model.vae, "encode_posterior", recording)
     saved = getattr(matmul, name)
     setattr(matmul, name, tf32)
     try:
@@ -259,7 +259,7 @@ def test_float16_storage_is_the_float32_values_rounded(prepared, tree, tiny_vae_
 
 
 def test_a_second_run_in_the_same_folder_is_refused(tree, tiny_vae_dir, tmp_path):
-    from selfflow.lock import FolderBusyError, FolderLock
+    from selfflow.base.lock import FolderBusyError, FolderLock
 
     (tmp_path / "out").mkdir()
     holder = FolderLock(tmp_path / "out", "selfflow prepare", "OUT_DIR")  # a running prepare
@@ -274,13 +274,13 @@ def test_a_folder_holding_other_things_is_refused_before_any_work(
     tree, tiny_vae_dir, tmp_path, monkeypatch
 ):
     """A run folder as OUT_DIR: prepare wrote its dataset among the run's files."""
-    import selfflow.vae
+    import selfflow.model.vae
     from tests.train.helpers import folder_snapshot
 
     def no_vae(*args, **kwargs):
         raise AssertionError("the VAE was loaded before OUT_DIR was checked")
 
-    monkeypatch.setattr(selfflow.vae, "load_vae", no_vae)
+    monkeypatch.setattr(selfflow.model.vae, "load_vae", no_vae)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "tensorboard").mkdir()
@@ -371,17 +371,17 @@ def test_the_summary_counts_the_images_encoded_and_times_the_encoding_alone(
 ):
     """It said "10 encoded now in 2.7 s, 3.7 images/s" for 9 images and a skipped file, timed
     from the start (the VAE's loading included), and "skipped 1 bad files"."""
-    import selfflow.vae
+    import selfflow.model.vae
 
     tree = small_tree(tmp_path / "tree")
     (tree / "bee" / "broken.jpg").write_bytes(b"this is not a JPEG at all")
-    real = selfflow.vae.load_vae
+    real = selfflow.model.vae.load_vae
 
     def slow_load(*args, **kwargs):
         time.sleep(1.5)  # a start-up that the encoding rate must leave out
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(selfflow.vae, "load_vae", slow_load)
+    monkeypatch.setattr(selfflow.model.vae, "load_vae", slow_load)
     began = time.perf_counter()
     result = prepare(tree, tmp_path / "out", tiny_vae_dir, skip_bad_images=True)
     elapsed = time.perf_counter() - began

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from selfflow.base.errors import DatasetError, SelfFlowError
 from selfflow.data import LatentDataset, write_dataset
 from selfflow.data.store import MANIFEST_NAME
-from selfflow.errors import DatasetError, SelfFlowError
 
 
 def arrays(n: int = 23, shape=(4, 3, 5), classes: int = 4, seed: int = 0):

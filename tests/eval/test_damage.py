@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfflow.errors import SelfFlowError
+from selfflow.base.errors import SelfFlowError
 from selfflow.eval import evaluator
 from selfflow.eval.evaluator import evaluate
 from selfflow.eval.npz import NpzImages, read_small_arrays, verify_batch

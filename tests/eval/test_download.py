@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from selfflow import download as dl
+from selfflow.base.errors import DownloadError
 from selfflow.cli import main
-from selfflow.errors import DownloadError
 
 PAYLOAD = bytes(range(256)) * 1200 + b"tail"  # 307 204 bytes
 
@@ -216,10 +216,12 @@ def test_download_command(server, tmp_path, monkeypatch, capsys):
     printed = Path(capsys.readouterr().out.strip())
     assert printed.read_bytes() == b"reference bytes"
 
-    import selfflow.checkpoint
+    import selfflow.model.checkpoint
 
     (tmp_path / "ckpt.pt").write_bytes(b"weights")
-    monkeypatch.setattr(selfflow.checkpoint, "download_checkpoint", lambda: tmp_path / "ckpt.pt")
+    monkeypatch.setattr(
+        selfflow.model.checkpoint, "download_checkpoint", lambda: tmp_path / "ckpt.pt"
+    )
     assert main(["download", "checkpoint"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "ckpt.pt")
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from selfflow.base.errors import ConfigurationError
 from selfflow.cli import main
-from selfflow.errors import ConfigurationError
 from selfflow.eval.evaluator import evaluate, format_report
 from selfflow.eval.features import compute_activations
 from selfflow.eval.npz import NpzImages
@@ -439,7 +439,7 @@ def test_a_failure_does_not_wait_for_the_sample_hash(
 
     import types
 
-    from selfflow import files
+    from selfflow.base import files
 
     monkeypatch.setattr(files, "HASH_CHUNK", 4096)
     monkeypatch.setattr(files, "hashlib", types.SimpleNamespace(sha256=SlowDigest))
@@ -558,7 +558,7 @@ def test_root_evaluator_script_names_itself(tmp_path):
 
 def test_the_evaluator_never_imports_tensorflow():
     code = (
-        "import sys, selfflow.cli, selfflow.download, selfflow.eval.evaluator, "
+        "import sys, selfflow.cli, selfflow.base.download, selfflow.eval.evaluator, "
         "selfflow.eval.synthetic; selfflow.cli.build_parser(); "
         "assert not any(m.split('.')[0] == 'tensorflow' for m in sys.modules), 'tensorflow'"
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow.errors import ConfigurationError, EvaluationError
+from selfflow.base.errors import ConfigurationError, EvaluationError
 from selfflow.eval.graphdef import TFGraph, tensor_to_numpy
 from selfflow.eval.inception import InceptionV3
 from selfflow.eval.synthetic import FLOAT, GraphBuilder, inception_like_graph

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow.errors import EvaluationError, SelfFlowError
+from selfflow.base.errors import EvaluationError, SelfFlowError
 from selfflow.eval.metrics import (
     Statistics,
     compute_statistics,
@@ -273,7 +273,7 @@ def _fake_backends(new_api: bool) -> SimpleNamespace:
 
 @pytest.mark.parametrize("new_api", [True, False], ids=["fp32_precision", "allow_tf32"])
 def test_full_fp32_turns_tf32_off_and_restores_the_caller_setting(new_api):
-    from selfflow.precision import full_fp32
+    from selfflow.base.precision import full_fp32
 
     backends = _fake_backends(new_api)
     if new_api:
@@ -300,7 +300,7 @@ def test_full_fp32_turns_tf32_off_and_restores_the_caller_setting(new_api):
 
 
 def test_full_fp32_on_the_installed_torch():
-    from selfflow.precision import full_fp32
+    from selfflow.base.precision import full_fp32
 
     matmul = torch.backends.cuda.matmul
     name, tf32, ieee = (

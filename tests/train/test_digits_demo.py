@@ -57,7 +57,7 @@ def test_the_classifier_does_not_depend_on_the_blas_thread_count(digits):
 def test_two_runs_of_the_demo_give_the_same_figures(digits, tmp_path, monkeypatch):
     from threadpoolctl import threadpool_limits
 
-    from selfflow.checkpoint import load_model
+    from selfflow.model.checkpoint import load_model
     from selfflow.train.state import export_path
 
     monkeypatch.setattr(demo, "SAMPLES_PER_CLASS", 3)  # a reduced size: seconds, not minutes

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from selfflow import cli
+from selfflow.base.errors import DatasetError
 from selfflow.data import write_dataset
-from selfflow.errors import DatasetError
 from selfflow.train.trainer import train
 
 from .helpers import cli_args, tiny_config

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from selfflow.errors import ConfigurationError
-from selfflow.model import NULL_CLASS, ModelConfig, SelfFlowDiT
+from selfflow.base.errors import ConfigurationError
+from selfflow.model.network import NULL_CLASS, ModelConfig, SelfFlowDiT
 from selfflow.train import (
     FastTrainingDiT,
     dual_timesteps,

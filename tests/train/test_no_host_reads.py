@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from selfflow.model import ModelConfig, SelfFlowDiT
+from selfflow.model.network import ModelConfig, SelfFlowDiT
 from selfflow.train import FastTrainingDiT, training_optimizer
 from selfflow.train.ema import make_ema
 from selfflow.train.step import StepRecipe, TrainStep

@@ -15,8 +15,8 @@ import pytest
 import torch
 from scipy import stats
 
-from selfflow.model import NULL_CLASS, ModelConfig, SelfFlowDiT
-from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
+from selfflow.model.network import NULL_CLASS, ModelConfig, SelfFlowDiT
+from selfflow.sampling.pipeline import SamplerSettings, SelfFlowPipeline
 from selfflow.train import dual_timesteps, noised_input, self_flow_loss
 from tests.conftest import randomize_
 from tests.test_model import numpy_state, ref_final, ref_hidden_states, ref_projector

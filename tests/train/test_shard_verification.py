@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from selfflow.base.errors import DatasetError
 from selfflow.data import LatentDataset
-from selfflow.errors import DatasetError
 from selfflow.train.trainer import train
 
 from .helpers import cli_args, log_records, tiny_config

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from selfflow.data import LatentDataset
-from selfflow.model import SelfFlowDiT
+from selfflow.model.network import SelfFlowDiT
 from selfflow.train.trainer import train
 
 from .helpers import final_state, log_records, make_dataset, tiny_config

@@ -80,7 +80,7 @@ def test_train_throughput_help():
 def test_model_sizes_are_the_trainers_and_xl2_is_the_released_shape():
     import importlib.util
 
-    from selfflow.model import ModelConfig
+    from selfflow.model.network import ModelConfig
 
     spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
     bench = importlib.util.module_from_spec(spec)

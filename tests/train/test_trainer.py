@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from selfflow import cli
-from selfflow.checkpoint import load_model, save_model
-from selfflow.errors import CheckpointError, ConfigurationError, SelfFlowError
-from selfflow.model import ModelConfig, SelfFlowDiT
-from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
+from selfflow.base.errors import CheckpointError, ConfigurationError, SelfFlowError
+from selfflow.model.checkpoint import load_model, save_model
+from selfflow.model.network import ModelConfig, SelfFlowDiT
+from selfflow.sampling.pipeline import SamplerSettings, SelfFlowPipeline
 from selfflow.train import fast as fast_module
 from selfflow.train import state as run_state
 from selfflow.train import step as step_module
@@ -322,7 +322,7 @@ def test_a_dry_run_checks_and_plans_but_writes_nothing(tmp_path, data, reference
     # refused as a start refuses: another run's settings, a folder in use, a path through a file
     with pytest.raises(ConfigurationError, match="seed: 0 → 3"):
         train(tiny_config(data, run, seed=3), dry_run=True)
-    from selfflow.lock import FolderLock
+    from selfflow.base.lock import FolderLock
 
     holder = FolderLock(run, "selfflow train").acquire()  # a running training
     with holder, pytest.raises(ConfigurationError, match="is in use by `selfflow train`"):

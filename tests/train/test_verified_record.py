@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from selfflow.base.errors import DatasetError
 from selfflow.data import LatentDataset, verify
 from selfflow.data.verify import ShardRecord, ShardVerifier, record_path
-from selfflow.errors import DatasetError
 from selfflow.train.trainer import train
 
 from .helpers import assert_states_equal, final_state, tiny_config

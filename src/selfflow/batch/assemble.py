@@ -3,7 +3,7 @@
 The result is what the official sampler and ADM's evaluator expect: ``arr_0``, uint8
 ``(N, H, W, 3)`` in sample-index order, plus the class labels as ``arr_1`` (int64, the name
 ``np.savez(path, images, labels)`` would give them, as guided-diffusion's samplers write).
-Both entries are streamed (see :mod:`selfflow.npz`), so peak memory is one shard
+Both entries are streamed (see :mod:`selfflow.base.npz`), so peak memory is one shard
 whatever ``N`` is; the file appears under its final name only once it is complete.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from selfflow.base.files import replaced_atomically
+from selfflow.base.npz import NpzStreamWriter
 from selfflow.batch.store import ShardError, ShardPlan, read_shard, shard_path
-from selfflow.files import replaced_atomically
-from selfflow.npz import NpzStreamWriter
 
 GRID_SAMPLES = 64
 

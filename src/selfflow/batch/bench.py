@@ -26,7 +26,7 @@ def random_model(tiny: bool, device=None):
     """Self-Flow with seeded random weights, non-zero everywhere (adaLN-Zero starts at zero)."""
     import torch
 
-    from selfflow.model import ModelConfig, SelfFlowDiT
+    from selfflow.model.network import ModelConfig, SelfFlowDiT
 
     torch.manual_seed(0)
     with torch.device(device or "cpu"):
@@ -40,7 +40,7 @@ def random_model(tiny: bool, device=None):
 
 def random_checkpoint(folder: Path, tiny: bool) -> Path:
     """A checkpoint of :func:`random_model` saved as ``folder/random.pt`` (for benchmarks)."""
-    from selfflow.checkpoint import save_model
+    from selfflow.model.checkpoint import save_model
 
     return save_model(random_model(tiny), folder / "random.pt")
 
@@ -90,16 +90,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from selfflow import distributed, seeds
-    from selfflow.errors import SelfFlowError
+    from selfflow.base import distributed, seeds
+    from selfflow.base.errors import SelfFlowError
 
     try:  # before any weights are made: no CUDA is one line, not a traceback
         distributed.resolve_device(args.device, 0)
     except SelfFlowError as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
+    from selfflow.base.distributed import resolve_dtype
     from selfflow.batch import BatchConfig, generate_fid_batch
-    from selfflow.distributed import resolve_dtype
-    from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
+    from selfflow.sampling.pipeline import SamplerSettings, SelfFlowPipeline
 
     with tempfile.TemporaryDirectory(prefix="selfflow-bench-") as tmp:
         folder = Path(tmp)

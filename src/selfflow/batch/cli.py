@@ -166,8 +166,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from selfflow.base.errors import ReportedOnRankZero
     from selfflow.batch import generate_fid_batch
-    from selfflow.errors import ReportedOnRankZero
 
     try:
         result = generate_fid_batch(config_from_args(args))

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from selfflow.errors import ConfigurationError
-from selfflow.sampler_settings import (
+from selfflow.base.errors import ConfigurationError
+from selfflow.sampling.settings import (
     DEFAULT_CFG_SCALE,
     DEFAULT_GUIDANCE_INTERVAL,
     DEFAULT_MODE,
@@ -77,9 +77,9 @@ class BatchConfig:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigurationError(f"--dtype must be one of {DTYPES}; got {self.dtype!r}")
         if self.class_balanced:
-            from selfflow.checkpoint import read_card
-            from selfflow.classes import NUM_IMAGENET_CLASSES
-            from selfflow.seeds import balanced_labels
+            from selfflow.base.classes import NUM_IMAGENET_CLASSES
+            from selfflow.base.seeds import balanced_labels
+            from selfflow.model.checkpoint import read_card
 
             # N/K of each of the model's K classes: K from the checkpoint's config (read, not
             # loaded); files without one are the released 1000-class layout
@@ -166,7 +166,7 @@ def _in_cache_if_bare(path: str | os.PathLike | None) -> str | os.PathLike | Non
     """
     if path is None or Path(path).exists() or Path(path).name != str(path):
         return path
-    from selfflow.cache import cache_dir
+    from selfflow.base.cache import cache_dir
 
     cached = cache_dir() / str(path)
     return str(cached) if cached.is_file() else path
@@ -175,6 +175,6 @@ def _in_cache_if_bare(path: str | os.PathLike | None) -> str | os.PathLike | Non
 def _cache_hint(path: str | os.PathLike) -> str:
     if Path(path).name != str(path):
         return ""
-    from selfflow.cache import cache_dir
+    from selfflow.base.cache import cache_dir
 
     return f", neither here nor in {cache_dir()} (`selfflow download reference` puts it there)"

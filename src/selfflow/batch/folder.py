@@ -10,11 +10,11 @@ import contextlib
 import os
 from pathlib import Path
 
-from selfflow import distributed
+from selfflow.base import distributed
+from selfflow.base.errors import ConfigurationError
+from selfflow.base.files import folder_sha256, remove_temporaries
 from selfflow.batch import store
 from selfflow.batch.manifest import MANIFEST_NAME
-from selfflow.errors import ConfigurationError
-from selfflow.files import folder_sha256, remove_temporaries
 
 
 def prepare_output_dir(path: Path) -> None:

@@ -1,8 +1,8 @@
-"""The folder lock's old home: it lives in :mod:`selfflow.lock`, beside the other base helpers,
+"""The folder lock's old home: it lives in :mod:`selfflow.base.lock`, beside the other base helpers,
 because ``sample``, ``prepare`` and ``train`` all take it. Kept so that old imports still work;
-the package itself imports :mod:`selfflow.lock`."""
+the package itself imports :mod:`selfflow.base.lock`."""
 
-from selfflow.lock import (  # noqa: F401
+from selfflow.base.lock import (  # noqa: F401
     LOCK_NAME,
     FolderBusyError,
     FolderLock,

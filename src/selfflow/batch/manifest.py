@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfflow.errors import ConfigurationError
-from selfflow.files import replaced_atomically
+from selfflow.base.errors import ConfigurationError
+from selfflow.base.files import replaced_atomically
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "selfflow-fid-batch"
@@ -29,9 +29,9 @@ SAMPLING_REVISION = 4
 """The revision of the image maths, compared on resume (the package version is only recorded).
 
 Bump it only in a change that makes the same settings give other images: how the per-sample
-noise and labels are keyed (``selfflow.seeds``), the samplers (``selfflow.transport``), the
-network's numerics on either path (``selfflow.model``, ``selfflow.fast``), or the decoding and
-rounding to bytes (``selfflow.vae``). Shards of two revisions are then never mixed in one npz.
+noise and labels are keyed (``selfflow.base.seeds``), the samplers (``selfflow.sampling.transport``), the
+network's numerics on either path (``selfflow.model.network``, ``selfflow.model.inference``), or the decoding and
+rounding to bytes (``selfflow.model.vae``). Shards of two revisions are then never mixed in one npz.
 Refactors, speed-ups that keep the numbers, and changes to files, logging or the CLI leave it
 alone.
 
@@ -41,7 +41,7 @@ bf16 rounding fewer: bf16 images move by rounding, the float32 path is unchanged
 min(--batch-size, N) rows, whatever its share of the work (images move by rounding, a level in
 a few pixels; in exchange an image's bytes no longer depend on how the work is cut).
 4 — every keyed stream (label, start noise, Brownian increments, the class-balanced order) is
-numpy's Philox keyed by 128 bits of its hash (``selfflow.seeds.keyed_rng``); the first three
+numpy's Philox keyed by 128 bits of its hash (``selfflow.base.seeds.keyed_rng``); the first three
 were torch generators, which keep only 32 bits of a seed (every image changes).
 """
 

@@ -10,8 +10,8 @@ import threading
 import time
 from typing import Any
 
+from selfflow.base.errors import ConfigurationError
 from selfflow.batch import store
-from selfflow.errors import ConfigurationError
 
 STEP_PROGRESS_AFTER = 10.0  # seconds into a batch before the bar shows the batch's step count
 

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from selfflow.base.errors import ConfigurationError
+from selfflow.base.files import file_sha256
+from selfflow.base.npz import iter_npz_rows
 from selfflow.batch import store
 from selfflow.batch.assemble import npz_name
-from selfflow.errors import ConfigurationError
-from selfflow.files import file_sha256
-from selfflow.npz import iter_npz_rows
 
 COUNT_SETTING = "num_samples"
 

@@ -6,18 +6,18 @@ periodic evaluation does). Its steps, and where each lives:
 
 1. **Set-up (rank 0)**, agreed by every rank: :mod:`selfflow.batch.setup`. Then every rank
    checks that it sees a file rank 0 wrote in the folder
-   (:func:`selfflow.distributed.check_shared_folder`).
+   (:func:`selfflow.base.distributed.check_shared_folder`).
 2. **Verify (all ranks).** Existing shards are read back and checked (CRC, shapes, indices,
    labels); the check is split over the ranks. A shard that fails is deleted and redone.
 3. **Sample (all ranks).** Pending shard ``j`` (in plan order) goes to rank ``j % world``. Each
    rank samples its shards' indices in batches of ``--batch-size`` (or N if smaller; a batch
    may span two shards; a short last batch is padded with copies of its last sample, so that
    the network always sees one shape and a sample's bytes never depend on how the work was
-   cut) while a background thread decodes, in fixed chunks of ``selfflow.vae.DECODE_BATCH``,
+   cut) while a background thread decodes, in fixed chunks of ``selfflow.model.vae.DECODE_BATCH``,
    and writes (see :mod:`selfflow.batch.writer`).
    Rank 0 shows one progress bar for the whole batch (:mod:`selfflow.batch.progress`). The
    step ends with a barrier that notices a process that died
-   (:func:`selfflow.distributed.wait_for_all`), so rank 0 never waits for shards that will
+   (:func:`selfflow.base.distributed.wait_for_all`), so rank 0 never waits for shards that will
    not come.
 4. **Assemble (rank 0)** after a barrier: ``samples_{N}.npz`` streamed shard by shard, then
    ``grid.png`` and the manifest's ``complete`` record; the shards are deleted unless
@@ -35,7 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from selfflow import distributed
+from selfflow.base import distributed
+from selfflow.base.errors import ConfigurationError, ReportedOnRankZero
+from selfflow.base.files import file_sha256
+from selfflow.base.finite import NonFiniteSamplesError
+from selfflow.base.lock import FolderLock
+from selfflow.base.npz import iter_npz_rows
 from selfflow.batch import store
 from selfflow.batch.assemble import GRID_SAMPLES, assemble, npz_name
 from selfflow.batch.config import (
@@ -49,11 +54,6 @@ from selfflow.batch.manifest import MANIFEST_NAME, Manifest, write_manifest
 from selfflow.batch.progress import BatchProgress, progress_bar
 from selfflow.batch.setup import agreed_setup
 from selfflow.batch.writer import NOTHING_WRITTEN, ShardWriter, write_pngs
-from selfflow.errors import ConfigurationError, ReportedOnRankZero
-from selfflow.files import file_sha256
-from selfflow.finite import NonFiniteSamplesError
-from selfflow.lock import FolderLock
-from selfflow.npz import iter_npz_rows
 
 __all__ = ["BatchConfig", "BatchJob", "BatchResult", "ReportedOnRankZero", "generate_fid_batch"]
 
@@ -109,7 +109,7 @@ class BatchJob:
         self.progress = progress and context.is_main
         self.log = log if context.is_main else (lambda message: None)
         self.output_dir = Path(config.output_dir).expanduser()
-        from selfflow.distributed import resolve_dtype  # torch: imported when a batch runs
+        from selfflow.base.distributed import resolve_dtype  # torch: imported when a batch runs
 
         self.dtype_name = str(resolve_dtype(config.dtype, context.device)).removeprefix("torch.")
         self.pipe = None
@@ -174,8 +174,8 @@ class BatchJob:
         """Model, VAE and the network path for ``--dtype``; returns ``(pipe, checkpoint path)``."""
         import torch
 
-        from selfflow.checkpoint import download_checkpoint
-        from selfflow.pipeline import SelfFlowPipeline
+        from selfflow.model.checkpoint import download_checkpoint
+        from selfflow.sampling.pipeline import SelfFlowPipeline
 
         device = self.context.device
         # No --ckpt: rank 0 downloads the released file (or finds it in the cache) and passes its
@@ -201,7 +201,7 @@ class BatchJob:
     # -- step 2: verify -----------------------------------------------------------------------
 
     def _labels(self, indices: np.ndarray) -> np.ndarray:
-        from selfflow import seeds
+        from selfflow.base import seeds
 
         if self.config.class_balanced:
             if self._balanced is None:
@@ -313,7 +313,7 @@ class BatchJob:
     # -- step 4: assemble, evaluate -----------------------------------------------------------
 
     def _assemble(self) -> Path:
-        from selfflow.images import save_grid
+        from selfflow.base.images import save_grid
 
         plan, manifest = self.plan, self.manifest
         bar = progress_bar(self.progress, plan.num_samples, "assembling")
@@ -358,7 +358,7 @@ class BatchJob:
             if written:
                 self.log(f"wrote {written} missing PNGs from {npz_path.name}")
         if not (self.output_dir / "grid.png").exists():
-            from selfflow.images import save_grid
+            from selfflow.base.images import save_grid
 
             first = next(iter_npz_rows(npz_path, "arr_0", rows_per_block=GRID_SAMPLES))
             save_grid(first, self.output_dir / "grid.png", columns=8)

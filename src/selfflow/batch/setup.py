@@ -21,7 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from selfflow import distributed, version
+from selfflow.base import distributed, version
+from selfflow.base.download import verification
+from selfflow.base.errors import ConfigurationError, ReportedOnRankZero
+from selfflow.base.files import file_sha256, remove_temporaries
+from selfflow.base.npz import npz_array_info
 from selfflow.batch import reuse, store
 from selfflow.batch.assemble import npz_name
 from selfflow.batch.config import batch_shape
@@ -43,10 +47,6 @@ from selfflow.batch.manifest import (
     read_manifest,
     write_manifest,
 )
-from selfflow.download import verification
-from selfflow.errors import ConfigurationError, ReportedOnRankZero
-from selfflow.files import file_sha256, remove_temporaries
-from selfflow.npz import npz_array_info
 
 
 @dataclass
@@ -127,7 +127,7 @@ def _open_folder(job: Any) -> Manifest | None:
     config.validate()
     if config.eval_ref is not None and config.inception is None:
         # before hours of sampling: the evaluation's graph must be here or downloadable
-        from selfflow.download import inception_path
+        from selfflow.base.download import inception_path
 
         config.inception = str(inception_path())
     prepare_output_dir(job.output_dir)
@@ -312,7 +312,7 @@ def _check_complete(job: Any, manifest: Manifest) -> bool:
         return False
     if not record.get("sha256"):  # written by a version that did not record it
         return True
-    from selfflow.files import file_sha256
+    from selfflow.base.files import file_sha256
 
     job.log(f"checking {path.name} against the sha256 recorded in {MANIFEST_NAME}")
     return file_sha256(path) == record["sha256"]

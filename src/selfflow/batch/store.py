@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from selfflow.files import atomic_write
-from selfflow.npz import ARCHIVE_ERRORS
+from selfflow.base.files import atomic_write
+from selfflow.base.npz import ARCHIVE_ERRORS
 
 SHARD_DIR = "shards"
 IMAGE_DIR = "images"

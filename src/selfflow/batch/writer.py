@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfflow.base.finite import NonFiniteSamplesError
 from selfflow.batch.store import Shard, png_path, write_shard
-from selfflow.finite import NonFiniteSamplesError
 
 _STOP = object()
 NOTHING_WRITTEN = (
@@ -213,7 +213,7 @@ def write_pngs(
     only_missing: bool = False,
 ) -> int:
     """Write ``images/{index:06d}.png`` for each image (atomically); returns how many."""
-    from selfflow.images import save_png
+    from selfflow.base.images import save_png
 
     written = 0
     for image, index in zip(images, indices, strict=True):

@@ -123,8 +123,8 @@ def _selection_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from selfflow.base.errors import ConfigurationError, ReportedOnRankZero
     from selfflow.data.prepare import PrepareConfig, prepare_dataset
-    from selfflow.errors import ConfigurationError, ReportedOnRankZero
 
     if args.verify is not None:
         if args.image_dir is not None:

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from selfflow.base.errors import DatasetError
 from selfflow.data.store import LABELS_NAME, STORED_DTYPES, labels_sha256, read_manifest
-from selfflow.errors import DatasetError
 
 if TYPE_CHECKING:
     from selfflow.data.verify import ShardRecord, ShardVerifier

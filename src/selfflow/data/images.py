@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from selfflow.classes import imagenet_wnids
+from selfflow.base.classes import imagenet_wnids
+from selfflow.base.errors import ConfigurationError, DatasetError
 from selfflow.data.crop import adm_center_crop
-from selfflow.errors import ConfigurationError, DatasetError
 
 IMAGE_EXTENSIONS = (
     ".jpg",

@@ -37,7 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfflow import distributed
+from selfflow.base import distributed
+from selfflow.base.errors import ConfigurationError, DatasetError, ReportedOnRankZero
+from selfflow.base.files import check_can_write, remove_temporaries
+from selfflow.base.lock import FolderLock
 from selfflow.data import store
 from selfflow.data.images import (
     CroppedImages,
@@ -48,9 +51,6 @@ from selfflow.data.images import (
     listing,
 )
 from selfflow.data.summary import PrepareResult
-from selfflow.errors import ConfigurationError, DatasetError, ReportedOnRankZero
-from selfflow.files import check_can_write, remove_temporaries
-from selfflow.lock import FolderLock
 
 CROP = "adm_center_crop"
 # Settings that must match to resume in a folder, with how a difference is described.
@@ -217,7 +217,7 @@ class _Job:
         return distributed.broadcast_object(self.context, outcome)
 
     def _load_vae(self) -> Any:
-        from selfflow.vae import SD_VAE_ID, load_vae
+        from selfflow.model.vae import SD_VAE_ID, load_vae
 
         vae = load_vae(
             self.config.vae or SD_VAE_ID, device=self.context.device, dtype=torch.float32
@@ -274,9 +274,9 @@ class _Job:
         return plan
 
     def _header(self, source: SourceList) -> dict[str, Any]:
-        from selfflow.card import resolved_vae_name
-        from selfflow.precision import full_fp32
-        from selfflow.vae import SD_VAE_ID, encode_posterior, encoder_record
+        from selfflow.base.precision import full_fp32
+        from selfflow.model.card import resolved_vae_name
+        from selfflow.model.vae import SD_VAE_ID, encode_posterior, encoder_record
 
         size = self.config.image_size
         with full_fp32():
@@ -356,8 +356,8 @@ class _Job:
     def _encode(self, plan: _Plan, shards: list[int], bar: _Progress) -> None:
         """Encode ``shards`` with TF32 off (full float32 matmuls and convolutions, as the
         evaluator does), so the stored posteriors do not depend on the GPU generation."""
-        from selfflow.precision import full_fp32
-        from selfflow.vae import encode_posterior
+        from selfflow.base.precision import full_fp32
+        from selfflow.model.vae import encode_posterior
 
         if not shards:
             return
@@ -499,7 +499,7 @@ def _check_latent_scale(vae: Any, name: str) -> None:
     SD-VAE's constant factor and no shift, so a dataset from another VAE (SDXL's 0.13025, or
     SD3/FLUX-style shifted latents) would train a model whose samples decode wrongly.
     """
-    from selfflow.vae import LATENT_SCALE
+    from selfflow.model.vae import LATENT_SCALE
 
     scale = getattr(vae.config, "scaling_factor", None)
     shift = getattr(vae.config, "shift_factor", None)

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfflow.errors import DatasetError
-from selfflow.files import atomic_write, file_sha256
+from selfflow.base.errors import DatasetError
+from selfflow.base.files import atomic_write, file_sha256
 
 FORMAT_NAME = "selfflow-dataset"
 FORMAT_VERSION = 1
@@ -154,7 +154,7 @@ def finalize(out_dir: Path, header: dict[str, Any], records: Sequence[dict[str, 
     ``header`` holds the settings (shapes, dtype, VAE, crop, class names, source, ...); the
     shard list, image count, skipped files and upscaled count are taken from the records.
     """
-    from selfflow.version import __version__
+    from selfflow.base.version import __version__
 
     out_dir = Path(out_dir)
     records = sorted(records, key=lambda r: r["id"])

@@ -11,7 +11,7 @@ Hashing ImageNet's 42 GB took one core of a busy 2-core CPU 82–123 s (see
   hashes them on the reading thread and a few helpers (the trainer's prefetch thread, one
   step ahead of the device; a run's first batches, which read from most shards, wait for
   them). No row of a shard is returned before its digest matched; a mismatch raises
-  :class:`~selfflow.errors.DatasetError` naming the file, both digests and the repair.
+  :class:`~selfflow.base.errors.DatasetError` naming the file, both digests and the repair.
 - **Once per run**, not once per start: :class:`ShardRecord` keeps what a run verified in its
   folder (``RUN/verified_shards/``), so a resume after preemption hashes only the shards that
   were rewritten since (or never verified), and under several processes each hashes its share
@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from selfflow.errors import DatasetError, SelfFlowError
-from selfflow.files import file_sha256, replaced_atomically
+from selfflow.base.errors import DatasetError, SelfFlowError
+from selfflow.base.files import file_sha256, replaced_atomically
 
 
 class Shards(Protocol):

@@ -24,10 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfflow import version
-from selfflow.distributed import resolve_device
-from selfflow.download import verification
-from selfflow.errors import ConfigurationError
+from selfflow.base import version
+from selfflow.base.distributed import resolve_device
+from selfflow.base.download import verification
+from selfflow.base.errors import ConfigurationError
+from selfflow.base.files import atomic_write, check_can_write, file_sha256
+from selfflow.base.npz import npz_keys
+from selfflow.base.precision import full_fp32
 from selfflow.eval.features import (
     BATCH_SIZE,
     FEATURES_REVISION,
@@ -44,9 +47,6 @@ from selfflow.eval.metrics import (
     precision_recall,
 )
 from selfflow.eval.npz import NpzImages, read_small_arrays, verify_batch
-from selfflow.files import atomic_write, check_can_write, file_sha256
-from selfflow.npz import npz_keys
-from selfflow.precision import full_fp32
 
 REPORT_KEYS = (
     ("Inception Score", "inception_score"),
@@ -134,7 +134,7 @@ def _npz_or_computed(
 
 
 def _reference_cache_path(ref_sha: str, graph_sha: str | None) -> Path:
-    from selfflow.cache import cache_dir
+    from selfflow.base.cache import cache_dir
 
     graph_part = (graph_sha or "unknown")[:16]
     name = f"{ref_sha}-{graph_part}-r{FEATURES_REVISION}.npz"
@@ -264,7 +264,7 @@ def evaluate(
 
 def _cached_inception() -> Path:
     """ADM's Inception graph from the cache (downloaded into it when missing)."""
-    from selfflow.download import inception_path
+    from selfflow.base.download import inception_path
 
     return inception_path()
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from selfflow.errors import EvaluationError
+from selfflow.base.errors import EvaluationError
+from selfflow.base.precision import full_fp32
 from selfflow.eval.inception import InceptionV3
 from selfflow.eval.npz import NpzImages
-from selfflow.precision import full_fp32
 
 # Bump whenever a change (graph executor, resize, feature layout, dtype) can change a feature
 # value: reference features cached under another revision are then computed again.

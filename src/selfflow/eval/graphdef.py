@@ -18,7 +18,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tensorboard.compat.proto import graph_pb2, node_def_pb2, tensor_pb2, types_pb2
 
-from selfflow.errors import ConfigurationError
+from selfflow.base.errors import ConfigurationError
 
 # TensorFlow dtype enum -> numpy dtype, for the types a frozen vision graph holds.
 NUMPY_DTYPES: dict[int, np.dtype] = {

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfflow.errors import ConfigurationError
+from selfflow.base.errors import ConfigurationError
 from selfflow.eval.graphdef import TFGraph
 from selfflow.eval.tf_ops import GraphExecutor
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from selfflow.errors import EvaluationError
+from selfflow.base.errors import EvaluationError
 
 BLOCK = 10_000
 NEIGHBOURS = 3

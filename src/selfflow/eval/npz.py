@@ -1,6 +1,6 @@
 """The evaluator's view of its ``.npz`` inputs: image batches checked on open, statistics.
 
-Images are streamed with :class:`selfflow.npz.NpzArray` (a 50 000-image batch at 256 x 256 is
+Images are streamed with :class:`selfflow.base.npz.NpzArray` (a 50 000-image batch at 256 x 256 is
 9.8 GB; memory stays at one batch); here they are checked for the layout ADM's evaluator and
 ``sample.py`` use, with messages that name the file's role. Small arrays (statistics) go through
 ``np.load`` with ``allow_pickle=False``.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from selfflow.errors import ConfigurationError
-from selfflow.npz import NpzArray, npz_keys, verify_npz
+from selfflow.base.errors import ConfigurationError
+from selfflow.base.npz import NpzArray, npz_keys, verify_npz
 
 MIN_IMAGES = 4  # precision/recall need a 3rd neighbour besides the point itself
 

@@ -2,7 +2,7 @@
 faster training forward pass with the model's parameters.
 
 The objective is a set of plain functions over tensors and any network called like
-:class:`~selfflow.model.SelfFlowDiT`; the trainer (loop, checkpoints, processes) builds on it:
+:class:`~selfflow.model.network.SelfFlowDiT`; the trainer (loop, checkpoints, processes) builds on it:
 ``train(TrainConfig(...))`` is what ``selfflow train`` runs, ``export_run`` what
 ``selfflow export`` runs.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from selfflow.train.config import TrainConfig
 from selfflow.train.export import export_run
-from selfflow.train.fast import (
+from selfflow.train.network import (
     FastTrainingDiT,
     split_times,
     straightforward_loss,

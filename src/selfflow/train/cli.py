@@ -267,8 +267,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfflow.errors import ReportedOnRankZero
-    from selfflow.launch import launch_environment
+    from selfflow.base.errors import ReportedOnRankZero
+    from selfflow.base.launch import launch_environment
     from selfflow.train.trainer import StoppedBySignal, train
 
     try:

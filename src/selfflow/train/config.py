@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from selfflow.classes import NUM_IMAGENET_CLASSES, imagenet_classes
-from selfflow.errors import ConfigurationError
-from selfflow.model import ModelConfig
+from selfflow.base.classes import NUM_IMAGENET_CLASSES, imagenet_classes
+from selfflow.base.errors import ConfigurationError
+from selfflow.model.network import ModelConfig
 
 # SiT's sizes (width, depth, heads), all with 2 × 2 patches; "tiny" is ModelConfig.tiny()'s.
 _TINY = ModelConfig.tiny()

@@ -82,7 +82,7 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray):
 
 def sample_digits(model, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``SAMPLES_PER_CLASS`` samples of each class from ``model`` with the package's SDE."""
-    from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
+    from selfflow.sampling.pipeline import SamplerSettings, SelfFlowPipeline
 
     labels = torch.arange(10).repeat_interleave(SAMPLES_PER_CLASS)
     pipe = SelfFlowPipeline(model.eval())
@@ -108,7 +108,7 @@ def run_method(
     method: str, data: Path, out: Path, steps: Sequence[int], classifier, demo: DemoSettings
 ) -> list[dict]:
     """Train one run up to each step count in turn (resuming) and score its EMA each time."""
-    from selfflow.checkpoint import load_model
+    from selfflow.model.checkpoint import load_model
     from selfflow.train import TrainConfig, train
     from selfflow.train.state import export_path
     from selfflow.train.weights import initial_model

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 
-from selfflow.files import writing
+from selfflow.base.files import writing
 
 FILE_VERSION = "brain.Event:2"
 

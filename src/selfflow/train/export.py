@@ -1,12 +1,12 @@
 """From a training run to the sampling side: the EMA weights in the sampler's checkpoint format.
 
-An export is what :func:`selfflow.checkpoint.save_model` writes, ``{"format": "selfflow",
+An export is what :func:`selfflow.model.checkpoint.save_model` writes, ``{"format": "selfflow",
 "config": ..., "state_dict": ...}``, with the EMA (the weights the paper samples and evaluates)
 under the released key names and the model's config (any size, input shape and class count),
 so :func:`selfflow.load_model`, :class:`selfflow.SelfFlowPipeline` and ``selfflow sample --ckpt``
 load it strictly. The trainer writes one beside every checkpoint (``step_N-ema.pt``);
 ``selfflow export RUN OUT.pt`` writes one from a run's newest intact checkpoint (or a given one).
-Both carry the run's card (:mod:`selfflow.card`): the dataset's class names and the VAE, so the
+Both carry the run's card (:mod:`selfflow.model.card`): the dataset's class names and the VAE, so the
 export samples, captions and decodes as it was trained without being told.
 """
 
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from selfflow.card import RELEASED, ModelCard
-from selfflow.checkpoint import save_model
-from selfflow.errors import CheckpointError, ConfigurationError
-from selfflow.files import check_can_write, writing
-from selfflow.model import ModelConfig, SelfFlowDiT
+from selfflow.base.errors import CheckpointError, ConfigurationError
+from selfflow.base.files import check_can_write, writing
+from selfflow.model.card import RELEASED, ModelCard
+from selfflow.model.checkpoint import save_model
+from selfflow.model.network import ModelConfig, SelfFlowDiT
 from selfflow.train import state as run_state
 
 EXPORT_SUFFIXES = (".pt", ".safetensors")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfflow.errors import ConfigurationError
+from selfflow.base.errors import ConfigurationError
 
 __all__ = [
     "dual_timesteps",
@@ -136,7 +136,7 @@ def self_flow_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The Self-Flow loss of one batch: ``(loss, {"flow": ..., "rep": ...})``.
 
-    ``student`` and ``teacher`` are called like :class:`~selfflow.model.SelfFlowDiT`
+    ``student`` and ``teacher`` are called like :class:`~selfflow.model.network.SelfFlowDiT`
     (``net(x, tau, y, project_layer=…)`` / ``net(x, tau, y, hidden_layer=…)``; a DDP-wrapped
     student works). ``x0`` clean latents ``(B, C, H, W)``, ``y`` labels with dropped ones already
     set to the null class (for student and teacher alike), ``noise`` the path's ``ε``, ``tau``

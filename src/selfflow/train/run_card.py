@@ -1,7 +1,7 @@
 """What a run records of its data for its exports: the card (classes, VAE) and the VAE it decodes with.
 
 The trainer asks once, at start (and in the dry run): the VAE is ``--vae`` or the one the
-dataset records; the card (:mod:`selfflow.card`) goes into every checkpoint and export, so the
+dataset records; the card (:mod:`selfflow.model.card`) goes into every checkpoint and export, so the
 export samples its own classes with its own VAE.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from selfflow.card import ModelCard, check_vae_identity, chosen_vae
+from selfflow.model.card import ModelCard, check_vae_identity, chosen_vae
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -48,7 +48,7 @@ def run_card(
         return dataset.vae, card
     name = chosen_vae(card, given)
     if given is not None and recorded is not None and check:
-        from selfflow.vae import encoder_record_of
+        from selfflow.model.vae import encoder_record_of
 
         note = check_vae_identity(
             recorded,
@@ -64,7 +64,7 @@ def run_card(
 
 def vae_plan_line(name: str, settings: Any) -> str:
     """The dry run's word on the VAE: where it loads from and what the run uses it for."""
-    from selfflow.vae import vae_source
+    from selfflow.model.vae import vae_source
 
     uses = "the sample grids decode with it and the exports record it"
     if not settings.sample_every:

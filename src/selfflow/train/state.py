@@ -13,7 +13,7 @@ A checkpoint holds no RNG state: every random number of step k comes from stream
 (seed, k) (see :mod:`selfflow.train.streams`), so the step number is all a resume needs. Files
 are written to a temporary name, flushed to disk and renamed, so a checkpoint is either whole
 or absent; reading checks every archive entry's CRC-32 first
-(:func:`selfflow.checkpoint.torch_load_verified`), and a damaged newest checkpoint is named and the previous one used.
+(:func:`selfflow.model.checkpoint.torch_load_verified`), and a damaged newest checkpoint is named and the previous one used.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from selfflow.checkpoint import torch_load_verified
+from selfflow.base.errors import CheckpointError, ConfigurationError, DiskFullError
+from selfflow.base.files import nearest_existing, replaced_atomically, writing
+from selfflow.base.files import remove_temporaries as remove_temporaries_in
 from selfflow.data.verify import RECORD_DIR
-from selfflow.errors import CheckpointError, ConfigurationError, DiskFullError
-from selfflow.files import nearest_existing, replaced_atomically, writing
-from selfflow.files import remove_temporaries as remove_temporaries_in
+from selfflow.model.checkpoint import torch_load_verified
 
 FORMAT = "selfflow-train"
 FORMAT_VERSION = 1
@@ -89,7 +89,7 @@ def write_checkpoint(
         "dataset": dataset,
         "settings": settings,
         "images_seen": images_seen,
-        # classes and VAE (selfflow.card), for `selfflow export`; absent before they existed
+        # classes and VAE (selfflow.model.card), for `selfflow export`; absent before they existed
         "card": card,
     }
     return atomic_save(state, checkpoint_path(run, step))
@@ -129,9 +129,9 @@ def full_state_dicts(
 def atomic_save(obj: Any, path: Path, save: Callable[[Any, Path], None] | None = None) -> Path:
     """``torch.save`` (or ``save``) to a temporary name, fsync, rename: never half a file.
 
-    A read-only folder or a full disk raises :class:`~selfflow.errors.CannotWriteError` (a
+    A read-only folder or a full disk raises :class:`~selfflow.base.errors.CannotWriteError` (a
     :class:`DiskFullError` for the disk) naming the file, and leaves no temporary behind
-    (:func:`selfflow.files.writing`, which also reads torch.save's "unexpected pos" error).
+    (:func:`selfflow.base.files.writing`, which also reads torch.save's "unexpected pos" error).
     """
     path = Path(path)
     with writing(path):

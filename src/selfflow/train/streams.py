@@ -1,7 +1,7 @@
 """The global batch of step k as a function of (seed, step) and the dataset alone.
 
 Every random number of a training step comes from a CPU stream keyed by
-``(seed, step, purpose)`` (:func:`selfflow.seeds.keyed_rng`: Philox under a 128-bit key, so no
+``(seed, step, purpose)`` (:func:`selfflow.base.seeds.keyed_rng`: Philox under a 128-bit key, so no
 two steps or purposes share a stream), never from a rank, a worker or a generator's history:
 
 - **which images** (``"train-order"``, keyed by the *epoch*, not the step): the run visits the
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from selfflow.seeds import keyed_rng, normals, uniforms
+from selfflow.base.seeds import keyed_rng, normals, uniforms
 from selfflow.train.objective import dual_timesteps_from
 
 if TYPE_CHECKING:

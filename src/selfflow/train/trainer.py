@@ -8,7 +8,7 @@ Read top to bottom, :func:`train` does:
    space, and every rank learns the outcome before any work.
 2. **Build** the model from a seed-keyed initialisation (or ``--init-from``), the EMA as its
    exact float32 copy, and restore the newest intact checkpoint if there is one (model, EMA,
-   optimiser, step). Both become :class:`~selfflow.train.fast.FastTrainingDiT` (same
+   optimiser, step). Both become :class:`~selfflow.train.network.FastTrainingDiT` (same
    parameters, each block's modulation computed once per distinct time) unless
    ``--network plain``; then wrap: DDP (NCCL on GPUs, gloo on CPUs) or FSDP2 ``fully_shard``.
 3. **Loop** over steps. Step k's global batch comes from keyed streams
@@ -37,14 +37,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfflow import distributed
+from selfflow.base import distributed
+from selfflow.base.errors import ConfigurationError, SelfFlowError
 from selfflow.data.verify import ShardRecord, verify_report
-from selfflow.errors import ConfigurationError, SelfFlowError
-from selfflow.model import SelfFlowDiT
+from selfflow.model.network import SelfFlowDiT
 from selfflow.train import state as run_state
 from selfflow.train.config import ResolvedConfig, TrainConfig, differences, label_space_note
 from selfflow.train.ema import make_ema
-from selfflow.train.fast import FastTrainingDiT, compile_errors, compiles, training_optimizer
+from selfflow.train.network import FastTrainingDiT, compile_errors, compiles, training_optimizer
 from selfflow.train.parallel import TrainerProcesses
 from selfflow.train.run_card import run_card, vae_plan_line
 from selfflow.train.step import StepRecipe, SummaryReader, TrainStep
@@ -179,7 +179,7 @@ class Trainer:
     # -- 1. check ---------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        from selfflow.errors import ReportedOnRankZero
+        from selfflow.base.errors import ReportedOnRankZero
 
         try:
             try:
@@ -243,13 +243,13 @@ class Trainer:
         elif self.context.is_main:
             self._claim_run_folder()
             if self.resolved.settings.sample_every and self.vae_name is not None:
-                from selfflow.vae import load_vae  # the grid decodes with the data's own VAE
+                from selfflow.model.vae import load_vae  # the grid decodes with the data's own VAE
 
                 self.vae = load_vae(self.vae_name, device=self.context.device)
 
     def _claim_run_folder(self) -> None:
-        from selfflow.files import check_can_write
-        from selfflow.lock import FolderLock
+        from selfflow.base.files import check_can_write
+        from selfflow.base.lock import FolderLock
 
         check_can_write(self.run_dir, f"--output-dir {self.run_dir}")  # read-only: say so now
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -262,8 +262,8 @@ class Trainer:
 
     def _check_run_folder(self) -> None:
         """The dry run's read-only twin of :meth:`_claim_run_folder` (and the VAE's lookup)."""
-        from selfflow.files import check_can_write
-        from selfflow.lock import busy_error, lock_holder
+        from selfflow.base.files import check_can_write
+        from selfflow.base.lock import busy_error, lock_holder
 
         holder = lock_holder(self.run_dir)
         if holder is not None:

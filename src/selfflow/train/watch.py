@@ -32,15 +32,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from selfflow import distributed
-from selfflow.errors import ConfigurationError
-from selfflow.files import replaced_atomically, writing
+from selfflow.base import distributed
+from selfflow.base.errors import ConfigurationError
+from selfflow.base.files import replaced_atomically, writing
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from selfflow.card import ModelCard
     from selfflow.data import LatentDataset
+    from selfflow.model.card import ModelCard
     from selfflow.train.config import ResolvedConfig
     from selfflow.train.streams import Prefetcher
 
@@ -66,7 +66,7 @@ def check_watch_options(resolved: ResolvedConfig, dataset) -> None:
 def to_pictures(arrays: torch.Tensor, min_size: int = 64) -> np.ndarray:
     """Pixel-space arrays in about [-1, 1] → uint8 ``(N, H, W, 3)``: three channels as RGB,
     others as the first channel in grey; small images enlarged (nearest) to ``min_size``."""
-    from selfflow.vae import to_uint8
+    from selfflow.model.vae import to_uint8
 
     x = arrays.float().cpu()
     x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
@@ -209,7 +209,7 @@ class Watch:
             return trainer.ema
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from selfflow.model import SelfFlowDiT
+        from selfflow.model.network import SelfFlowDiT
 
         full = get_model_state_dict(
             trainer.ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -222,8 +222,8 @@ class Watch:
 
     def sample_grid(self, step: int) -> None:
         """Sample the fixed grid with the EMA and save it (rank 0 samples, the others wait)."""
-        from selfflow.images import image_grid, save_png
-        from selfflow.pipeline import SamplerSettings, SelfFlowPipeline
+        from selfflow.base.images import image_grid, save_png
+        from selfflow.sampling.pipeline import SamplerSettings, SelfFlowPipeline
 
         ema = self._ema_module()
         if self.main:

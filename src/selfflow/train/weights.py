@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from selfflow.model import SelfFlowDiT
-from selfflow.seeds import torch_seed
+from selfflow.base.seeds import torch_seed
+from selfflow.model.network import SelfFlowDiT
 from selfflow.train.config import ResolvedConfig
 
 
@@ -19,7 +19,7 @@ def read_init(resolved: ResolvedConfig, init_from: str | None) -> dict[str, torc
     key and shape by shape against the model being trained, before any work."""
     if init_from is None:
         return None
-    from selfflow.checkpoint import read_checkpoint, validate_state_dict
+    from selfflow.model.checkpoint import read_checkpoint, validate_state_dict
 
     state, *_ = read_checkpoint(init_from, mmap=True)  # copied into the model once
     with torch.device("meta"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from selfflow.errors import ConfigurationError
+from selfflow.base.errors import ConfigurationError
 from selfflow.eval.graphdef import TFGraph, get_attr
 
 OpFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from selfflow.errors import ConfigurationError
+from selfflow.base.errors import ConfigurationError
 from selfflow.eval.graphdef import TFGraph, parse_input, tensor_name
 
 # the op families register their builders when imported

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from selfflow.errors import EvaluationError
+from selfflow.base.errors import EvaluationError
 from selfflow.eval.graphdef import numpy_dtype
 from selfflow.eval.tf_ops.base import (
     TORCH_DTYPES,

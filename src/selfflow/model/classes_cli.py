@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from selfflow.classes import find_classes
-from selfflow.errors import ConfigurationError
+from selfflow.base.classes import find_classes
+from selfflow.base.errors import ConfigurationError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfflow.checkpoint import checkpoint_classes
+    from selfflow.model.checkpoint import checkpoint_classes
 
     classes = checkpoint_classes(args.ckpt)
     found = list(classes) if args.query is None else find_classes(args.query, classes)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from selfflow.errors import ConfigurationError
+from selfflow.base.errors import ConfigurationError
 
 NUM_CLASSES = 1000
 

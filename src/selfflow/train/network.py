@@ -9,8 +9,8 @@ sample and picks, per token, the row of its time: the same numbers, without the 
 
 What it changes, and what it keeps:
 
-- **Same parameters.** It is a :class:`~selfflow.model.SelfFlowDiT` subclass whose blocks run a
-  functional twin of :class:`~selfflow.model.DiTBlock` on the block's own weights; the state dict,
+- **Same parameters.** It is a :class:`~selfflow.model.network.SelfFlowDiT` subclass whose blocks run a
+  functional twin of :class:`~selfflow.model.network.DiTBlock` on the block's own weights; the state dict,
   DDP, FSDP2 (``fully_shard`` per block: every block is still *called*, so its hooks fire), the
   EMA copy and checkpoints are those of the plain model.
 - **Same call.** ``forward(x, tau, y, *, project_layer=None, hidden_layer=None)`` as the plain
@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfflow.errors import ConfigurationError, SelfFlowError
-from selfflow.model import DiTBlock, ModelConfig, SelfFlowDiT, modulate, unpatchify
+from selfflow.base.errors import ConfigurationError, SelfFlowError
+from selfflow.model.network import DiTBlock, ModelConfig, SelfFlowDiT, modulate, unpatchify
 from selfflow.train.objective import noised_input, representation_loss
 
 __all__ = [
@@ -325,7 +325,7 @@ def train_step_flops(
     when ``rep_weight > 0``, the teacher's forward to ``teacher_layer`` (its skipped final layer,
     < 0.01 % of the step, is counted). ≈ 889 GFLOP for XL/2. Element-wise work is left out.
     """
-    from selfflow.fast import forward_flops
+    from selfflow.model.inference import forward_flops
 
     d, p, t = config.hidden_size, config.projector_dim, config.num_tokens
     student = forward_flops(config)

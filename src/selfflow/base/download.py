@@ -26,9 +26,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from selfflow.cache import cache_dir
-from selfflow.errors import CannotWriteError, DownloadError
-from selfflow.files import file_sha256, write_failure
+from selfflow.base.cache import cache_dir
+from selfflow.base.errors import CannotWriteError, DownloadError
+from selfflow.base.files import file_sha256, write_failure
 
 INCEPTION_URL = (
     "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"

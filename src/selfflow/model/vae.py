@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfflow.card import SD_VAE_ID
-from selfflow.errors import ConfigurationError, DownloadError
-from selfflow.finite import check_rows
+from selfflow.base.errors import ConfigurationError, DownloadError
+from selfflow.base.finite import check_rows
+from selfflow.model.card import SD_VAE_ID
 
 __all__ = [
     "SD_VAE_ID",
@@ -55,7 +55,7 @@ def load_vae(
         )
     unreachable = None  # why the hub cannot be asked now: then its cache alone, at once
     if not local.exists() and not local.is_absolute():  # an absolute path is no hub id
-        from selfflow.download import hub_unreachable
+        from selfflow.base.download import hub_unreachable
 
         unreachable = hub_unreachable(source, "config.json")
     try:
@@ -75,7 +75,7 @@ def load_vae(
                 **({"local_files_only": True} if unreachable else {}),
             )
     except (OSError, ValueError) as error:
-        from selfflow.download import hub_failure_cause
+        from selfflow.base.download import hub_failure_cause
 
         cause = (
             f"{type(error).__name__}: {str(error).splitlines()[0]}"
@@ -149,7 +149,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
     Each operation runs in ``images.dtype`` (bf16 for the official decoder), as the official
     sampler computes it; the cast to uint8 truncates, which is the floor for values ≥ 0.
-    Raises :class:`~selfflow.finite.NonFiniteSamplesError` naming the rows with a value that is
+    Raises :class:`~selfflow.base.finite.NonFiniteSamplesError` naming the rows with a value that is
     not finite: NaN would otherwise silently become 0.
     """
     check_rows(images, "decoding")

@@ -7,8 +7,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from selfflow.classes import NUM_IMAGENET_CLASSES, ImageNetClass
-from selfflow.errors import ConfigurationError
+from selfflow.base.classes import NUM_IMAGENET_CLASSES, ImageNetClass
+from selfflow.base.errors import ConfigurationError
 from selfflow.options import add_options
 
 UNCONDITIONAL = "unconditional"
@@ -77,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def resolve_class(query: str, classes: Sequence[ImageNetClass] | None = None) -> int:
     """A label among ``classes`` (default: ImageNet's) from a number, a WordNet id or a name;
     'unconditional' or the null label's number (``len(classes)``) is the null label."""
-    from selfflow.classes import class_index
+    from selfflow.base.classes import class_index
 
     null = len(classes) if classes is not None else NUM_IMAGENET_CLASSES
     if str(query).strip().lower() in (UNCONDITIONAL, str(null)):
@@ -87,7 +87,7 @@ def resolve_class(query: str, classes: Sequence[ImageNetClass] | None = None) ->
 
 def caption(label: int, classes: Sequence[ImageNetClass] | None = None) -> str:
     """``"3 boat"``: the label and the model's name for it (default: ImageNet's)."""
-    from selfflow.classes import imagenet_classes
+    from selfflow.base.classes import imagenet_classes
 
     classes = imagenet_classes() if classes is None else classes
     if label == len(classes):
@@ -97,8 +97,8 @@ def caption(label: int, classes: Sequence[ImageNetClass] | None = None) -> str:
 
 def check_output(path: Path) -> None:
     """The picture can be written where --out says, in a format its extension names."""
-    from selfflow.files import check_can_write
-    from selfflow.images import image_format
+    from selfflow.base.files import check_can_write
+    from selfflow.base.images import image_format
 
     if path.is_dir():
         raise ConfigurationError(f"--out must be a picture file; {path} is a folder")
@@ -109,8 +109,8 @@ def check_output(path: Path) -> None:
 def _validate(args: argparse.Namespace):
     """Every option checked before any model is loaded (the classes from the checkpoint's
     card, read without its weights); returns (labels, settings, the model's classes)."""
-    from selfflow.checkpoint import checkpoint_classes
-    from selfflow.sampler_settings import OPTION_NAMES, SamplerSettings
+    from selfflow.model.checkpoint import checkpoint_classes
+    from selfflow.sampling.settings import OPTION_NAMES, SamplerSettings
 
     for name, value in (("--num", args.num), ("--batch-size", args.batch_size)):
         if value < 1:
@@ -141,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import trange
 
-    from selfflow.images import save_grid
-    from selfflow.pipeline import SelfFlowPipeline
+    from selfflow.base.images import save_grid
+    from selfflow.sampling.pipeline import SelfFlowPipeline
 
     pipe = SelfFlowPipeline.from_pretrained(
         args.ckpt,

@@ -3,7 +3,7 @@
 ``torchrun`` (``python -m torch.distributed.run``) starts one process per GPU and tells each
 its place through ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
 ``srun`` with one task per GPU tells it through ``SLURM_PROCID``, ``SLURM_NTASKS``,
-``SLURM_LOCALID`` and the job's node list. :mod:`selfflow.launch` reads either (torchrun's
+``SLURM_LOCALID`` and the job's node list. :mod:`selfflow.base.launch` reads either (torchrun's
 win); one node or many work the same way. Without them the program is a single process and
 no process group is created.
 
@@ -31,10 +31,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from selfflow.errors import ConfigurationError, SelfFlowError
-from selfflow.files import replaced_atomically
-from selfflow.launch import Launch, launch_environment
-from selfflow.launch import torchrun_environment as torchrun_environment  # its old home
+from selfflow.base.errors import ConfigurationError, SelfFlowError
+from selfflow.base.files import replaced_atomically
+from selfflow.base.launch import Launch, launch_environment
+from selfflow.base.launch import torchrun_environment as torchrun_environment  # its old home
 
 T = TypeVar("T")
 

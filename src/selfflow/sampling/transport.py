@@ -27,10 +27,10 @@ from fractions import Fraction
 import torch
 from tqdm import tqdm
 
-from selfflow.defaults import DEFAULT_NUM_STEPS, default_num_steps
-from selfflow.errors import ConfigurationError
-from selfflow.finite import FirstNonFinite
-from selfflow.sampler_settings import (
+from selfflow.base.errors import ConfigurationError
+from selfflow.base.finite import FirstNonFinite
+from selfflow.sampling.defaults import DEFAULT_NUM_STEPS, default_num_steps
+from selfflow.sampling.settings import (
     DEFAULT_CFG_SCALE,
     DEFAULT_GUIDANCE_INTERVAL,
     DEFAULT_MODE,
@@ -364,7 +364,7 @@ def sample(
     ``mode`` is case-insensitive. "sde" is :func:`sample_sde` (always Euler–Maruyama, NFE =
     ``num_steps``; ``solver`` is validated but has no effect). "ode" is :func:`sample_ode`
     (``num_steps`` intervals; NFE = ``num_steps`` for Euler, ``2 * num_steps`` for Heun).
-    ``num_steps=None`` takes the mode's own default (:data:`selfflow.defaults.DEFAULT_NUM_STEPS`:
+    ``num_steps=None`` takes the mode's own default (:data:`selfflow.sampling.defaults.DEFAULT_NUM_STEPS`:
     250 for the SDE, the paper's protocol; 50 for the ODE).
     ``brownian`` and ``generator`` are used by the SDE only.
     """

@@ -4,13 +4,13 @@ A model carries its world (DESIGN.md): a model trained on a user's three folders
 labels 0–2, caption them "boat", "car", "tree", and decode with the VAE that encoded its data,
 without being told. The :class:`ModelCard` is that record. The trainer writes it into every
 training checkpoint and every export (the ``"card"`` entry of a ``.pt``, the ``selfflow_card``
-metadata of a ``.safetensors``); :func:`selfflow.checkpoint.load_model` reads it back as
+metadata of a ``.safetensors``); :func:`selfflow.model.checkpoint.load_model` reads it back as
 ``model.checkpoint_info.card``. A file without one (the released checkpoint, exports of
 earlier versions) gets :data:`RELEASED`: ImageNet's classes and SD-VAE.
 
 The VAE is recorded as the dataset manifest records it: where it was loaded from (a hub id, or
 a local folder as an absolute path, so a run started from another folder still finds it) and
-the sha256 of its encoder's weights (:func:`selfflow.vae.encoder_identity`), the part that
+the sha256 of its encoder's weights (:func:`selfflow.model.vae.encoder_identity`), the part that
 made the latents. A VAE given by hand is checked against that digest; a different encoder
 would decode the model's latents into the wrong images, so it is refused unless the user
 insists (``--allow-vae-mismatch``).
@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfflow.classes import NUM_IMAGENET_CLASSES, ImageNetClass, classes_from_names
-from selfflow.errors import ConfigurationError
+from selfflow.base.classes import NUM_IMAGENET_CLASSES, ImageNetClass, classes_from_names
+from selfflow.base.errors import ConfigurationError
 
-SD_VAE_ID = "stabilityai/sd-vae-ft-ema"  # the released model's VAE; selfflow.vae re-exports it
+SD_VAE_ID = (
+    "stabilityai/sd-vae-ft-ema"  # the released model's VAE; selfflow.model.vae re-exports it
+)
 MISMATCH_FLAG = "--allow-vae-mismatch"
 
 

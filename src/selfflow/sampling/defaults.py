@@ -6,7 +6,7 @@ loading torch, and so that each is defined once.
 
 from __future__ import annotations
 
-from selfflow.errors import ConfigurationError
+from selfflow.base.errors import ConfigurationError
 
 # Network evaluations (SDE) or intervals (ODE) when no step count is given. The SDE's 250 is
 # the paper's protocol; the probability-flow ODE is smooth enough that 50 Heun intervals

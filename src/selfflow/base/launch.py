@@ -1,6 +1,6 @@
 """How this process was started: by torchrun, by SLURM's ``srun``, or by hand (one process).
 
-The one place that reads the launch environment; :mod:`selfflow.distributed` builds the
+The one place that reads the launch environment; :mod:`selfflow.base.distributed` builds the
 process group from what it returns, for sampling, training, ``prepare`` and the dry run alike.
 
 - **torchrun** (``python -m torch.distributed.run``, also ``srun torchrun`` with one task per
@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from selfflow.errors import ConfigurationError
+from selfflow.base.errors import ConfigurationError
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 # Ports derived from the job id: below Linux's ephemeral range (32768 and up), where the

@@ -4,7 +4,7 @@ Every finished file is written the same way: to a hidden temporary name beside i
 (:func:`temporary_name`), then renamed into place with ``os.replace``, so a reader never sees
 half a file and a killed writer leaves only a temporary that :func:`remove_temporaries`
 recognises and deletes. A write the file system refuses (read-only, full, over quota, no
-permission) becomes one :class:`~selfflow.errors.CannotWriteError` that names the file, the
+permission) becomes one :class:`~selfflow.base.errors.CannotWriteError` that names the file, the
 reason and the free space (:func:`writing`, used by every atomic write; the CLI applies
 :func:`write_failure` to any OSError that escapes), so no command ends such a case in a
 traceback, and what was finished stays for the rerun.
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from selfflow.errors import CannotWriteError, ConfigurationError, DiskFullError
+from selfflow.base.errors import CannotWriteError, ConfigurationError, DiskFullError
 
 HASH_CHUNK = 1 << 22
 

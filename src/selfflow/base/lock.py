@@ -3,7 +3,7 @@
 Two runs in one folder would break each other: each one's set-up deletes the temporaries of
 the other's files in flight, and both would write the same shards, checkpoints or npz. So
 ``sample``, ``prepare`` and ``train`` all take this one lock (it lives in the base, beside
-:mod:`selfflow.files`, for that reason): rank 0 takes
+:mod:`selfflow.base.files`, for that reason): rank 0 takes
 the lock before it touches anything in the folder and keeps it until the run ends; a second
 run is refused at once, naming the command that holds the folder (``selfflow train``,
 ``prepare`` or ``sample``, written into the file with its pid, host and start time). The lock
@@ -25,7 +25,7 @@ import socket
 import time
 from pathlib import Path
 
-from selfflow.errors import ConfigurationError
+from selfflow.base.errors import ConfigurationError
 
 try:
     import fcntl

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from selfflow.errors import SelfFlowError
+from selfflow.base.errors import SelfFlowError
 
 _MAX_LISTED = 20
 

@@ -36,7 +36,7 @@ class CannotWriteError(SelfFlowError, OSError):
 
     Also an :class:`OSError` (with the original ``errno`` when one is known), so code that
     already tolerates a failed write (an optional cache) keeps catching it. Raised by
-    :func:`selfflow.files.writing` with a message that names the file, the reason and, for a
+    :func:`selfflow.base.files.writing` with a message that names the file, the reason and, for a
     full disk, the free space; the finished files are kept, so the same command continues.
     """
 

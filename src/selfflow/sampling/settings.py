@@ -12,8 +12,8 @@ import numbers
 from collections.abc import Mapping
 from dataclasses import InitVar, dataclass
 
-from selfflow.defaults import default_num_steps
-from selfflow.errors import ConfigurationError
+from selfflow.base.errors import ConfigurationError
+from selfflow.sampling.defaults import default_num_steps
 
 MODES = ("sde", "ode")
 SOLVERS = ("euler", "heun")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from selfflow.errors import ConfigurationError
+from selfflow.base.errors import ConfigurationError
 
 NPY_MAGIC = b"\x93NUMPY"
 _ALIGN = 64  # numpy aligns the start of the data to 64 bytes

@@ -9,7 +9,7 @@ random numbers whatever batch it is drawn in.
 Bytes: kernels (bf16 and float32 alike, CPU and GPU) are chosen per batch shape and round
 differently per shape, but at one shape a row's result does not depend on the other rows. So
 with ``batch_size=B`` every network call sees B rows (a short last batch is padded with copies
-of its last sample) and every VAE decode sees ``selfflow.vae.DECODE_BATCH`` latents: an
+of its last sample) and every VAE decode sees ``selfflow.model.vae.DECODE_BATCH`` latents: an
 image's bytes are then the same whichever call, batch or position it is drawn in. Another B
 rounds differently: the same noise and labels, so the same distribution, but other bytes
 (docs/sampling.md's "What is byte-identical" gives the measured sizes).
@@ -24,20 +24,22 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from selfflow import seeds, transport, vae
-from selfflow.card import RELEASED
-from selfflow.distributed import resolve_device, resolve_dtype
-from selfflow.errors import ConfigurationError
-from selfflow.finite import NonFiniteSamplesError
-from selfflow.model import SelfFlowDiT
-from selfflow.sampler_settings import (
+from selfflow.base import seeds
+from selfflow.base.distributed import resolve_device, resolve_dtype
+from selfflow.base.errors import ConfigurationError
+from selfflow.base.finite import NonFiniteSamplesError
+from selfflow.model import vae
+from selfflow.model.card import RELEASED
+from selfflow.model.network import SelfFlowDiT
+from selfflow.sampling import transport
+from selfflow.sampling.settings import (
     DEFAULT_CFG_SCALE,
     DEFAULT_GUIDANCE_INTERVAL,
     DEFAULT_MODE,
     DEFAULT_SOLVER,
     SamplerSettings,
 )
-from selfflow.transport import ModelFn
+from selfflow.sampling.transport import ModelFn
 
 
 def default_device() -> torch.device:
@@ -54,11 +56,11 @@ def network_for(
     """The callable that runs ``model`` in ``dtype`` on ``device`` (default: the model's).
 
     float32 is the model itself (the plain reference path); bfloat16/float16 is the fast path
-    (:class:`selfflow.fast.FastSelfFlow`, tested against the reference).
+    (:class:`selfflow.model.inference.FastSelfFlow`, tested against the reference).
     """
     if dtype == torch.float32:
         return model if device is None else model.to(device)
-    from selfflow.fast import FastSelfFlow
+    from selfflow.model.inference import FastSelfFlow
 
     return FastSelfFlow.from_model(model, dtype=dtype, compile=compile, device=device)
 
@@ -85,7 +87,7 @@ def check_labels(
 class SelfFlowPipeline:
     """Sample Self-Flow images.
 
-    ``model_fn`` defaults to the model itself; the fast path (``selfflow.fast``) can be passed
+    ``model_fn`` defaults to the model itself; the fast path (``selfflow.model.inference``) can be passed
     instead, as any callable ``(x, tau, y) -> ε − x_data`` with the model's signature.
     """
 
@@ -128,13 +130,13 @@ class SelfFlowPipeline:
         model, the data's own VAE for a model trained here); a ``vae`` given by hand must have
         the encoder the model was trained on, unless ``allow_vae_mismatch`` (then a warning is
         logged). ``dtype`` picks the network: ``float32`` runs the plain reference model;
-        ``bfloat16`` (the default on CUDA) runs the fast path of :mod:`selfflow.fast` (bf16
+        ``bfloat16`` (the default on CUDA) runs the fast path of :mod:`selfflow.model.inference` (bf16
         matmuls, float32 residual stream, compiled on CUDA unless ``compile=False``).
         The VAE used is ``pipe.vae_name``; the model's classes are ``pipe.classes``.
         """
-        from selfflow.card import check_vae_identity, chosen_vae
-        from selfflow.checkpoint import load_model
-        from selfflow.vae import encoder_record_of, load_vae
+        from selfflow.model.card import check_vae_identity, chosen_vae
+        from selfflow.model.checkpoint import load_model
+        from selfflow.model.vae import encoder_record_of, load_vae
 
         device = torch.device(device) if device is not None else default_device()
         dtype = resolve_dtype(dtype, device)
@@ -198,7 +200,7 @@ class SelfFlowPipeline:
     ) -> torch.Tensor:
         """Integrate from each sample's keyed start noise to a clean latent (float32).
 
-        A sample that goes NaN or inf raises :class:`~selfflow.finite.NonFiniteSamplesError`
+        A sample that goes NaN or inf raises :class:`~selfflow.base.finite.NonFiniteSamplesError`
         naming its entry of ``indices``.
         """
         x = seeds.start_noise(seed, indices, self.latent_shape).to(self.device)

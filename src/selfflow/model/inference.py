@@ -1,6 +1,6 @@
 """A lean inference path for sampling, and the official release's path for comparison.
 
-:class:`FastSelfFlow` computes the same function as :class:`~selfflow.model.SelfFlowDiT` with a
+:class:`FastSelfFlow` computes the same function as :class:`~selfflow.model.network.SelfFlowDiT` with a
 per-sample time, only faster on a GPU. It takes the network's weights (a state-dict round trip,
 no parameters of its own) and differs from the float32 per-sample reference **only in
 precision**:
@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfflow.checkpoint import check_keys_and_shapes
-from selfflow.errors import ConfigurationError
-from selfflow.model import ModelConfig, SelfFlowDiT, patchify, timestep_features, unpatchify
+from selfflow.base.errors import ConfigurationError
+from selfflow.model.checkpoint import check_keys_and_shapes
+from selfflow.model.network import ModelConfig, SelfFlowDiT, patchify, timestep_features, unpatchify
 
 __all__ = ["FastSelfFlow", "OfficialEquivalent", "forward_flops", "official_equivalent"]
 

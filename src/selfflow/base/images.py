@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from selfflow.errors import ConfigurationError
-from selfflow.files import replaced_atomically
+from selfflow.base.errors import ConfigurationError
+from selfflow.base.files import replaced_atomically
 
 # File formats by extension, as PIL names them; anything else is refused before any work.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}

@@ -12,7 +12,7 @@ Accepted layouts (those of the official release):
   loaded: they are the ones the paper evaluates.
 * files written by :func:`save_model`: ``{"format": "selfflow", "config": {...}, "card": {...},
   "state_dict": ...}`` (``.pt``), or a ``.safetensors`` file whose metadata holds the config
-  and the card (``selfflow_config``, ``selfflow_card``). The card (:mod:`selfflow.card`) names
+  and the card (``selfflow_config``, ``selfflow_card``). The card (:mod:`selfflow.model.card`) names
   the model's classes and its VAE; files without one are taken as the released model's.
 """
 
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from selfflow.card import RELEASED, ModelCard
-from selfflow.classes import NUM_IMAGENET_CLASSES, ImageNetClass
-from selfflow.errors import CheckpointError, DownloadError
-from selfflow.files import file_sha256 as file_sha256  # re-exported for callers of this module
-from selfflow.files import replaced_atomically
-from selfflow.model import ModelConfig, SelfFlowDiT
+from selfflow.base.classes import NUM_IMAGENET_CLASSES, ImageNetClass
+from selfflow.base.errors import CheckpointError, DownloadError
+from selfflow.base.files import file_sha256 as file_sha256  # re-exported for callers of this module
+from selfflow.base.files import replaced_atomically
+from selfflow.model.card import RELEASED, ModelCard
+from selfflow.model.network import ModelConfig, SelfFlowDiT
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class CheckpointInfo:
     )  # the top-level entry the weights were taken from, None for a bare dict
     config: ModelConfig
     notes: list[str] = field(default_factory=list)
-    # classes and VAE it was trained with (selfflow.card); RELEASED for files without one
+    # classes and VAE it was trained with (selfflow.model.card); RELEASED for files without one
     card: ModelCard = RELEASED
 
 
@@ -67,7 +67,7 @@ class CheckpointInfo:
 
 def manual_checkpoint_path() -> Path:
     """Where a checkpoint copied by hand is found: ``$SELFFLOW_CACHE/selfflow_imagenet256.pt``."""
-    from selfflow.cache import cache_dir
+    from selfflow.base.cache import cache_dir
 
     return cache_dir() / HUB_FILENAME
 
@@ -84,7 +84,7 @@ def download_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
         return manual
     from huggingface_hub import hf_hub_download
 
-    from selfflow.download import hub_failure_cause, hub_unreachable
+    from selfflow.base.download import hub_failure_cause, hub_unreachable
 
     # a hub that cannot be reached is named at once and its cache alone is read (no retries)
     unreachable = hub_unreachable(HUB_REPO_ID, HUB_FILENAME)
@@ -265,7 +265,7 @@ def read_checkpoint(
     """Read a checkpoint file into ``(state_dict, stored_config, source_entry, notes, card)``.
 
     ``stored_config`` is None for files that do not record one (the released file); ``card``
-    is :data:`selfflow.card.RELEASED` for them.
+    is :data:`selfflow.model.card.RELEASED` for them.
     ``mmap=True`` maps a ``.pt`` file's tensors instead of copying them (for weights that are
     copied into a model once and then dropped).
     """

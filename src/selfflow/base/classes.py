@@ -4,7 +4,7 @@
 which ImageFolder, ADM and DiT number the classes, so class ``i`` here is label ``i`` of the
 released model. Data preparation checks WordNet-id folders against this list; sampling accepts
 a class by number or by name. A model trained on a user's folders records their names
-(:mod:`selfflow.card`); :func:`classes_from_names` turns them into the same rows.
+(:mod:`selfflow.model.card`); :func:`classes_from_names` turns them into the same rows.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
-from selfflow.errors import ConfigurationError
+from selfflow.base.errors import ConfigurationError
 
 NUM_IMAGENET_CLASSES = 1000
 _SHOWN = 8  # candidates named in an error
