@@ -286,6 +286,8 @@ ROOM_USES = {
     "data": {"base", "model"},
     "batch": {"base", "model", "sampling", "eval"},
     "train": {"base", "model", "sampling", "batch", "data"},
+    # The research loop (sweep, probe) calls the jobs' public functions; no job calls it.
+    "research": {"base", "model", "sampling", "eval", "data", "batch", "train"},
 }
 # What a room offers the others. The three library rooms (base, model, sampling) offer every
 # module: they exist to be called. A job room offers its face (``__init__``) and the entry
@@ -300,6 +302,7 @@ ROOM_OFFERS: dict[str, set[str] | None] = {
     "data": {"selfflow.data", "selfflow.data.verify"},
     "eval": {"selfflow.eval", "selfflow.eval.evaluator"},
     "train": {"selfflow.train"},
+    "research": {"selfflow.research"},
 }
 
 
