@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from selfflow import cli
-from selfflow import download as dl
+from selfflow.base import download as dl
 from selfflow.base.errors import CheckpointError, DownloadError
 from selfflow.model.checkpoint import load_model
 from selfflow.model.vae import SD_VAE_ID, load_vae

@@ -271,7 +271,7 @@ def test_evaluate_on_a_full_disk(mounts, batches, small_graph, capsys):
 
 @pytest.fixture
 def served(monkeypatch):
-    from selfflow import download as dl
+    from selfflow.base import download as dl
     from tests.eval.test_download import PAYLOAD, FileServer
 
     server = FileServer()

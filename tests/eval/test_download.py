@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from selfflow import download as dl
+from selfflow.base import download as dl
 from selfflow.base.errors import DownloadError
 from selfflow.cli import main
 

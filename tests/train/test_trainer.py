@@ -20,7 +20,7 @@ from selfflow.base.errors import CheckpointError, ConfigurationError, SelfFlowEr
 from selfflow.model.checkpoint import load_model, save_model
 from selfflow.model.network import ModelConfig, SelfFlowDiT
 from selfflow.sampling.pipeline import SamplerSettings, SelfFlowPipeline
-from selfflow.train import fast as fast_module
+from selfflow.train import network as fast_module
 from selfflow.train import state as run_state
 from selfflow.train import step as step_module
 from selfflow.train.config import TrainConfig, choose_layers, label_space_note
