@@ -94,7 +94,7 @@ def test_every_atomic_rename_goes_through_the_one_helper():
         if "os.replace(" in path.read_text(encoding="utf-8")
     )
     # download.py renames its resumable ``.part`` file, kept on purpose across runs
-    assert callers == ["download.py", "files.py"]
+    assert callers == ["base/download.py", "base/files.py"]
 
 
 def test_folder_sha256_is_the_hash_of_names_and_contents_in_order(tmp_path):
