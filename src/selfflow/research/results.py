@@ -141,7 +141,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _csvnumber_text(rows: Sequence[dict[str, Any]]) -> str:
+def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -216,7 +216,7 @@ def write_results(folder: str | os.PathLike) -> list[dict[str, Any]]:
     rows = read_rows(folder)
     text = json.dumps(rows, indent=2, allow_nan=False) + "\n"
     contents = {
-        "results.csv": _csvnumber_text(rows).encode(),
+        "results.csv": _csv_text(rows).encode(),
         "results.json": text.encode(),
         "results.md": markdown(rows).encode(),
         "fid.png": plot_png(rows),
