@@ -369,7 +369,7 @@ def _download_stand_ins(monkeypatch, at: StandIns) -> None:
 EXPECTED = {  # what each group must have run, so that a page cannot lose its commands quietly
     "data and training": {"prepare", "train", "export", "sample", "evaluate", "classes", "generate",
                           "demo"},
-    "readme": {"prepare", "train", "export", "sample", "evaluate", "demo"},
+    "readme": {"prepare", "train", "export", "sample", "evaluate", "demo", "sweep"},
     "sampling, evaluation, files and API": {"sample", "evaluate", "download", "generate",
                                             "classes", "sweep"},
 }  # fmt: skip

@@ -336,7 +336,7 @@ def test_bad_settings_are_refused_before_any_cell(
     out = tmp_path / "SWEEP"
     code, _, err = run(change(sweep_args(inputs, out), inputs, tmp_path), capsys)
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
-    assert calls.folders == []
+    assert calls.folders == [] and not out.exists()
 
 
 @pytest.mark.parametrize("interval", ["0.7:0.2", "0.5", "0:1.5", "a:b", "0.3:0.3"])

@@ -129,7 +129,7 @@ def _labels(sources: Sequence[str]) -> dict[str, str]:
             f"--ckpt: two checkpoints have the same name and folder name ({sorted(sources)}); "
             f"give them distinct names"
         )
-    return {source: "".join(c if c.isalnum() or c in "-." else "-" for c in label)
+    return {source: "".join(c if c.isalnum() or c in "-._" else "-" for c in label)
             for source, label in labels.items()}  # fmt: skip
 
 

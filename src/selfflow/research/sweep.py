@@ -51,6 +51,7 @@ from selfflow.research.plan import (
     SweepConfig,
     SweepPlan,
     cell_batch_config,
+    check_config,
     parse_interval,
     plan_sweep,
     record_name,
@@ -79,6 +80,7 @@ def agreed_plan(
             raise ReportedOnRankZero(plan)
         return plan
     try:
+        check_config(config)  # the cheap checks, before the folder is made
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         lock.acquire()
         plan = plan_sweep(config, context)
