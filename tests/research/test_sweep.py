@@ -402,3 +402,35 @@ def test_two_processes_give_the_results_of_one(swept, inputs, tmp_path):
     keys = ("cell", "checkpoint_sha256", "fid", "sfid", "inception_score", "precision", "recall")
     assert [{k: r[k] for k in keys} for r in two] == [{k: r[k] for k in keys} for r in one]
     assert done.stdout.strip().splitlines()[-1].startswith("best: ")
+
+
+# -- the cells and the plot's lines, without sampling ---------------------------------------------
+
+
+def test_the_unguided_scale_is_one_cell_and_starts_every_intervals_line(inputs, tmp_path):
+    from selfflow.batch import BatchConfig
+    from selfflow.research.plan import SweepConfig, make_cells
+    from selfflow.research.results import plot_lines
+
+    config = SweepConfig(
+        checkpoints=[inputs["a"]],
+        output_dir=tmp_path,
+        base=BatchConfig(eval_ref=inputs["ref"]),
+        cfg_scales=[1.0, 1.5, 2.0],
+        intervals=[(0.0, 0.7), (0.0, 1.0)],
+    )
+    cells = make_cells(config)
+    assert [(c.cfg_scale, c.interval) for c in cells] == [
+        (1.0, None), (1.5, (0.0, 0.7)), (1.5, (0.0, 1.0)), (2.0, (0.0, 0.7)), (2.0, (0.0, 1.0)),
+    ]  # fmt: skip
+    assert len({c.name for c in cells}) == 5 and all(c.num_steps == 250 for c in cells)
+    fid = {(1.0, ""): 9.0, (1.5, "0.0:0.7"): 7.0, (1.5, "0.0:1.0"): 8.0, (2.0, "0.0:0.7"): 6.0,
+           (2.0, "0.0:1.0"): 10.0}  # fmt: skip
+    rows = [{"checkpoint": "a.pt", "ema_length": None, "mode": "SDE", "num_steps": 250,
+             "num_samples": N, "cfg_scale": cfg, "guidance_interval": interval, "fid": value}
+            for (cfg, interval), value in fid.items()]  # fmt: skip
+    lines = {key[0]: points for key, points in plot_lines(rows).items()}
+    assert lines == {
+        "0.0:0.7": [(1.0, 9.0), (1.5, 7.0), (2.0, 6.0)],
+        "0.0:1.0": [(1.0, 9.0), (1.5, 8.0), (2.0, 10.0)],
+    }
