@@ -27,11 +27,12 @@ would be downloaded or would take days. The stand-ins, and nothing else, change 
   checkpoint | vae | all`` fetch from the hub) are a tiny random model of ImageNet's 1000
   classes and the tiny VAE: ``sample`` and ``generate`` without ``--ckpt`` get both. Outside
   the data and training pages, a ``--ckpt`` that no earlier command wrote (a model of your
-  own, named as an example) is the released stand-in too.
+  own, named as an example) is the released stand-in too, as is each such ``--ckpt`` of a
+  ``sweep``.
 - Sizes: ``--image-size`` 16; ``--model`` tiny; ``--steps`` 2 (``--checkpoint-every``,
   ``--keep-every`` 2, ``--eval-every`` past the end, ``--eval-samples`` 8) at global batch 4
   on the CPU, no progress bar; ``sample`` and ``generate`` take 2 ODE steps and ``sample`` 8
-  images (``samples_N.npz`` is ``samples_8.npz``); the digits demo trains 2 steps and scores
+  images (``samples_N.npz`` is ``samples_8.npz``); ``sweep`` 8 images of 2 steps per cell; the digits demo trains 2 steps and scores
   3 samples per class with 10 sampler steps.
 
 A command that cannot run as written fails the test with its page and command named.
@@ -65,6 +66,7 @@ GROUPS = {
         "docs/api.md",
         "docs/performance.md",
         "docs/layout.md",
+        "docs/research.md",
     ),
 }
 CHECKED_ELSEWHERE = {"docs/cluster.md": "tests/test_slurm_scripts.py"}
@@ -173,6 +175,20 @@ def _released_stand_in(args: list[str], at: StandIns, vae: bool = True) -> list[
     return args if "--vae" in args or not vae else _set(args, "--vae", at.tiny_vae)
 
 
+def _sweep_stand_in(args: list[str], at: StandIns) -> list[str]:
+    """Every ``--ckpt`` of a sweep that no earlier command wrote is the released stand-in (its
+    folders made); the sizes are ``sample``'s."""
+    start = end = args.index("--ckpt") + 1
+    while end < len(args) and not args[end].startswith("--"):
+        end += 1
+    for name in args[start:end]:
+        if not (at.work / name).exists():
+            (at.work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(at.released, at.work / name)
+    args = _set(_set(args, "--num-fid-samples", str(SAMPLES)), "--num-steps", "2")
+    return [*args, "--batch-size", "4", "--vae", at.tiny_vae, "--device", "cpu"]
+
+
 def _stand_in(line: str, at: StandIns) -> list[str] | None:
     """The page's command as ``selfflow.cli.main`` arguments with the stand-ins of the module
     docstring, or None for a command with nothing to run (``_needs_nothing``)."""
@@ -223,6 +239,8 @@ def _stand_in(line: str, at: StandIns) -> list[str] | None:
         args = _set(args, "--num-fid-samples", str(SAMPLES))
         args = [*args, "--num-steps", "2", "--mode", "ODE", "--batch-size", "4"]
         args = [*args, "--device", "cpu"]
+    elif command == "sweep":
+        args = _sweep_stand_in(args, at)
     elif command == "generate":
         args = _released_stand_in(args, at)
         args = [*args, "--num-steps", "2", "--mode", "ODE", "--device", "cpu"]
@@ -351,9 +369,9 @@ def _download_stand_ins(monkeypatch, at: StandIns) -> None:
 EXPECTED = {  # what each group must have run, so that a page cannot lose its commands quietly
     "data and training": {"prepare", "train", "export", "sample", "evaluate", "classes", "generate",
                           "demo"},
-    "readme": {"prepare", "train", "export", "sample", "evaluate", "demo"},
+    "readme": {"prepare", "train", "export", "sample", "evaluate", "demo", "sweep"},
     "sampling, evaluation, files and API": {"sample", "evaluate", "download", "generate",
-                                            "classes"},
+                                            "classes", "sweep"},
 }  # fmt: skip
 
 

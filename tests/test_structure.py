@@ -298,7 +298,7 @@ ROOM_OFFERS: dict[str, set[str] | None] = {
     "base": EVERYTHING,
     "model": EVERYTHING,
     "sampling": EVERYTHING,
-    "batch": {"selfflow.batch"},
+    "batch": {"selfflow.batch", "selfflow.batch.cli"},  # `sweep` takes every `sample` option
     "data": {"selfflow.data", "selfflow.data.verify"},
     "eval": {"selfflow.eval", "selfflow.eval.evaluator"},
     "train": {"selfflow.train"},

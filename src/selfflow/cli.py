@@ -1,4 +1,4 @@
-"""The `selfflow` command: sample | evaluate | download | generate | classes | prepare | train | export.
+"""The `selfflow` command: sample | evaluate | download | generate | classes | prepare | train | export | sweep.
 
 Each subcommand lives next to the code it drives and registers itself through an
 ``add_parser(subparsers)`` function that sets ``func`` on its parser; this module only
@@ -25,6 +25,7 @@ _SUBCOMMANDS: tuple[str, ...] = (
     "selfflow.model.classes_cli",
     "selfflow.data.cli",
     "selfflow.train.cli",
+    "selfflow.research.sweep_cli",
 )
 
 
