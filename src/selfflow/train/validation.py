@@ -29,8 +29,8 @@ number of forwards (a process without a chunk left repeats chunk 0, whose result
 because a sharded forward is a collective.
 
 **Cost.** Per validation, for each row and each ``τ``: one forward of the online model and
-one of the EMA, plus (with a representation loss) two teacher forwards up to the teacher
-block: :func:`validation_flops`.
+one of the EMA, plus (with a representation loss) their projectors and one EMA forward up to
+the teacher block, whose features serve both cosines: :func:`validation_flops`.
 """
 
 from __future__ import annotations
@@ -162,10 +162,11 @@ def chunk_values(
     rep = recipe.rep_weight > 0
     for k, tau_value in enumerate(VAL_TAUS):
         tau = torch.full((x0.shape[0],), tau_value, dtype=torch.float32, device=x0.device)
+        teacher = _Reused(ema) if rep else None  # one teacher forward serves both models
         for m, student in enumerate((model, ema)):
             _, parts = self_flow_loss(
                 student,
-                ema if rep else None,
+                teacher,
                 x0,
                 y,
                 noise=noise,
@@ -178,6 +179,21 @@ def chunk_values(
             out[m, k, 0] = float(parts["flow"])
             out[m, k, 1] = float(parts["rep"])
     return out
+
+
+class _Reused(nn.Module):
+    """The EMA's teacher features, computed at the first call and returned again: at one
+    ``τ`` both models' passes ask for the same features (same ``x0``, ``ε``, ``τ`` and labels)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.value: torch.Tensor | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.value is None:
+            self.value = self.net(*args, **kwargs)
+        return self.value
 
 
 class Validation:
@@ -260,7 +276,7 @@ def validation_flops(config: ModelConfig, rows: int, *, rep: bool, teacher_layer
     """Floating-point operations of one validation (multiply-add = 2, as the repo's counts):
     per row and ``τ``, a forward of the online model and of the EMA
     (:func:`selfflow.model.inference.forward_flops`) and, with a representation loss, their two
-    projectors and two teacher forwards to ``teacher_layer``."""
+    projectors and one teacher forward to ``teacher_layer`` (shared by both)."""
     import dataclasses
 
     from selfflow.model.inference import forward_flops
@@ -270,5 +286,5 @@ def validation_flops(config: ModelConfig, rows: int, *, rep: bool, teacher_layer
     if rep:
         d, p, t = config.hidden_size, config.projector_dim, config.num_tokens
         teacher = forward_flops(dataclasses.replace(config, depth=teacher_layer))
-        per_point += 2 * (2 * t * (d * p + p * d)) + 2 * teacher
+        per_point += 2 * (2 * t * (d * p + p * d)) + teacher
     return float(rows * len(VAL_TAUS) * per_point)
