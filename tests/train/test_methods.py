@@ -131,3 +131,16 @@ def test_a_dual_run_never_calls_the_teacher_and_its_method_is_its_identity(
     assert identity["method"] == "dual" and identity["rep_weight"] == 0.0
     with pytest.raises(ConfigurationError, match=r"method: 'dual' → 'selfflow'"):
         train(tiny_config(data, tmp_path / "dual", steps=3, method="selfflow"))
+
+
+def test_help_names_the_methods_and_the_validation_options(capsys):
+    from selfflow import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("selfflow,flow,dual", "--val-data", "--val-every", "--val-samples"):
+        assert words in text, words
+    with pytest.raises(SystemExit):
+        cli.main(["prepare", "--help"])
+    assert "--val-per-class" in capsys.readouterr().out
