@@ -25,6 +25,7 @@ from selfflow.train.validation import VAL_TAUS
 
 from .helpers import (
     REPO,
+    assert_states_equal,
     cli_args,
     final_state,
     log_records,
@@ -143,10 +144,21 @@ def test_every_tau_and_both_models_reach_tensorboard_under_val(validated):
     assert {"val/loss_mean/online", "val/cos_mean/ema", "val/seconds"} <= tags
 
 
-def test_without_val_every_nothing_is_validated(tmp_path, data, one_thread):
+def test_validating_leaves_the_training_as_it_is(tmp_path, data, validated, one_thread):
     run = tmp_path / "run"
-    train(tiny_config(data, run, steps=1))
-    assert log_records(run, "val") == []
+    train(tiny_config(data, run, steps=2))
+    assert log_records(run, "val") == []  # without --val-every nothing is validated
+    # the run above validated at steps 0 and 2 and trained the same weights, bit for bit
+    assert_states_equal(final_state(validated, 2), final_state(run, 2))
+
+
+def test_validation_runs_under_bf16_autocast(tmp_path, data, held_out, one_thread):
+    run = tmp_path / "run"
+    train(tiny_config(data, run, steps=1, dtype="bfloat16", val_data=str(held_out), val_every=1))
+    records = log_records(run, "val")
+    assert [r["step"] for r in records] == [0, 1]
+    values = [v for r in records for k, v in r.items() if "/" in k]
+    assert len(values) == 2 * 2 * 2 * (len(VAL_TAUS) + 1) and all(np.isfinite(values))
 
 
 def test_held_out_data_of_another_shape_or_classes_is_refused_by_name(tmp_path, data):
