@@ -7,7 +7,9 @@ steps, averaged over those steps, to TensorBoard (``RUN/tensorboard``, written b
 and as one JSON line to ``RUN/log.jsonl``; the bar shows steps/s and the ETA, and the images/s
 of the last such window (the same number as ``log.jsonl``: the step summaries are read one step
 late and in bursts before a checkpoint, so a per-step rate would be meaningless). Lines
-with a ``kind`` are the other records: ``"eval"`` metrics and ``"checkpoint"`` write times (the
+with a ``kind`` are the other records: ``"eval"`` metrics, ``"val"`` validation losses at fixed
+noise (every ``--val-every`` steps and at step 0: :mod:`selfflow.train.validation`, on every
+process) and ``"checkpoint"`` write times (the
 trainer's, so a slow file system shows beside the rates it lowers). A resumed run first drops
 the records of steps after its checkpoint (they are trained again), in both.
 
