@@ -96,6 +96,6 @@ def parts(config: Any) -> list[tuple[str, Any]]:
     the training part in ``OUT_DIR`` then the held-out part in ``OUT_DIR-val``."""
     if not config.val_per_class:
         return [("all", config)]
-    val = replace(config, out_dir=val_dir(config.out_dir), val_per_class=config.val_per_class)
+    val = replace(config, out_dir=val_dir(config.out_dir))
     val.validate()  # the second folder is checked like the first, before any work
     return [("train", config), ("val", val)]
