@@ -29,7 +29,8 @@ would be downloaded or would take days. The stand-ins, and nothing else, change 
   the data and training pages, a ``--ckpt`` that no earlier command wrote (a model of your
   own, named as an example) is the released stand-in too, as is each such ``--ckpt`` of a
   ``sweep``.
-- Sizes: ``--image-size`` 16; ``--model`` tiny; ``--steps`` 2 (``--checkpoint-every``,
+- Sizes: ``--image-size`` 16; ``--val-per-class`` 1 (the generated trees hold 2 or 3
+  images per class); ``--model`` tiny; ``--steps`` 2 (``--checkpoint-every``,
   ``--keep-every`` 2, ``--eval-every`` past the end, ``--eval-samples`` 8) at global batch 4
   on the CPU, no progress bar; ``sample`` and ``generate`` take 2 ODE steps and ``sample`` 8
   images (``samples_N.npz`` is ``samples_8.npz``); ``sweep`` 8 images of 2 steps per cell; the digits demo trains 2 steps and scores
@@ -220,6 +221,8 @@ def _stand_in(line: str, at: StandIns) -> list[str] | None:
     command, args = words[1], [_paths(a, work, cache) for a in words[2:]]
     if command == "prepare":
         args = _set(args, "--image-size", "16")
+        if "--val-per-class" in args:
+            args = _set(args, "--val-per-class", "1")
         if "--vae" not in args:
             args = _set(args, "--vae", at.tiny_vae)
         args = [*args, "--num-workers", "0"]

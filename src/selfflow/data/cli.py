@@ -109,6 +109,15 @@ def _selection_options(parser: argparse.ArgumentParser) -> None:
         help="only the first K classes (sorted folder names)",
     )
     parser.add_argument(
+        "--val-per-class",
+        type=int,
+        default=None,
+        metavar="N",
+        help="hold out N images of each class (a fixed choice keyed by each file's path, "
+        "recorded in both manifests) into a second dataset beside OUT_DIR, OUT_DIR-val, never "
+        "trained on: for selfflow train --val-data",
+    )
+    parser.add_argument(
         "--shard-size",
         type=int,
         default=DEFAULT_SHARD_SIZE,
@@ -147,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         skip_bad_images=args.skip_bad_images,
         overwrite=args.overwrite,
         device=args.device,
+        val_per_class=args.val_per_class,
     )
     try:
         result = prepare_dataset(config, progress=not args.no_progress)

@@ -41,7 +41,7 @@ from selfflow.base import distributed
 from selfflow.base.errors import ConfigurationError, DatasetError, ReportedOnRankZero
 from selfflow.base.files import check_can_write, remove_temporaries
 from selfflow.base.lock import FolderLock
-from selfflow.data import store
+from selfflow.data import holdout, store
 from selfflow.data.images import (
     CroppedImages,
     SourceList,
@@ -75,6 +75,7 @@ class PrepareConfig:
     skip_bad_images: bool = False
     overwrite: bool = False
     device: str | None = None
+    val_per_class: int | None = None  # hold out N images per class into OUT_DIR-val (holdout)
 
     def validate(self) -> None:
         """Option checks that need no file: fail before anything is loaded."""
@@ -91,6 +92,8 @@ class PrepareConfig:
             whole("--limit", self.limit, 1, "a positive number of images per class")
         if self.classes is not None:
             whole("--classes", self.classes, 1, "a positive number of classes")
+        if self.val_per_class is not None:
+            whole("--val-per-class", self.val_per_class, 1, "a positive number of images")
         if self.dtype not in store.STORED_DTYPES:
             raise ConfigurationError(
                 f"--dtype must be one of {store.STORED_DTYPES}; got {self.dtype!r}"
@@ -138,15 +141,25 @@ def prepare_dataset(
 ) -> PrepareResult | None:
     """Run ``selfflow prepare``; returns the result on rank 0, None on the other ranks."""
     config.validate()
+    jobs = holdout.parts(config)  # OUT_DIR, then OUT_DIR-val with --val-per-class
     own = context is None
     context = context or distributed.setup(config.device)
-    lock = FolderLock(config.out_dir, "selfflow prepare", "OUT_DIR")
     try:
-        return _Job(config, context, lock, progress, log or _print).run()
+        results = [_run_part(c, part, context, progress, log or _print) for part, c in jobs]
     finally:
-        lock.release()
         if own:
             distributed.teardown(context)
+    if results[0] is not None and len(results) > 1:
+        results[0].held_out = results[1]
+    return results[0]
+
+
+def _run_part(config: PrepareConfig, part: str, context, progress, log) -> PrepareResult | None:
+    lock = FolderLock(config.out_dir, "selfflow prepare", "OUT_DIR")
+    try:
+        return _Job(config, context, lock, progress, log, part).run()
+    finally:
+        lock.release()
 
 
 class _Job:
@@ -157,8 +170,9 @@ class _Job:
         lock: FolderLock,
         progress: bool,
         log: Callable[[str], None],
+        part: str = "all",
     ) -> None:
-        self.config = config
+        self.config, self.part = config, part
         self.context = context
         self.lock = lock
         self.progress = progress and context.is_main
@@ -228,6 +242,7 @@ class _Job:
     def _setup(self) -> _Plan:
         config = self.config
         source = list_image_folder(config.image_dir, classes=config.classes, limit=config.limit)
+        source, held = holdout.split(source, config.val_per_class, self.part, self.out)
         if source.not_images and not config.skip_bad_images:
             raise DatasetError(
                 f"{len(source.not_images)} files in {source.root} are not images (by their "
@@ -239,7 +254,7 @@ class _Job:
         self.out.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         self.vae = self._load_vae()
-        header = self._header(source)
+        header = {**self._header(source), **({"holdout": held} if held else {})}
         stored = store.stored_manifest(self.out)
         if stored is not None and config.overwrite:
             store.clear_dataset(self.out)

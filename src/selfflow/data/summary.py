@@ -21,6 +21,7 @@ class PrepareResult:
     world_size: int
     identity: str
     startup_seconds: float = 0.0  # before it: VAE, file list, re-hashing finished shards
+    held_out: PrepareResult | None = None  # --val-per-class: the dataset in OUT_DIR-val
 
     def summary(self) -> str:
         def count(n: int, noun: str) -> str:
@@ -46,4 +47,6 @@ class PrepareResult:
             lines.append(
                 f"{count(self.upscaled, 'image')} {was} smaller than the crop and {was} upscaled"
             )
+        if self.held_out is not None:
+            lines.append(f"held out, never trained on: {self.held_out.summary()}")
         return "\n".join(lines)

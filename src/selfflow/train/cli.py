@@ -93,8 +93,8 @@ def _objective_options(parser: argparse.ArgumentParser) -> None:
     objective.add_argument(
         "--method",
         default="selfflow",
-        choices=("selfflow", "flow"),
-        help="selfflow, or flow = plain flow matching (SiT baseline: mask ratio 0, no representation loss, projector frozen) (default: selfflow)",
+        choices=("selfflow", "flow", "dual"),
+        help="selfflow; flow = plain flow matching (SiT baseline: mask ratio 0, no representation loss, projector frozen); dual = dual-timestep scheduling without the representation loss (the paper's 'without L_rep' ablation: mask ratio 0.25, no teacher forward, the flow baseline's cost) (default: selfflow)",
     )
     objective.add_argument(
         "--mask-ratio",
@@ -106,7 +106,7 @@ def _objective_options(parser: argparse.ArgumentParser) -> None:
         "--rep-weight",
         type=float,
         default=None,
-        help="weight gamma of the representation loss (default: 0.8; 0 with --method flow)",
+        help="weight gamma of the representation loss (default: 0.8; 0 with --method flow or dual; 0 with --method selfflow is the dual ablation, said at the start)",
     )
     objective.add_argument(
         "--student-layer",
@@ -238,6 +238,29 @@ def _watch_options(parser: argparse.ArgumentParser) -> None:
     )
     watch.add_argument(
         "--eval-ref", default=None, metavar="REF.npz", help="ADM reference batch for --eval-every"
+    )
+    watch.add_argument(
+        "--val-data",
+        default=None,
+        metavar="DIR",
+        help="held-out dataset for the validation loss (selfflow prepare --val-per-class "
+        "writes one beside the training data; or another split prepared alike): same latent "
+        "shape and classes as --data, checked by name before training",
+    )
+    watch.add_argument(
+        "--val-every",
+        type=int,
+        default=0,
+        help="every N steps (and at step 0) the flow loss and representation cosine of the "
+        "online model and the EMA on --val-data at tau 0.1, 0.3, 0.5, 0.7, 0.9 with fixed noise "
+        "and posterior draws, to log.jsonl (kind val) and TensorBoard (val/); 0 = never (default)",
+    )
+    watch.add_argument(
+        "--val-samples",
+        type=int,
+        default=10_000,
+        help="rows of --val-data per validation, spread evenly over it (default: 10000, or "
+        "all if fewer)",
     )
     watch.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bar"

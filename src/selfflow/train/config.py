@@ -32,7 +32,10 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "L/2": (1024, 24, 16),
     "XL/2": (1152, 28, 16),
 }
-METHODS = ("selfflow", "flow")
+METHODS = ("selfflow", "flow", "dual")
+"""selfflow: dual-timestep scheduling + representation loss; flow: plain flow matching (SiT: no
+mask, no representation loss); dual: dual-timestep scheduling without the representation loss
+(the paper's "without L_rep" ablation row: no teacher forward, the flow baseline's cost)."""
 DTYPES = ("bfloat16", "float32")
 NETWORKS = ("fast", "plain")
 
@@ -55,6 +58,9 @@ RESUMABLE_CHANGES = frozenset(
         "eval_every",
         "eval_samples",
         "eval_ref",
+        "val_data",  # validation reads the model, it never changes it
+        "val_every",
+        "val_samples",
         "sample_every",
         "log_every",
         "progress",
@@ -71,6 +77,12 @@ STREAMS_REVISION = 2
 of a run's identity: 1 seeded torch's generator (32 bits of each key kept), 2 keys numpy's
 Philox with 128 bits and draws the per-row tensors in blocks. A run begun under another
 revision would continue with other numbers, so its resume is refused, naming it."""
+
+
+_ABLATIONS = {
+    "dual": "dual-timestep scheduling without the representation loss",
+    "flow": "plain flow matching, the SiT baseline",
+}
 
 
 def default_layer(fraction: float, depth: int) -> int:
@@ -98,8 +110,8 @@ class TrainConfig:
     batch_size: int | None = None  # per process and micro-batch; default: global / processes
     lr: float = 1e-4
     ema_decay: float = 0.9999
-    mask_ratio: float | None = None  # default 0.25 (selfflow) or 0 (flow)
-    rep_weight: float | None = None  # default 0.8 (selfflow) or 0 (flow)
+    mask_ratio: float | None = None  # default 0.25 (selfflow, dual) or 0 (flow)
+    rep_weight: float | None = None  # default 0.8 (selfflow) or 0 (flow, dual)
     label_dropout: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
@@ -116,6 +128,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_samples: int = 10_000
     eval_ref: str | None = None
+    val_data: str | None = None  # held-out dataset for the validation loss at fixed noise
+    val_every: int = 0
+    val_samples: int = 10_000  # rows of --val-data per validation (spread over it), at most
     sample_every: int = 10_000
     log_every: int = 100
     progress: bool = True
@@ -149,6 +164,8 @@ class TrainConfig:
         _whole("--eval-every", self.eval_every, 0)
         _whole("--eval-samples", self.eval_samples, 1)
         _whole("--sample-every", self.sample_every, 0)
+        _whole("--val-every", self.val_every, 0)
+        _whole("--val-samples", self.val_samples, 1)
         _whole("--log-every", self.log_every, 1)
         _whole("--seed", self.seed, 0)
         _number("--lr", self.lr, 0.0, math.inf, low_open=True)
@@ -161,7 +178,9 @@ class TrainConfig:
         if self.rep_weight is not None:
             _number("--rep-weight", self.rep_weight, 0.0, math.inf)
         if self.method not in METHODS:
-            raise ConfigurationError(f"--method must be selfflow or flow; got {self.method!r}")
+            raise ConfigurationError(
+                f"--method must be one of {', '.join(METHODS)}; got {self.method!r}"
+            )
         if self.method == "flow":
             given = {"--mask-ratio": self.mask_ratio, "--rep-weight": self.rep_weight}
             clash = {k: v for k, v in given.items() if v not in (None, 0, 0.0)}
@@ -170,6 +189,17 @@ class TrainConfig:
                     f"--method flow is plain flow matching (SiT): mask ratio 0 and no "
                     f"representation loss; it cannot take {clash}. Use --method selfflow."
                 )
+        if self.method == "dual" and self.rep_weight not in (None, 0, 0.0):
+            raise ConfigurationError(
+                f"--method dual is dual-timestep scheduling without the representation loss; "
+                f"it cannot take --rep-weight {self.rep_weight}. Use --method selfflow."
+            )
+        if bool(self.val_every) != bool(self.val_data):
+            raise ConfigurationError(
+                "--val-every K and --val-data DIR go together (the validation loss every K "
+                f"steps on the held-out dataset DIR); got --val-every {self.val_every} and "
+                f"--val-data {self.val_data}"
+            )
         if self.network not in NETWORKS:
             raise ConfigurationError(f"--network must be fast or plain; got {self.network!r}")
         if self.compile and self.network == "plain":
@@ -191,12 +221,21 @@ class TrainConfig:
         self.validate()
         model = model_config(self, latent_shape, num_classes)
         selfflow = self.method == "selfflow"
-        mask_ratio = self.mask_ratio if self.mask_ratio is not None else 0.25 * selfflow
+        dual = selfflow or self.method == "dual"  # the methods with dual-timestep scheduling
+        mask_ratio = self.mask_ratio if self.mask_ratio is not None else 0.25 * dual
         rep_weight = self.rep_weight if self.rep_weight is not None else 0.8 * selfflow
         student, teacher, note = choose_layers(
             model.depth, self.student_layer, self.teacher_layer, rep_weight > 0
         )
         batch = micro_batch(self.global_batch_size, self.batch_size, world_size)
+        notes = [note] if note else []
+        same = "dual" if mask_ratio > 0 else "flow"  # the ablation these numbers make
+        if rep_weight == 0 and self.method != same:
+            notes.append(
+                f"--method {self.method} with mask ratio {float(mask_ratio)} and rep weight 0 "
+                f"is the same maths as --method {same} ({_ABLATIONS[same]}): no teacher "
+                f"forward; the run keeps the name {self.method}"
+            )
         return ResolvedConfig(
             settings=replace(
                 self,
@@ -211,7 +250,7 @@ class TrainConfig:
             ),
             model=model,
             world_size=world_size,
-            notes=[note] if note else [],
+            notes=notes,
         )
 
 

@@ -163,7 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--steps", type=int, nargs="+", default=[200, 400, 800], help="step counts to score"
     )
     parser.add_argument(
-        "--methods", nargs="+", default=["selfflow", "flow"], choices=("selfflow", "flow")
+        "--methods",
+        nargs="+",
+        default=["selfflow", "flow"],
+        choices=("selfflow", "flow", "dual"),
     )
     parser.add_argument(
         "--threads",

@@ -7,7 +7,9 @@ steps, averaged over those steps, to TensorBoard (``RUN/tensorboard``, written b
 and as one JSON line to ``RUN/log.jsonl``; the bar shows steps/s and the ETA, and the images/s
 of the last such window (the same number as ``log.jsonl``: the step summaries are read one step
 late and in bursts before a checkpoint, so a per-step rate would be meaningless). Lines
-with a ``kind`` are the other records: ``"eval"`` metrics and ``"checkpoint"`` write times (the
+with a ``kind`` are the other records: ``"eval"`` metrics, ``"val"`` validation losses at fixed
+noise (every ``--val-every`` steps and at step 0: :mod:`selfflow.train.validation`, on every
+process) and ``"checkpoint"`` write times (the
 trainer's, so a slow file system shows beside the rates it lowers). A resumed run first drops
 the records of steps after its checkpoint (they are trained again), in both.
 
@@ -52,6 +54,10 @@ GRID_STEPS = 250  # the paper's SDE protocol
 def check_watch_options(resolved: ResolvedConfig, dataset) -> None:
     """Refuse evaluation settings that cannot work, before training starts."""
     s = resolved.settings
+    if s.val_every:
+        from selfflow.train.validation import open_val_data
+
+        open_val_data(s, dataset)  # a mismatch is named now, not at the first validation
     if not s.eval_every:
         return
     if s.eval_ref is None or not Path(s.eval_ref).is_file():
@@ -94,6 +100,7 @@ class WatchedRun(Protocol):
     run_dir: Path
     dataset: LatentDataset  # its class count spreads the grid's labels
     vae: Any  # decodes the grid; None for pixel data
+    model: nn.Module  # the online model, unwrapped (sharded under FSDP)
     ema: nn.Module  # sharded under FSDP
     card: ModelCard  # what the evaluation's export carries
     dtype: torch.dtype  # the FID batch samples in it
@@ -127,8 +134,14 @@ class Watch:
         self.writer = None
         self.bar = None
         self.vae = trainer.vae
-        if not self.main:
-            return
+        self.validation = _validation(trainer) if s.val_every else None
+        if self.main:
+            self._open(trainer, step)
+        if self.validation is not None and step == 0:
+            self.validate(0)  # where a new run's curves start
+
+    def _open(self, trainer: WatchedRun, step: int) -> None:
+        """Rank 0's log files and progress bar."""
         from tqdm.auto import tqdm
 
         from selfflow.train.events import EventWriter
@@ -138,6 +151,7 @@ class Watch:
         # a resume from the checkpoint of step N keeps what was logged up to N (as log.jsonl
         # does) and has TensorBoard drop the events of N + 1 on, which are trained again
         self.writer = EventWriter(run / "tensorboard", purge_step=step + 1 if step else None)
+        s = self.settings
         self.bar = tqdm(
             total=s.steps,
             initial=step,
@@ -191,14 +205,23 @@ class Watch:
     def due(self, step: int, end: int) -> bool:
         """Whether :meth:`periodic` has work after ``step``."""
         s = self.settings
-        return _at(s.sample_every, step, end) or _at(s.eval_every, step, end)
+        every = (s.sample_every, s.eval_every, s.val_every)
+        return any(_at(n, step, end) for n in every)
 
     def periodic(self, step: int, end: int) -> None:
         s = self.settings
+        if _at(s.val_every, step, end):
+            self.validate(step)
         if _at(s.sample_every, step, end):
             self.sample_grid(step)
         if _at(s.eval_every, step, end):
             self.evaluate(step)
+
+    def validate(self, step: int) -> None:
+        """The validation loss at fixed noise (every process), logged as ``kind: "val"``."""
+        values = self.validation(self.trainer.model, self.trainer.ema)
+        if self.main:
+            self.log_record({"step": step, **values}, prefix="val")
 
     # -- samples ------------------------------------------------------------------------------
 
@@ -286,6 +309,19 @@ class Watch:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _validation(trainer: WatchedRun):
+    from selfflow.train.validation import Validation, open_val_data
+
+    s = trainer.resolved.settings
+    return Validation(
+        trainer.resolved,
+        open_val_data(s, trainer.dataset),
+        trainer.context,
+        autocast=torch.bfloat16 if trainer.dtype == torch.bfloat16 else None,
+        sharded=trainer.sharded,
+    )
 
 
 def _step_of(line: str, torn: int) -> int:
