@@ -229,7 +229,9 @@ class Watch:
         if self.main:
             trainer = self.trainer
             labels = grid_labels(trainer.dataset.num_classes)  # classes it has seen
-            pipe = SelfFlowPipeline(ema, self.vae, device=trainer.context.device)
+            pipe = SelfFlowPipeline(
+                ema, self.vae, device=trainer.context.device, latent=trainer.card.convention
+            )
             latents = pipe.sample_latents(
                 labels,
                 list(range(len(labels))),
