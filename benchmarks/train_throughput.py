@@ -143,6 +143,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU threads (default: 1 for --tiny on the CPU, whose ops are too small to split "
         "and stall on a busy machine; else PyTorch's default)",
     )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=256,
+        help="pixels per side of the images the latents stand for (SD-VAE's factor 8: 512 is "
+        "64 x 64 latents, 1024 tokens for a /2 model; default: %(default)s)",
+    )
+    p.add_argument(
+        "--latent-channels",
+        type=int,
+        default=4,
+        help="latent channels of the VAE (4: SD-VAE; 16: SD3/FLUX-style; default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="weights and data (default: 0)")
     p.add_argument(
         "--profile",
@@ -178,13 +191,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Data and steps
 
 
-def benchmark_model(name: str) -> ModelConfig:
+def benchmark_model(name: str, image_size: int = 256, channels: int = 4) -> ModelConfig:
     """``tiny`` is the tests' ``ModelConfig.tiny()``; a SiT size is what ``selfflow train
-    --model NAME`` builds for ImageNet 256 latents (4 × 32 × 32, 1000 classes)."""
+    --model NAME`` builds for ImageNet latents of ``image_size`` pixels (factor 8: 4 × 32 × 32
+    at 256, 4 × 64 × 64 at 512; 1000 classes)."""
     if name == "tiny":
         return ModelConfig.tiny()
     config = TrainConfig(data="-", output_dir="-", steps=1, model=name)
-    return model_config(config, (4, 32, 32), 1000)
+    return model_config(config, (channels, image_size // 8, image_size // 8), 1000)
 
 
 def make_batches(config: ModelConfig, batch: int, count: int, seed: int, device) -> list[dict]:
@@ -439,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     wall = time.perf_counter()
-    config = benchmark_model(args.model)
+    config = benchmark_model(args.model, args.image_size, args.latent_channels)
     flops = train_step_flops(config, teacher_layer=layers(config)["teacher_layer"])
     log(f"device {device_name(device)}, torch {torch.__version__}")
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 1024)
@@ -452,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         "device_type": device.type,
         "torch": torch.__version__,
         "model": args.model,
+        "image_size": args.image_size,
         "config": config.to_dict(),
         "layers": layers(config),
         "peak_flops": peak,

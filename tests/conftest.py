@@ -84,22 +84,27 @@ def tiny_model(tiny_config: ModelConfig) -> SelfFlowDiT:
     return randomize_(SelfFlowDiT(tiny_config), seed=1).eval()
 
 
-def make_tiny_vae():
+def make_tiny_vae(latent_channels: int = 4, blocks: tuple[int, ...] = (8, 16), **config):
     """A diffusers AutoencoderKL with the SD-VAE's interface (4 latent channels) at toy size:
-    one downsampling, so 8 × 8 latents decode to 16 × 16 RGB images."""
+    one downsampling, so 8 × 8 latents decode to 16 × 16 RGB images.
+
+    Other latent spaces for the latent-convention tests: ``latent_channels`` (16: SD3/FLUX's),
+    ``blocks`` (one per level: three levels downsample by 4) and config entries such as
+    ``scaling_factor`` and ``shift_factor``."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        block_out_channels=blocks,
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=4,
         sample_size=16,
+        **config,
     ).eval()
 
 

@@ -18,11 +18,13 @@ would be downloaded or would take days. The stand-ins, and nothing else, change 
 - ``/data/...`` is ``WORK/data/...``; ``/data/imagenet/train`` and a relative ``images`` are
   generated ImageFolder trees (JPEG/PNG of several modes); a relative ``my-vae`` is a tiny
   diffusers AutoencoderKL (``save_pretrained``), and ``prepare`` without ``--vae`` gets it
-  too (the default is the SD-VAE's hub id); ``~/.cache/selfflow/`` (``$SELFFLOW_CACHE``) is
-  this test's cache, holding a reference batch of random images and a small Inception-shaped
-  GraphDef (``selfflow.eval.synthetic``) as ADM's files, so ``selfflow download inception |
-  reference`` finds them there; ``selfflow_imagenet256.pt`` is the export that the ImageNet
-  recipe block wrote (a tiny model of the same data).
+  too (the default is the SD-VAE's hub id); a relative ``flux-vae`` is a tiny 16-channel one
+  with FLUX's scaling and shift factors; ``~/.cache/selfflow/`` (``$SELFFLOW_CACHE``) is
+  this test's cache, holding reference batches (256 and 512) of random images and a small
+  Inception-shaped GraphDef (``selfflow.eval.synthetic``) as ADM's files, so ``selfflow
+  download inception | reference [--resolution 512]`` finds them there;
+  ``selfflow_imagenet256.pt`` is the export that the ImageNet recipe block wrote (a tiny model
+  of the same data).
 - The released checkpoint and the SD-VAE (what ``sample``, ``generate`` and ``download
   checkpoint | vae | all`` fetch from the hub) are a tiny random model of ImageNet's 1000
   classes and the tiny VAE: ``sample`` and ``generate`` without ``--ckpt`` get both. Outside
@@ -58,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (group, pages): each group runs in its own work folder, its pages in this order. A page may
 # be narrowed to some of its "## " sections with "PAGE#section title".
 GROUPS = {
-    "data and training": ("docs/data.md", "docs/training.md"),
+    "data and training": ("docs/data.md", "docs/training.md", "docs/latents.md"),
     "readme": ("README.md",),
     "sampling, evaluation, files and API": (
         "docs/sampling.md",
@@ -265,6 +267,11 @@ def _prepare_inputs(commands: list[str], work: Path, tiny_vae: str) -> None:
         write_tree(work / "images", per_class=3, classes=OWN_CLASSES)
     if "my-vae" in text and not (work / "my-vae").exists():
         shutil.copytree(tiny_vae, work / "my-vae")
+    if "flux-vae" in text and not (work / "flux-vae").exists():  # 16 channels, FLUX's shift
+        from tests.conftest import make_tiny_vae
+
+        flux = make_tiny_vae(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
+        flux.save_pretrained(work / "flux-vae")
     if "selfflow_imagenet256.pt" in text and not (work / "selfflow_imagenet256.pt").exists():
         shutil.copy(work / "xl2_ema.pt", work / "selfflow_imagenet256.pt")
 
@@ -277,6 +284,7 @@ def _adm_stand_ins(cache: Path) -> None:
     (cache / "classify_image_graph_def.pb").write_bytes(graph)
     images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
     np.savez(cache / "VIRTUAL_imagenet256_labeled.npz", arr_0=images)
+    np.savez(cache / "VIRTUAL_imagenet512.npz", arr_0=images[::-1])
 
 
 def test_the_readme_reads_as_the_test_expects():

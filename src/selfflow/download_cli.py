@@ -7,10 +7,16 @@ the checkpoint's hub download in :mod:`selfflow.model.checkpoint`.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
-from selfflow.base.download import inception_path, reference_path, verification
+from selfflow.base.download import (
+    REFERENCE_RESOLUTIONS,
+    inception_path,
+    reference_path,
+    verification,
+)
 from selfflow.base.errors import DownloadError
 from selfflow.base.files import file_sha256
 
@@ -31,8 +37,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         choices=TARGETS,
         help="checkpoint: the released Self-Flow weights; vae: the SD-VAE (its decoder for "
         "sampling, its encoder for selfflow prepare; huggingface_hub's cache); inception: ADM's Inception graph; reference: ADM's "
-        "ImageNet 256 reference batch; all: the four, so that a login node can prepare "
-        "compute nodes without internet access (set HF_HUB_OFFLINE=1 there)",
+        "ImageNet reference batch (256, or --resolution 512); all: the four, so that a login "
+        "node can prepare compute nodes without internet access (set HF_HUB_OFFLINE=1 there)",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        choices=REFERENCE_RESOLUTIONS,
+        default=256,
+        help="which of ADM's reference batches: VIRTUAL_imagenet256_labeled.npz (256, the "
+        "default) or VIRTUAL_imagenet512.npz (512), for evaluating samples of that size",
     )
     parser.set_defaults(func=run)
 
@@ -66,11 +80,16 @@ _FETCHERS = {
 
 def run(args: argparse.Namespace) -> int:
     """Fetch one target and print its path; ``all`` tries every target and lists what failed."""
+    resolution = getattr(args, "resolution", 256)
+    fetchers = {
+        **_FETCHERS,
+        "reference": functools.partial(reference_path, resolution=resolution),
+    }
     if args.target != "all":
-        print(_FETCHERS[args.target]())
+        print(fetchers[args.target]())
         return 0
     failed = []
-    for name, fetch in _FETCHERS.items():
+    for name, fetch in fetchers.items():
         try:
             print(f"{name}: {fetch()}", flush=True)
         except DownloadError as error:

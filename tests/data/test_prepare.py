@@ -165,31 +165,26 @@ def test_another_vae_is_refused_and_overwrite_starts_over(prepared, tree, tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("settings", "named"),
+    ("settings", "recorded"),
     [
-        ({"scaling_factor": 0.13025}, "scaling_factor 0.13025"),
-        ({"shift_factor": 0.06}, "shift_factor 0.06"),
+        ({"scaling_factor": 0.13025}, {"scaling_factor": 0.13025, "shift_factor": 0.0}),
+        ({"shift_factor": 0.06}, {"scaling_factor": 0.18215, "shift_factor": 0.06}),
     ],
 )
-def test_a_vae_with_another_latent_scale_or_a_shift_is_refused_before_encoding(
-    tree, tmp_path, capsys, monkeypatch, settings, named
+def test_a_vae_with_another_latent_scale_or_a_shift_is_recorded_in_the_manifest(
+    tree, tmp_path, settings, recorded
 ):
-    # the sampler decodes z / 0.18215 with no shift: other latents would decode wrongly
-    import selfflow.model.vae
+    # (it was refused before latent conventions were recorded; the model now decodes with it)
     from tests.conftest import make_tiny_vae
 
     other = make_tiny_vae()
     other.register_to_config(**settings)
     other.save_pretrained(tmp_path / "other_vae")
-
-    def no_encoding(*args, **kwargs):
-        raise AssertionError("encoded before the VAE was checked")
-
-    monkeypatch.setattr(selfflow.model.vae, "encode_posterior", no_encoding)
-    assert cli_prepare(tree, tmp_path / "out", tmp_path / "other_vae") == 1
-    err = capsys.readouterr().err
-    assert named in err and "0.18215" in err and "not supported" in err
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert cli_prepare(tree, tmp_path / "out", tmp_path / "other_vae") == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    # the tiny VAE: 4 latent channels, one downsampling (16 pixels -> 8 latents)
+    assert manifest["latent"] == {"channels": 4, "factor": 2, "mean": None, "std": None, **recorded}
+    assert manifest["scale"] == recorded["scaling_factor"] and manifest["latent_norm"] == "none"
 
 
 def test_encoding_runs_with_tf32_off_and_restores_the_caller_setting(

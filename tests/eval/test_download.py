@@ -226,6 +226,25 @@ def test_download_command(server, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "ckpt.pt")
 
 
+def test_download_reference_at_512_fetches_adms_512_batch(server, tmp_path, monkeypatch, capsys):
+    # ADM's evaluation README: .../ref_batches/imagenet/512/VIRTUAL_imagenet512.npz
+    expected = dl.REFERENCE_URL.replace("256", "512").replace("_labeled.npz", ".npz")
+    assert expected == dl.REFERENCE_512_URL
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path))
+    server.files["/ref256.npz"] = b"256 bytes"
+    server.files["/ref512.npz"] = b"512 bytes"
+    monkeypatch.setattr(dl, "REFERENCE_URL", server.url("/ref256.npz"))
+    monkeypatch.setattr(dl, "REFERENCE_512_URL", server.url("/ref512.npz"))
+    assert main(["download", "reference", "--resolution", "512"]) == 0
+    printed = Path(capsys.readouterr().out.strip())
+    assert printed == tmp_path / "VIRTUAL_imagenet512.npz"
+    assert printed.read_bytes() == b"512 bytes"
+    assert main(["download", "reference"]) == 0  # 256 stays the default, in its own file
+    assert Path(capsys.readouterr().out.strip()).read_bytes() == b"256 bytes"
+    with pytest.raises(SystemExit):
+        main(["download", "reference", "--resolution", "384"])  # ADM has no such batch
+
+
 def test_download_command_reports_failure_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path))
     monkeypatch.setattr(dl, "INCEPTION_URL", "http://127.0.0.1:9/nothing-listens-here")

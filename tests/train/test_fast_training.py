@@ -219,8 +219,8 @@ def counted_step_flops(
     )
     with torch.device("meta"):
         student, teacher = cls(cfg), cls(cfg).requires_grad_(False)
-        b, n = 2, cfg.input_size
-        x0, noise = torch.randn(b, 4, n, n), torch.randn(b, 4, n, n)
+        b, n, c = 2, cfg.input_size, cfg.in_channels
+        x0, noise = torch.randn(b, c, n, n), torch.randn(b, c, n, n)
         with FlopCounterMode(display=False) as counter:
             loss, _ = loss_fn(
                 student,

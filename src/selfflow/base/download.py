@@ -38,12 +38,19 @@ REFERENCE_URL = (
     "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
     "VIRTUAL_imagenet256_labeled.npz"
 )
+# ADM's ImageNet 512 reference batch, beside the 256 one (guided-diffusion's evaluations README)
+REFERENCE_512_URL = (
+    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/512/"
+    "VIRTUAL_imagenet512.npz"
+)
+REFERENCE_RESOLUTIONS = (256, 512)
 CHUNK = 1 << 20
 _USER_AGENT = "selfflow-download/1"
 
 PUBLISHED_SHA256: dict[str, str | None] = {
     "classify_image_graph_def.pb": None,
     "VIRTUAL_imagenet256_labeled.npz": None,
+    "VIRTUAL_imagenet512.npz": None,
     "selfflow_imagenet256.pt": None,
 }
 """The sha256 each file is known to have, by file name; ``None``: no citable digest is known.
@@ -435,6 +442,13 @@ def inception_path(download: bool = True, url: str | None = None) -> Path:
     return _cached(url or INCEPTION_URL, "classify_image_graph_def.pb", download)
 
 
-def reference_path(download: bool = True, url: str | None = None) -> Path:
-    """ADM's ImageNet 256 reference batch in the cache, downloaded on first use."""
+def reference_path(download: bool = True, url: str | None = None, resolution: int = 256) -> Path:
+    """ADM's ImageNet reference batch at ``resolution`` (256 or 512) in the cache, downloaded
+    on first use."""
+    if resolution not in REFERENCE_RESOLUTIONS:
+        raise ValueError(
+            f"ADM publishes ImageNet reference batches at {REFERENCE_RESOLUTIONS}; got {resolution}"
+        )
+    if resolution == 512:
+        return _cached(url or REFERENCE_512_URL, "VIRTUAL_imagenet512.npz", download)
     return _cached(url or REFERENCE_URL, "VIRTUAL_imagenet256_labeled.npz", download)

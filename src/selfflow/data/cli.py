@@ -11,8 +11,8 @@ from selfflow.options import add_options
 
 DESCRIPTION = (
     "Encode an ImageFolder tree (IMAGE_DIR/<class>/<image>, ImageNet's train/n01440764/...JPEG "
-    "layout) into a training dataset: ADM's centre crop to --image-size, the SD-VAE encoder's "
-    "posterior mean and std of every image, and the labels (classes = sorted folder names), in "
+    "layout) into a training dataset: ADM's centre crop to --image-size, the VAE encoder's "
+    "(--vae: any diffusers AutoencoderKL, SD-VAE by default) posterior mean and std of every image, and the labels (classes = sorted folder names), in "
     "memory-mapped shards that selfflow.data.LatentDataset reads. Runs on one process or under "
     "torchrun; a killed run continues where it stopped when the same command is run again."
 )
@@ -61,7 +61,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "writes nothing",
     )
     parser.add_argument(
-        "--image-size", type=int, default=256, help="ADM centre-crop size in pixels (default: 256)"
+        "--image-size",
+        type=int,
+        default=256,
+        help="ADM centre-crop size in pixels, a multiple of the VAE's downsampling (default: 256)",
+    )
+    parser.add_argument(
+        "--latent-norm",
+        choices=("none", "channel"),
+        default="none",
+        help="channel: measure the per-channel mean and std of the scaled latents over the "
+        "dataset and store them, so training sees (latents - mean) / std and decoding undoes "
+        "it (for VAEs whose latents are not near unit variance; default: none)",
     )
     add_options(parser, "--vae", "--device")
     parser.add_argument(
@@ -157,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         device=args.device,
         val_per_class=args.val_per_class,
+        latent_norm=args.latent_norm,
     )
     try:
         result = prepare_dataset(config, progress=not args.no_progress)

@@ -26,6 +26,7 @@ import torch
 
 from selfflow.base.errors import DatasetError
 from selfflow.data.store import LABELS_NAME, STORED_DTYPES, labels_sha256, read_manifest
+from selfflow.model.latents import LatentConvention
 
 if TYPE_CHECKING:
     from selfflow.data.verify import ShardRecord, ShardVerifier
@@ -35,13 +36,30 @@ if TYPE_CHECKING:
 MAX_OPEN_SHARDS = 512
 
 
+def _convention(manifest: dict[str, Any], shape: tuple[int, ...]) -> LatentConvention:
+    """The manifest's latent convention; one written before conventions were recorded holds
+    SD-VAE's latents (``prepare`` accepted no other) or raw data (no VAE, scale 1.0)."""
+    try:
+        if manifest.get("latent") is not None:
+            return LatentConvention.from_dict(manifest["latent"])
+        size, vae = manifest.get("image_size"), manifest.get("vae")
+        factor = int(size) // int(shape[1]) if vae is not None and size else None
+        return LatentConvention(
+            channels=int(shape[0]), factor=factor, scaling_factor=float(manifest["scale"])
+        )
+    except (ValueError, TypeError, IndexError, ZeroDivisionError) as error:
+        raise DatasetError(f"the dataset's latent convention is damaged: {error}") from error
+
+
 class LatentDataset:
     """A dataset written by ``selfflow prepare`` or :func:`selfflow.data.write_dataset`.
 
     ``ds[i]`` is ``(mean, std, label)``: float32 tensors ``(C, H, W)`` and an int. For data
     stored without a posterior (``has_std`` False) ``std`` is a tensor of zeros, so sampling
     ``mean + std·n`` gives the data itself. Stored float16 is returned as float32. The trainer
-    multiplies latents by :attr:`scale` (the VAE's scaling factor, 1.0 for raw data).
+    brings latents to the model's numbers with :attr:`latent`, the latent convention
+    (:mod:`selfflow.model.latents`: the VAE's scaling and shift, any per-channel statistics;
+    for raw data a scale of 1.0).
     """
 
     def __init__(self, root: str | os.PathLike, *, check_files: bool = True) -> None:
@@ -59,6 +77,7 @@ class LatentDataset:
         self.vae: str | None = m["vae"]
         self.identity: str = m["identity"]
         self.dtype: str = m["dtype"]
+        self.latent = _convention(m, self.latent_shape)
         if self.dtype not in STORED_DTYPES or len(self.latent_shape) != 3:
             raise DatasetError(
                 f"{self.root}: stored dtype {self.dtype!r} / shape {self.latent_shape} are not "

@@ -41,7 +41,7 @@ from selfflow.base import distributed
 from selfflow.base.errors import ConfigurationError, DatasetError, ReportedOnRankZero
 from selfflow.base.files import check_can_write, remove_temporaries
 from selfflow.base.lock import FolderLock
-from selfflow.data import holdout, store
+from selfflow.data import holdout, latent_stats, store
 from selfflow.data.images import (
     CroppedImages,
     SourceList,
@@ -50,11 +50,15 @@ from selfflow.data.images import (
     list_image_folder,
     listing,
 )
+from selfflow.data.latent_stats import NORMS
 from selfflow.data.summary import PrepareResult
 
 CROP = "adm_center_crop"
 # Settings that must match to resume in a folder, with how a difference is described.
 COMPARED = ("image_size", "crop", "vae_identity", "dtype", "shard_size", "latent_shape", "scale")
+COMPARED += ("latent", "latent_norm")
+# A manifest of an earlier version records neither: SD-VAE's latents (its "scale" is compared)
+LEGACY = {"latent_norm": "none"}
 POLL_SECONDS = 2.0  # how often rank 0 looks for other ranks' finished shards
 
 
@@ -76,6 +80,7 @@ class PrepareConfig:
     overwrite: bool = False
     device: str | None = None
     val_per_class: int | None = None  # hold out N images per class into OUT_DIR-val (holdout)
+    latent_norm: str = "none"
 
     def validate(self) -> None:
         """Option checks that need no file: fail before anything is loaded."""
@@ -94,6 +99,10 @@ class PrepareConfig:
             whole("--classes", self.classes, 1, "a positive number of classes")
         if self.val_per_class is not None:
             whole("--val-per-class", self.val_per_class, 1, "a positive number of images")
+        if self.latent_norm not in NORMS:
+            raise ConfigurationError(
+                f"--latent-norm must be one of {NORMS}; got {self.latent_norm!r}"
+            )
         if self.dtype not in store.STORED_DTYPES:
             raise ConfigurationError(
                 f"--dtype must be one of {store.STORED_DTYPES}; got {self.dtype!r}"
@@ -236,7 +245,6 @@ class _Job:
         vae = load_vae(
             self.config.vae or SD_VAE_ID, device=self.context.device, dtype=torch.float32
         )
-        _check_latent_scale(vae, str(self.config.vae or SD_VAE_ID))
         return vae
 
     def _setup(self) -> _Plan:
@@ -291,16 +299,25 @@ class _Job:
     def _header(self, source: SourceList) -> dict[str, Any]:
         from selfflow.base.precision import full_fp32
         from selfflow.model.card import resolved_vae_name
+        from selfflow.model.latents import convention_of_vae
         from selfflow.model.vae import SD_VAE_ID, encode_posterior, encoder_record
 
         size = self.config.image_size
+        convention = convention_of_vae(self.vae)
+        if size % int(convention.factor or 1):
+            raise ConfigurationError(
+                f"--image-size {size} is not a multiple of the VAE's downsampling factor "
+                f"{convention.factor}; choose a size that is (256, 512, ...)"
+            )
         with full_fp32():
             probe, _ = encode_posterior(self.vae, np.zeros((1, size, size, 3), dtype=np.uint8))
         return {
             "latent_shape": list(probe.shape[1:]),
+            "latent": convention.to_dict(),  # statistics added at the end (--latent-norm)
+            "latent_norm": self.config.latent_norm,
             "dtype": self.config.dtype,
             "has_std": True,
-            "scale": float(self.vae.config.scaling_factor),
+            "scale": convention.scaling_factor,
             # where it loads from on any working folder (a relative folder, made absolute)
             "vae": resolved_vae_name(self.config.vae or SD_VAE_ID),
             "vae_identity": encoder_record(self.vae),
@@ -395,7 +412,7 @@ class _Job:
                 buffer.upscaled += sum(item.upscaled for item in good)
             bar.advance(len(batch))
             if batch[-1].index == plan.shard_range(shard_id)[-1]:
-                buffer.write(self.out)
+                buffer.write(self.out, plan.header)
                 buffer = None
 
     def _accept(self, plan: _Plan, item: Any, buffer: _ShardBuffer) -> bool:
@@ -425,7 +442,7 @@ class _Job:
                 raise DatasetError(
                     f"shard {shard_id} was not written ({path}: {error}); rerun the same command"
                 ) from error
-        store.finalize(self.out, plan.header, records)
+        store.finalize(self.out, latent_stats.finished_header(plan.header, records), records)
         return records
 
     def _result(self, new_images: int, seconds: float, startup: float = 0.0) -> PrepareResult:
@@ -462,8 +479,9 @@ class _ShardBuffer:
         self.count = stop
         self.labels += labels
 
-    def write(self, out: Path) -> None:
-        extra = {"skipped": self.skipped, "upscaled": self.upscaled}
+    def write(self, out: Path, header: dict[str, Any]) -> None:
+        extra: dict[str, Any] = {"skipped": self.skipped, "upscaled": self.upscaled}
+        extra |= latent_stats.shard_extra(header, self.rows[: self.count])
         store.write_shard(out, self.id, self.rows[: self.count], np.asarray(self.labels), extra)
 
 
@@ -505,30 +523,6 @@ def _start_worker(lock: FolderLock, worker_id: int) -> None:
     """Set up a decoding worker: it does not hold OUT_DIR's lock, and it ends with its parent."""
     lock.drop_in_child(worker_id)
     end_with_parent()
-
-
-def _check_latent_scale(vae: Any, name: str) -> None:
-    """Refuse a VAE whose latents are not SD-VAE's ``0.18215·z`` with no shift.
-
-    The trainer scales latents by the VAE's ``scaling_factor``, but the sampler decodes with
-    SD-VAE's constant factor and no shift, so a dataset from another VAE (SDXL's 0.13025, or
-    SD3/FLUX-style shifted latents) would train a model whose samples decode wrongly.
-    """
-    from selfflow.model.vae import LATENT_SCALE
-
-    scale = getattr(vae.config, "scaling_factor", None)
-    shift = getattr(vae.config, "shift_factor", None)
-    found = []
-    if scale is None or abs(float(scale) - LATENT_SCALE) > 1e-9:
-        found.append(f"scaling_factor {scale}")
-    if shift not in (None, 0, 0.0):
-        found.append(f"shift_factor {shift}")
-    if found:
-        raise ConfigurationError(
-            f"the VAE {name} has {' and '.join(found)}, but the sampler decodes with SD-VAE's "
-            f"factor ({LATENT_SCALE}, no shift); VAEs with other latent scales are not "
-            "supported yet"
-        )
 
 
 def _check_finite(plan: _Plan, items: list[Any], mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -574,14 +568,18 @@ def _differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``what: X in the folder, Y now`` for every setting that differs."""
     found = []
     for name in COMPARED:
-        if stored.get(name) != current[name]:
+        if name == "latent" and stored.get(name) is not None:  # statistics: measured at the end
+            recorded = {**stored[name], "mean": None, "std": None}
+        else:
+            recorded = stored.get(name, LEGACY.get(name, current[name]))
+        if recorded != current[name]:
             if name == "vae_identity":
                 found.append(
                     f"VAE encoder: {stored.get('vae')} ({_short(stored.get(name))}...) in the "
                     f"folder, {current['vae']} ({_short(current[name])}...) now"
                 )
             else:
-                found.append(f"{name}: {stored.get(name)!r} in the folder, {current[name]!r} now")
+                found.append(f"{name}: {recorded!r} in the folder, {current[name]!r} now")
     if stored.get("class_names") != current["class_names"]:
         old = stored.get("class_names") or []
         found.append(

@@ -144,6 +144,8 @@ def dataset_identity(manifest: dict[str, Any]) -> str:
     """16 hex digits of sha256 over the fields that define the data (not paths, not versions)."""
     core = {name: manifest.get(name) for name in IDENTITY_FIELDS}
     core["shards"] = [(s["count"], s["sha256"]) for s in manifest.get("shards", [])]
+    if manifest.get("latent") is not None:  # the latent convention (absent before it existed)
+        core["latent"] = manifest["latent"]
     text = json.dumps(core, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 

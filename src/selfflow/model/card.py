@@ -1,4 +1,5 @@
-"""What a model was trained on: its class names and the VAE its latents came from.
+"""What a model was trained on: its class names, the VAE its latents came from, and their
+convention (:mod:`selfflow.model.latents`: channels, downsampling, scaling, shift, statistics).
 
 A model carries its world (DESIGN.md): a model trained on a user's three folders must sample
 labels 0–2, caption them "boat", "car", "tree", and decode with the VAE that encoded its data,
@@ -26,6 +27,7 @@ from typing import Any
 
 from selfflow.base.classes import NUM_IMAGENET_CLASSES, ImageNetClass, classes_from_names
 from selfflow.base.errors import ConfigurationError
+from selfflow.model.latents import SD_VAE, LatentConvention
 
 SD_VAE_ID = (
     "stabilityai/sd-vae-ft-ema"  # the released model's VAE; selfflow.model.vae re-exports it
@@ -41,13 +43,21 @@ class ModelCard:
     id or an absolute local folder (``None``: the latents were not made by a VAE, e.g. data
     written with :func:`selfflow.data.write_dataset`). ``vae_identity``: ``encoder-sha256:…``
     (``None``: not known, as for the released checkpoint). ``dataset``: the identity of the
-    dataset it was trained on, when it was trained here.
+    dataset it was trained on, when it was trained here. ``latent``: the latent convention
+    (:class:`~selfflow.model.latents.LatentConvention`; ``None``: SD-VAE's, see :attr:`convention`).
     """
 
     class_names: tuple[str, ...] | None = None
     vae: str | None = SD_VAE_ID
     vae_identity: str | None = None
     dataset: str | None = None
+    latent: LatentConvention | None = None
+
+    @property
+    def convention(self) -> LatentConvention:
+        """The latent convention the model was trained on; a card without one (the released
+        model, cards of earlier versions) means SD-VAE's (:data:`~selfflow.model.latents.SD_VAE`)."""
+        return self.latent if self.latent is not None else SD_VAE
 
     def classes(self, num_classes: int) -> tuple[ImageNetClass, ...]:
         """The model's ``num_classes`` classes (the null label is not one of them).
@@ -68,6 +78,7 @@ class ModelCard:
             "vae": self.vae,
             "vae_identity": self.vae_identity,
             "dataset": self.dataset,
+            **({} if self.latent is None else {"latent": self.latent.to_dict()}),
         }
 
     @classmethod
@@ -75,7 +86,8 @@ class ModelCard:
         """The card of a file; raises ValueError saying what is wrong with a damaged one."""
         if not isinstance(values, Mapping):
             raise ValueError(f"the model card is a {type(values).__name__}, expected a dict")
-        unknown = sorted(set(values) - {"class_names", "vae", "vae_identity", "dataset"})
+        known = {"class_names", "vae", "vae_identity", "dataset", "latent"}
+        unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"the model card has unknown entries {unknown}")
         names = values.get("class_names")
@@ -93,6 +105,9 @@ class ModelCard:
             vae=values.get("vae", SD_VAE_ID),
             vae_identity=values.get("vae_identity"),
             dataset=values.get("dataset"),
+            latent=None
+            if values.get("latent") is None
+            else LatentConvention.from_dict(values["latent"]),
         )
 
 

@@ -21,6 +21,7 @@ import torch
 from selfflow.base.errors import ConfigurationError, DownloadError
 from selfflow.base.finite import check_rows
 from selfflow.model.card import SD_VAE_ID
+from selfflow.model.latents import SD_VAE, LatentConvention
 
 __all__ = [
     "SD_VAE_ID",
@@ -31,7 +32,6 @@ __all__ = [
     "encoder_record_of",
     "load_vae",
 ]
-LATENT_SCALE = 0.18215
 # Latents per decoder call, always (see :func:`decode`): small enough that decoding one image
 # costs little, large enough to keep a GPU busy (8 images of 256 x 256 are 0.5 M pixels).
 DECODE_BATCH = 8
@@ -158,8 +158,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor, batch: int | None = DECODE_BATCH) -> np.ndarray:
-    """Decode SD-VAE latents (already in the model's scale) to uint8 NHWC images.
+def decode(
+    vae,
+    latents: torch.Tensor,
+    batch: int | None = DECODE_BATCH,
+    convention: LatentConvention = SD_VAE,
+) -> np.ndarray:
+    """Decode a model's latents to uint8 NHWC images, undoing ``convention`` first
+    (:meth:`~selfflow.model.latents.LatentConvention.denormalise`; SD-VAE's: ``z / 0.18215``).
 
     Every call of the decoder sees exactly ``batch`` latents: the latents are cut into chunks
     of ``batch`` and a short last chunk is padded with copies of its last latent, whose images
@@ -183,7 +189,7 @@ def decode(vae, latents: torch.Tensor, batch: int | None = DECODE_BATCH) -> np.n
         real = int(chunk.shape[0])
         if real < size:
             chunk = torch.cat([chunk, chunk[-1:].expand(size - real, *chunk.shape[1:])])
-        chunk = (chunk / LATENT_SCALE).to(device=param.device, dtype=param.dtype)
+        chunk = convention.denormalise(chunk).to(device=param.device, dtype=param.dtype)
         images.append(vae.decode(chunk).sample[:real])
     return to_uint8(torch.cat(images))
 

@@ -1,7 +1,8 @@
 """The Python API: model + sampler + VAE → uint8 images for a list of sample indices.
 
 ``SelfFlowPipeline.from_pretrained()`` loads the released checkpoint and the SD-VAE;
-``pipe(class_labels, seed=...)`` returns ``(B, 256, 256, 3)`` uint8 images. Sample ``i`` of a
+``pipe(class_labels, seed=...)`` returns ``(B, 256, 256, 3)`` uint8 images (a model trained
+here: at its own resolution, decoded with its card's VAE and latent convention). Sample ``i`` of a
 call (its global index is ``indices[i]``, by default ``i``) takes its start noise and every
 Brownian increment from streams keyed by ``(seed, index)``: the same index gives the same
 random numbers whatever batch it is drawn in.
@@ -30,6 +31,7 @@ from selfflow.base.errors import ConfigurationError
 from selfflow.base.finite import NonFiniteSamplesError
 from selfflow.model import vae
 from selfflow.model.card import RELEASED
+from selfflow.model.latents import SD_VAE, LatentConvention, convention_of_vae
 from selfflow.model.network import SelfFlowDiT
 from selfflow.sampling import transport
 from selfflow.sampling.settings import (
@@ -98,6 +100,8 @@ class SelfFlowPipeline:
         *,
         device: str | torch.device | None = None,
         model_fn: ModelFn | None = None,
+        latent: LatentConvention | None = None,
+        vae_name: str | None = None,
     ) -> None:
         self.model = model
         self.autoencoder = autoencoder
@@ -105,12 +109,30 @@ class SelfFlowPipeline:
             torch.device(device) if device is not None else next(model.parameters()).device
         )
         self.model_fn = model_fn or model
-        self.vae_name: str | None = None  # where the VAE came from, when from_pretrained loaded it
+        self.vae_name = vae_name  # where the VAE came from, when from_pretrained loaded it
         self.latent_shape = (
             model.config.in_channels,
             model.config.input_size,
             model.config.input_size,
         )
+        self.latent = self._decoding_convention(latent)
+
+    def _decoding_convention(self, given: LatentConvention | None) -> LatentConvention:
+        """How this pipeline's latents are decoded: ``given``, else the model card's convention
+        (SD-VAE's for the released model). A VAE whose latents are of another convention is
+        refused, naming both; for latents that no VAE made (a card without a downsampling
+        factor), the VAE given to decode them brings its own."""
+        info = getattr(self.model, "checkpoint_info", None)
+        explicit = given if given is not None else info.card.latent if info is not None else None
+        convention = explicit if explicit is not None else SD_VAE
+        if explicit is not None:
+            convention.check_channels(self.model.config.in_channels)
+        if self.autoencoder is None:
+            return convention
+        if convention.factor is None:
+            return convention_of_vae(self.autoencoder)
+        convention.check_vae(self.autoencoder, self.vae_name or "given")
+        return convention
 
     @classmethod
     def from_pretrained(
@@ -154,9 +176,7 @@ class SelfFlowPipeline:
             if note:
                 warnings.warn(note, stacklevel=2)
         model_fn = network_for(model, dtype, compile, device=device)
-        pipe = cls(model, autoencoder, device=device, model_fn=model_fn)
-        pipe.vae_name = vae_name
-        return pipe
+        return cls(model, autoencoder, device=device, model_fn=model_fn, vae_name=vae_name)
 
     @property
     def classes(self):
@@ -226,7 +246,7 @@ class SelfFlowPipeline:
             raise ConfigurationError(
                 "this pipeline has no VAE: pass one to decode latents into images"
             )
-        return vae.decode(self.autoencoder, latents)
+        return vae.decode(self.autoencoder, latents, convention=self.latent)
 
     def __call__(
         self,

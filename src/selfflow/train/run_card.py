@@ -41,6 +41,7 @@ def run_card(
         vae=dataset.vae,
         vae_identity=recorded,
         dataset=dataset.identity,
+        latent=dataset.latent,  # the latent convention: decoding undoes exactly this
     )
     given = config.vae
     decodes = bool(settings.sample_every or settings.eval_every)

@@ -203,7 +203,8 @@ class MicroBatch:
 
 
 def materialise(draws: StepDraws, dataset, null_class: int) -> MicroBatch:
-    """Read the rows' images and apply the draws: ``x0 = scale·(mean + std·n)``.
+    """Read the rows' images and apply the draws: ``x0 = scale·(mean + std·n)`` (with the
+    dataset's latent convention: shift and per-channel statistics too).
 
     A dataset stored without stds is used as it is (``scale·mean``; the scale of such data is
     1.0). Labels drawn for dropping become ``null_class``, for student and teacher alike.
@@ -212,7 +213,7 @@ def materialise(draws: StepDraws, dataset, null_class: int) -> MicroBatch:
     x0 = torch.as_tensor(means, dtype=torch.float32)
     if draws.posterior is not None and stds is not None:
         x0 = x0 + torch.as_tensor(stds, dtype=torch.float32) * draws.posterior
-    x0 = x0 * float(dataset.scale)
+    x0 = dataset.latent.normalise(x0)  # (z - shift) · scale, then any per-channel statistics
     y = torch.as_tensor(labels, dtype=torch.int64)
     y = torch.where(draws.drop, torch.full_like(y, null_class), y)
     return MicroBatch(x0, y, draws.noise, draws.tau, draws.tau_teacher)

@@ -43,6 +43,7 @@ from selfflow.data.verify import ShardRecord, verify_report
 from selfflow.model.network import SelfFlowDiT
 from selfflow.train import state as run_state
 from selfflow.train.config import ResolvedConfig, TrainConfig, differences, label_space_note
+from selfflow.train.cost import run_cost_lines
 from selfflow.train.ema import make_ema
 from selfflow.train.network import FastTrainingDiT, compile_errors, compiles, training_optimizer
 from selfflow.train.parallel import TrainerProcesses
@@ -466,6 +467,7 @@ class Trainer:
             num_parameters=self.num_parameters,
             init_from=None if found or self.init_state is None else self.config.init_from,
         )
+        lines += run_cost_lines(self)  # FLOPs per image and memory per GPU at the data's shape
         for line in lines:
             self.log(line)
         failures += verify_report(self.dataset, progress=self.config.progress, log=self.log)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,6 +47,7 @@ from torch import nn
 from selfflow.base import distributed
 from selfflow.base.errors import ConfigurationError
 from selfflow.base.seeds import keyed_rng, normals
+from selfflow.model.latents import LatentConvention
 from selfflow.train.objective import self_flow_loss
 
 if TYPE_CHECKING:
@@ -93,6 +94,9 @@ def open_val_data(settings: Any, train_data: LatentDataset) -> LatentDataset:
             f"{_name_at(val.class_names, first)} (training data: {len(train_data.class_names)}, "
             f"class {first} {_name_at(train_data.class_names, first)})"
         )
+    unscaled = [replace(d.latent, mean=None, std=None) for d in (val, train_data)]
+    if unscaled[0] != unscaled[1]:  # the statistics may differ: the training data's are used
+        found.append(f"latents {unscaled[0].describe()} (training data: {unscaled[1].describe()})")
     mine, theirs = val.manifest.get("vae_identity"), train_data.manifest.get("vae_identity")
     if mine != theirs:
         found.append(f"VAE encoder {val.vae} (training data: {train_data.vae})")
@@ -116,10 +120,13 @@ def validation_rows(size: int, samples: int) -> np.ndarray:
 
 
 def row_inputs(
-    dataset: LatentDataset, rows: np.ndarray
+    dataset: LatentDataset, rows: np.ndarray, latent: LatentConvention | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x0, y, noise)`` of validation rows: ``x0 = scale·(mean + std·n)`` with ``n`` and the
-    path noise from the rows' own keyed streams (float32, CPU)."""
+    path noise from the rows' own keyed streams (float32, CPU), brought to the model's latents
+    by ``latent`` (the training data's convention: a held-out set prepared with
+    ``--latent-norm channel`` measured statistics of its own, but the model learnt the
+    training data's; default: the dataset's own)."""
     means, stds, labels = dataset.get_batch(rows)
     shape = tuple(dataset.latent_shape)
     x0 = means
@@ -129,7 +136,7 @@ def row_inputs(
     noise = torch.stack(
         [normals(keyed_rng(VAL_SEED, int(i), "validation/noise"), shape) for i in rows]
     )
-    return x0 * float(dataset.scale), labels.to(torch.int64), noise
+    return (latent or dataset.latent).normalise(x0), labels.to(torch.int64), noise
 
 
 @dataclass(frozen=True)
@@ -208,9 +215,10 @@ class Validation:
         *,
         autocast: torch.dtype | None = None,
         sharded: bool = False,
+        latent: LatentConvention | None = None,
     ) -> None:
         self.recipe = ValidationRecipe.of(resolved)
-        self.dataset, self.context = dataset, context
+        self.dataset, self.context, self.latent = dataset, context, latent
         self.autocast, self.sharded = autocast, sharded
         rows = validation_rows(len(dataset), self.recipe.samples)
         self.chunks = [rows[k : k + CHUNK] for k in range(0, len(rows), CHUNK)]
@@ -231,7 +239,7 @@ class Validation:
         device = self.context.device
         results = []
         for c in self._mine():
-            x0, y, noise = row_inputs(self.dataset, self.chunks[max(c, 0)])
+            x0, y, noise = row_inputs(self.dataset, self.chunks[max(c, 0)], self.latent)
             with self._precision(device):
                 values = chunk_values(
                     model, ema, x0.to(device), y.to(device), noise.to(device), self.recipe

@@ -252,7 +252,9 @@ class Watch:
         if self.main:
             trainer = self.trainer
             labels = grid_labels(trainer.dataset.num_classes)  # classes it has seen
-            pipe = SelfFlowPipeline(ema, self.vae, device=trainer.context.device)
+            pipe = SelfFlowPipeline(
+                ema, self.vae, device=trainer.context.device, latent=trainer.card.convention
+            )
             latents = pipe.sample_latents(
                 labels,
                 list(range(len(labels))),
@@ -321,6 +323,7 @@ def _validation(trainer: WatchedRun):
         trainer.context,
         autocast=torch.bfloat16 if trainer.dtype == torch.bfloat16 else None,
         sharded=trainer.sharded,
+        latent=trainer.dataset.latent,
     )
 
 
