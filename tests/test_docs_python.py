@@ -6,7 +6,7 @@ stand-ins, and nothing else, change a block; they are listed here per page (``ST
 exact text replacement, which must be found, so an edited example fails here until its
 stand-in is edited too) and per block (``PRELUDES``: names an example leaves to the reader):
 
-- the released checkpoint and the SD-VAE are the tiny random model (8 × 8 latents) and the tiny
+- a VAE from the hub (FLUX's) and the released checkpoint and the SD-VAE are the tiny random model (8 × 8 latents) and the tiny
   diffusers VAE, on the CPU, with few sampler steps;
 - files the examples open by name (``selfflow_imagenet256.pt``, ``model.pt``,
   ``/data/imagenet256-latents``) are made in the work folder from those stand-ins;
@@ -37,6 +37,12 @@ STAND_INS = {
         (
             'num_samples=10_000, mode="ode")',
             'num_samples=8, mode="ode", num_steps=2, batch_size=4, vae=TINY_VAE, device="cpu")',
+        ),
+    ],
+    "docs/latents.md": [
+        (
+            'AutoencoderKL.from_pretrained("black-forest-labs/FLUX.1-dev", subfolder="vae")',
+            "AutoencoderKL.from_pretrained(TINY_VAE)",
         ),
     ],
     "docs/data.md": [
@@ -122,5 +128,7 @@ def test_every_python_example_of_the_docs_runs(
         assert str(images.dtype) == "uint8" and images.ndim == 4 and images.shape[-1] == 3
     if "v" in namespace:  # the velocity has the latents' shape
         assert namespace["v"].shape == namespace["x"].shape
+    if page == "docs/latents.md":  # the VAE saved as a folder of its own, as the page says
+        assert (tmp_path / "flux-vae" / "config.json").is_file()
     if "result" in namespace:
         assert os.path.isfile(namespace["result"].npz_path)
