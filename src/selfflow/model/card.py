@@ -41,13 +41,16 @@ class ModelCard:
     id or an absolute local folder (``None``: the latents were not made by a VAE, e.g. data
     written with :func:`selfflow.data.write_dataset`). ``vae_identity``: ``encoder-sha256:…``
     (``None``: not known, as for the released checkpoint). ``dataset``: the identity of the
-    dataset it was trained on, when it was trained here.
+    dataset it was trained on, when it was trained here. ``ema_length``: the σ_rel of a
+    post-hoc EMA export (``selfflow export --ema-length``); ``None`` for every other file,
+    whose card then reads and writes as before the entry existed.
     """
 
     class_names: tuple[str, ...] | None = None
     vae: str | None = SD_VAE_ID
     vae_identity: str | None = None
     dataset: str | None = None
+    ema_length: float | None = None
 
     def classes(self, num_classes: int) -> tuple[ImageNetClass, ...]:
         """The model's ``num_classes`` classes (the null label is not one of them).
@@ -63,19 +66,23 @@ class ModelCard:
         return classes_from_names(names)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        values = {
             "class_names": None if self.class_names is None else list(self.class_names),
             "vae": self.vae,
             "vae_identity": self.vae_identity,
             "dataset": self.dataset,
         }
+        if self.ema_length is not None:  # only post-hoc EMA exports carry it
+            values["ema_length"] = self.ema_length
+        return values
 
     @classmethod
     def from_dict(cls, values: object) -> ModelCard:
         """The card of a file; raises ValueError saying what is wrong with a damaged one."""
         if not isinstance(values, Mapping):
             raise ValueError(f"the model card is a {type(values).__name__}, expected a dict")
-        unknown = sorted(set(values) - {"class_names", "vae", "vae_identity", "dataset"})
+        known = {"class_names", "vae", "vae_identity", "dataset", "ema_length"}
+        unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"the model card has unknown entries {unknown}")
         names = values.get("class_names")
@@ -88,11 +95,17 @@ class ModelCard:
         for key in ("vae", "vae_identity", "dataset"):
             if values.get(key) is not None and not isinstance(values.get(key), str):
                 raise ValueError(f"the model card's {key} is not a string")
+        length = values.get("ema_length")
+        if length is not None and (
+            isinstance(length, bool) or not isinstance(length, (int, float))
+        ):
+            raise ValueError("the model card's ema_length is not a number")
         return cls(
             class_names=None if names is None else tuple(names),
             vae=values.get("vae", SD_VAE_ID),
             vae_identity=values.get("vae_identity"),
             dataset=values.get("dataset"),
+            ema_length=None if length is None else float(length),
         )
 
 
