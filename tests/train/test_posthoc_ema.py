@@ -379,3 +379,31 @@ def test_the_python_function_is_the_one_the_package_offers():
         "step",
     )
     assert math.isclose(phema.MAX_SIGMA_REL, 0.288675, rel_tol=1e-6)
+
+
+@pytest.mark.slow  # two processes under torchrun: about half a minute
+def test_two_processes_with_fsdp_shard_and_track_the_same_emas(every_step, data, tmp_path):
+    import subprocess
+    import sys
+
+    from .helpers import REPO, assert_states_close, cli_args, subprocess_env
+
+    config = _config(data, tmp_path / "fsdp", steps=4, checkpoint_every=4, fsdp=True)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(REPO / "train.py"), *cli_args(config), "--posthoc-ema", "0.05", "0.10",
+        "--snapshot-every", "2",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(),
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    sharded, one = final_state(tmp_path / "fsdp", 4), final_state(every_step, 4)
+    assert_states_close(sharded, one)
+    for got, want in zip(_tracked_states(tmp_path / "fsdp", 4), _tracked_states(every_step, 4),
+                         strict=True):  # fmt: skip
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
+    assert [s for s, _ in list_snapshots(tmp_path / "fsdp")] == [2, 4]
+    snapshot = torch_load_verified(snapshot_path(tmp_path / "fsdp", 4))["states"]
+    for got, want in zip(snapshot, _tracked_states(tmp_path / "fsdp", 4), strict=True):
+        assert all(torch.equal(got[key], want[key]) for key in want)  # whole, not one shard
