@@ -413,3 +413,40 @@ def test_help_names_the_options(capsys):
             cli.main(args)
         text = capsys.readouterr().out
         assert all(option in text for option in options), (args, text)
+
+
+@pytest.mark.slow  # a process killed and rerun: about half a minute
+def test_sigkill_then_the_same_command_restores_the_tracked_emas_bit_for_bit(
+    every_step, data, tmp_path
+):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .helpers import REPO, cli_args, subprocess_env
+
+    victim = tmp_path / "victim"
+    config = _config(data, victim, steps=8, checkpoint_every=2, keep_last=1)
+    command = [sys.executable, str(REPO / "train.py"), *cli_args(config),
+               "--posthoc-ema", "0.05", "0.10", "--snapshot-every", "1"]  # fmt: skip
+    with open(tmp_path / "victim.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env=subprocess_env())  # fmt: skip
+        deadline = time.monotonic() + 240
+        while not run_state.list_checkpoints(victim):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL
+    assert run_state.list_checkpoints(victim)[-1][0] < 8, "the run finished before it was killed"
+    rerun = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(),
+                           timeout=300)  # fmt: skip
+    assert rerun.returncode == 0 and "resuming from" in rerun.stdout, rerun.stderr[-3000:]
+    assert_states_equal(final_state(victim, 8), final_state(every_step, 8))
+    for got, want in zip(_tracked_states(victim, 8), _tracked_states(every_step, 8), strict=True):
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    for step in range(1, 9):
+        got, want = (torch_load_verified(snapshot_path(r, step))["states"]
+                     for r in (victim, every_step))  # fmt: skip
+        assert all(torch.equal(g[k], w[k]) for g, w in zip(got, want, strict=True) for k in w)
