@@ -85,8 +85,9 @@ class PosthocEMA:
             entry = state.get("posthoc_ema")
             stored = None if entry is None else [float(s) for s in entry["sigma_rels"]]
             if stored != list(sigma_rels):
+                held = "none" if stored is None else f"those of σ_rel {stored}"
                 raise CheckpointError(
-                    f"{path} holds post-hoc EMAs of σ_rel {stored}; this run tracks "
+                    f"{path} holds {held} among its post-hoc EMAs; this run tracks σ_rel "
                     f"{list(sigma_rels)}"
                 )
             for module, values in zip(modules, entry["states"], strict=True):
