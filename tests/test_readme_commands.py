@@ -33,9 +33,11 @@ would be downloaded or would take days. The stand-ins, and nothing else, change 
   ``sweep``.
 - Sizes: ``--image-size`` 16; ``--val-per-class`` 1 (the generated trees hold 2 or 3
   images per class); ``--model`` tiny; ``--steps`` 2 (``--checkpoint-every``,
-  ``--keep-every`` 2, ``--eval-every`` past the end, ``--eval-samples`` 8) at global batch 4
-  on the CPU, no progress bar; ``sample`` and ``generate`` take 2 ODE steps and ``sample`` 8
-  images (``samples_N.npz`` is ``samples_8.npz``); ``sweep`` 8 images of 2 steps per cell; the digits demo trains 2 steps and scores
+  ``--keep-every``, ``--snapshot-every`` and ``export --ema-length``'s ``--step`` 2,
+  ``--eval-every`` past the end, ``--eval-samples`` 8) at global batch 4 on the CPU, no
+  progress bar; ``sample`` and ``generate`` take 2 ODE steps and ``sample`` 8
+  images (``samples_N.npz`` is ``samples_8.npz``); ``sweep`` 8 images of 2 steps per cell; the
+  digits demo trains 2 steps and scores
   3 samples per class with 10 sampler steps.
 
 A command that cannot run as written fails the test with its page and command named.
@@ -231,7 +233,7 @@ def _stand_in(line: str, at: StandIns) -> list[str] | None:
     elif command == "train":
         args = _set(args, "--model", "tiny")
         args = _set(args, "--steps", str(STEPS))
-        for flag in ("--checkpoint-every", "--keep-every"):
+        for flag in ("--checkpoint-every", "--keep-every", "--snapshot-every"):
             if flag in args:
                 args = _set(args, flag, str(STEPS))
         if "--eval-every" in args:
@@ -251,6 +253,8 @@ def _stand_in(line: str, at: StandIns) -> list[str] | None:
         args = [*args, "--num-steps", "2", "--mode", "ODE", "--device", "cpu"]
     elif command == "evaluate":
         args = [*args, "--device", "cpu"]
+    elif command == "export" and "--ema-length" in args and "--step" in args:
+        args = _set(args, "--step", str(STEPS))  # a snapshot step of the short run
     elif command == "classes" and "--ckpt" in args:
         args = _released_stand_in(args, at, vae=False)
     elif command not in ("export", "classes", "download"):

@@ -45,6 +45,8 @@ class ModelCard:
     (``None``: not known, as for the released checkpoint). ``dataset``: the identity of the
     dataset it was trained on, when it was trained here. ``latent``: the latent convention
     (:class:`~selfflow.model.latents.LatentConvention`; ``None``: SD-VAE's, see :attr:`convention`).
+    ``ema_length``: the σ_rel of a post-hoc EMA export (``selfflow export --ema-length``);
+    ``None`` for every other file, whose card then reads and writes as before the entry existed.
     """
 
     class_names: tuple[str, ...] | None = None
@@ -58,6 +60,8 @@ class ModelCard:
         """The latent convention the model was trained on; a card without one (the released
         model, cards of earlier versions) means SD-VAE's (:data:`~selfflow.model.latents.SD_VAE`)."""
         return self.latent if self.latent is not None else SD_VAE
+
+    ema_length: float | None = None
 
     def classes(self, num_classes: int) -> tuple[ImageNetClass, ...]:
         """The model's ``num_classes`` classes (the null label is not one of them).
@@ -73,20 +77,23 @@ class ModelCard:
         return classes_from_names(names)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        values = {
             "class_names": None if self.class_names is None else list(self.class_names),
             "vae": self.vae,
             "vae_identity": self.vae_identity,
             "dataset": self.dataset,
             **({} if self.latent is None else {"latent": self.latent.to_dict()}),
         }
+        if self.ema_length is not None:  # only post-hoc EMA exports carry it
+            values["ema_length"] = self.ema_length
+        return values
 
     @classmethod
     def from_dict(cls, values: object) -> ModelCard:
         """The card of a file; raises ValueError saying what is wrong with a damaged one."""
         if not isinstance(values, Mapping):
             raise ValueError(f"the model card is a {type(values).__name__}, expected a dict")
-        known = {"class_names", "vae", "vae_identity", "dataset", "latent"}
+        known = {"class_names", "vae", "vae_identity", "dataset", "latent", "ema_length"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"the model card has unknown entries {unknown}")
@@ -100,6 +107,11 @@ class ModelCard:
         for key in ("vae", "vae_identity", "dataset"):
             if values.get(key) is not None and not isinstance(values.get(key), str):
                 raise ValueError(f"the model card's {key} is not a string")
+        length = values.get("ema_length")
+        if length is not None and (
+            isinstance(length, bool) or not isinstance(length, (int, float))
+        ):
+            raise ValueError("the model card's ema_length is not a number")
         return cls(
             class_names=None if names is None else tuple(names),
             vae=values.get("vae", SD_VAE_ID),
@@ -108,6 +120,7 @@ class ModelCard:
             latent=None
             if values.get("latent") is None
             else LatentConvention.from_dict(values["latent"]),
+            ema_length=None if length is None else float(length),
         )
 
 

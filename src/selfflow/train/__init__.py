@@ -4,7 +4,8 @@ faster training forward pass with the model's parameters.
 The objective is a set of plain functions over tensors and any network called like
 :class:`~selfflow.model.network.SelfFlowDiT`; the trainer (loop, checkpoints, processes) builds on it:
 ``train(TrainConfig(...))`` is what ``selfflow train`` runs, ``export_run`` what
-``selfflow export`` runs.
+``selfflow export`` runs, ``export_posthoc_ema`` what ``selfflow export --ema-length``
+runs (any EMA length, from a ``--posthoc-ema`` run's snapshots).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from selfflow.train.objective import (
     representation_loss,
     self_flow_loss,
 )
+from selfflow.train.posthoc import PosthocExported, export_posthoc_ema
 from selfflow.train.trainer import TrainResult, train
 
 __all__ = [
@@ -31,6 +33,8 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "export_run",
+    "export_posthoc_ema",
+    "PosthocExported",
     "dual_timesteps",
     "noised_input",
     "representation_loss",

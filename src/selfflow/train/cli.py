@@ -213,6 +213,31 @@ def _checkpoint_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _posthoc_options(parser: argparse.ArgumentParser) -> None:
+    posthoc = parser.add_argument_group(
+        "post-hoc EMA (Karras et al. 2024, EDM2): choose the EMA length after training"
+    )
+    posthoc.add_argument(
+        "--posthoc-ema",
+        type=float,
+        nargs="+",
+        default=(),
+        metavar="SIGMA_REL",
+        help="also keep power-function EMAs of the weights with these relative lengths σ_rel "
+        "in (0, 0.2887) (EDM2: 0.05 0.10), beside the recipe's EMA (which stays the teacher), "
+        "and snapshot them; `selfflow export RUN OUT.pt --ema-length σ` then reconstructs "
+        "any σ_rel. Part of the run's identity (default: none)",
+    )
+    posthoc.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=None,
+        metavar="K",
+        help="write a snapshot of the --posthoc-ema EMAs every K steps and at the last step, "
+        "to RUN/phema/; never pruned (default: --checkpoint-every)",
+    )
+
+
 def _watch_options(parser: argparse.ArgumentParser) -> None:
     watch = parser.add_argument_group("watching")
     watch.add_argument(
@@ -274,6 +299,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _objective_options(parser)
     _optimisation_options(parser)
     _checkpoint_options(parser)
+    _posthoc_options(parser)
     _watch_options(parser)
     parser.set_defaults(func=run)
     return parser
@@ -286,6 +312,7 @@ def config_from_args(args: argparse.Namespace):
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     values["data"] = str(values["data"])
     values["output_dir"] = str(values["output_dir"])
+    values["posthoc_ema"] = tuple(values.get("posthoc_ema") or ())
     return TrainConfig(**values)
 
 
@@ -331,14 +358,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     export.add_argument("run", metavar="RUN", help="run folder or training checkpoint file")
     export.add_argument("out", metavar="OUT.pt", help="file to write (.pt or .safetensors)")
-    export.add_argument("--step", type=int, default=None, help="export this step's checkpoint")
+    export.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="export this step's checkpoint (with --ema-length: this snapshot step)",
+    )
+    export.add_argument(
+        "--ema-length",
+        type=float,
+        default=None,
+        metavar="SIGMA_REL",
+        help="instead of the recipe's EMA, the power-function EMA of this σ_rel, reconstructed "
+        "by least squares from the run's post-hoc EMA snapshots (train --posthoc-ema) at "
+        "their newest step or --step; prints how closely its averaging profile is matched",
+    )
     export.set_defaults(func=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from selfflow.train.export import export_run
 
-    exported = export_run(args.run, args.out, step=args.step)
+    if args.ema_length is not None:
+        from selfflow.train.posthoc import export_posthoc_ema
+
+        exported = export_posthoc_ema(args.run, args.ema_length, args.out, step=args.step)
+    else:
+        exported = export_run(args.run, args.out, step=args.step)
     print(f"selfflow export: {exported.summary()}", flush=True)
     return 0
 

@@ -22,6 +22,7 @@ from typing import Any
 from selfflow.base.classes import NUM_IMAGENET_CLASSES, imagenet_classes
 from selfflow.base.errors import ConfigurationError
 from selfflow.model.network import ModelConfig
+from selfflow.train.phema import check_sigma_rel
 
 # SiT's sizes (width, depth, heads), all with 2 × 2 patches; "tiny" is ModelConfig.tiny()'s.
 _TINY = ModelConfig.tiny()
@@ -68,6 +69,7 @@ RESUMABLE_CHANGES = frozenset(
         "allow_vae_mismatch",
         # the label space is in the identity's model_config (num_classes) already
         "num_classes",
+        "snapshot_every",  # post-hoc EMA snapshots: written beside the run, not its maths
     }
 )
 
@@ -134,6 +136,8 @@ class TrainConfig:
     sample_every: int = 10_000
     log_every: int = 100
     progress: bool = True
+    posthoc_ema: tuple[float, ...] = ()  # σ_rel of power-function EMAs kept beside the EMA
+    snapshot_every: int | None = None  # default: --checkpoint-every (with --posthoc-ema)
 
     def validate(self) -> None:
         """Checks that need no file, so a typo fails before anything is loaded."""
@@ -213,6 +217,7 @@ class TrainConfig:
             raise ConfigurationError(
                 "--eval-every needs --eval-ref REF.npz (an ADM reference batch) to score against"
             )
+        check_posthoc_options(self.posthoc_ema, self.snapshot_every)
 
     def resolve(
         self, latent_shape: tuple[int, int, int], num_classes: int, world_size: int = 1
@@ -247,6 +252,9 @@ class TrainConfig:
                 mask_ratio=float(mask_ratio),
                 rep_weight=float(rep_weight),
                 batch_size=batch,
+                posthoc_ema=tuple(sorted(float(v) for v in self.posthoc_ema)),
+                snapshot_every=self.snapshot_every
+                or (self.checkpoint_every if self.posthoc_ema else None),
             ),
             model=model,
             world_size=world_size,
@@ -280,6 +288,10 @@ class ResolvedConfig:
             for f in fields(self.settings)
             if f.name not in RESUMABLE_CHANGES
         }
+        if values.get("posthoc_ema"):  # named on a resume that tracks others
+            values["posthoc_ema"] = [float(v) for v in values["posthoc_ema"]]
+        else:  # off: the recipe's identity (and run.json) as before the option existed
+            values.pop("posthoc_ema", None)
         values["model_config"] = self.model.to_dict()
         values["streams_revision"] = STREAMS_REVISION
         return values
@@ -436,6 +448,24 @@ def differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "
             shown_new = "(absent)" if key not in current else repr(new)
             found.append(f"{prefix}{key}: {shown_old} → {shown_new}")
     return found
+
+
+def check_posthoc_options(sigma_rels: object, snapshot_every: object) -> None:
+    """``--posthoc-ema``: distinct σ_rel values of the power-function family;
+    ``--snapshot-every`` only with them."""
+    if not isinstance(sigma_rels, (list, tuple)):
+        raise ConfigurationError(f"--posthoc-ema takes σ_rel values; got {sigma_rels!r}")
+    for value in sigma_rels:
+        check_sigma_rel(value, "--posthoc-ema")
+    if len(set(sigma_rels)) != len(sigma_rels):
+        raise ConfigurationError(f"--posthoc-ema lists a σ_rel twice: {list(sigma_rels)}")
+    if snapshot_every is not None:
+        _whole("--snapshot-every", snapshot_every, 1)
+        if not sigma_rels:
+            raise ConfigurationError(
+                "--snapshot-every writes snapshots of post-hoc EMAs; it needs --posthoc-ema "
+                "SIGMA_REL ... (e.g. --posthoc-ema 0.05 0.10)"
+            )
 
 
 def _whole(name: str, value: Any, minimum: int) -> None:

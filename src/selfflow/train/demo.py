@@ -15,6 +15,13 @@ Settings that differ from the ImageNet recipe, because the run is a few hundred 
 smaller model (width 64, 4 blocks), global batch 64, learning rate 3e-3 and EMA decay 0.99
 (an EMA of 0.9999 would still be 95 % the initial weights after 500 steps).
 
+Post-hoc EMA sweep (``--ema-sweep 0.02 0.05 0.1 0.2``): the run also keeps power-function
+EMAs of σ_rel 0.05 and 0.10 (``--posthoc-ema``, a snapshot every twentieth of the longest
+step count), and at its last step the EMA of each swept σ_rel is reconstructed from the
+snapshots (:func:`selfflow.train.export_posthoc_ema`) and scored the same way: accuracy
+against the EMA length, from one run. That run has its own folder (``METHOD-posthoc``): the
+tracked EMAs are part of a run's identity, and they leave its weights as they are.
+
 Needs scikit-learn (in selfflow's ``[test]`` extra), for the digits and the classifier.
 """
 
@@ -105,17 +112,25 @@ def accuracy(classifier, model, seed: int) -> float:
 
 
 def run_method(
-    method: str, data: Path, out: Path, steps: Sequence[int], classifier, demo: DemoSettings
+    method: str,
+    data: Path,
+    out: Path,
+    steps: Sequence[int],
+    classifier,
+    demo: DemoSettings,
+    posthoc: Sequence[float] = (),
 ) -> list[dict]:
-    """Train one run up to each step count in turn (resuming) and score its EMA each time."""
+    """Train one run up to each step count in turn (resuming) and score its EMA each time;
+    with ``posthoc``, the run (folder ``METHOD-posthoc``) also tracks those σ_rel."""
     from selfflow.model.checkpoint import load_model
     from selfflow.train import TrainConfig, train
     from selfflow.train.state import export_path
     from selfflow.train.weights import initial_model
 
+    folder = out / (f"{method}-posthoc" if posthoc else method)
     config = TrainConfig(
         data=str(data),
-        output_dir=str(out / method),
+        output_dir=str(folder),
         steps=1,
         model="tiny",
         hidden_size=demo.hidden_size,
@@ -131,6 +146,8 @@ def run_method(
         sample_every=0,
         log_every=50,
         progress=False,
+        posthoc_ema=tuple(posthoc),
+        snapshot_every=max(1, max(steps) // 20) if posthoc else None,
     )
     untrained = initial_model(config.resolve((1, 8, 8), 10), None)  # the run's step-0 weights
     rows = [{"method": method, "step": 0, "accuracy": accuracy(classifier, untrained, 1)}]
@@ -139,7 +156,7 @@ def run_method(
         began = time.perf_counter()
         train(TrainConfig(**{**config.__dict__, "steps": count}), log=lambda _: None)
         trained += time.perf_counter() - began
-        model = load_model(export_path(out / method, count))
+        model = load_model(export_path(folder, count))
         rows.append(
             {
                 "method": method,
@@ -150,6 +167,42 @@ def run_method(
         )
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def posthoc_sweep(method: str, run: Path, lengths: Sequence[float], classifier) -> list[dict]:
+    """At the run's last snapshot, the EMA of each σ_rel in ``lengths`` reconstructed from the
+    tracked ones, scored like the recipe's EMA (with the profile's residual beside it)."""
+    from selfflow.model.checkpoint import load_model
+    from selfflow.train import export_posthoc_ema
+
+    rows = []
+    for sigma_rel in lengths:
+        exported = export_posthoc_ema(run, sigma_rel, run / f"posthoc_{sigma_rel:g}.pt")
+        rows.append(
+            {
+                "method": method,
+                "step": exported.step,
+                "ema_length": sigma_rel,
+                "residual": round(exported.residual, 5),
+                "accuracy": accuracy(classifier, load_model(exported.path), 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _print_tables(rows: list[dict], sweep: list[dict]) -> None:
+    print("\n| method | step | accuracy |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row['method']} | {row['step']} | {row['accuracy']:.1%} |")
+    if sweep:
+        print("\n| method | step | post-hoc EMA σ_rel | profile residual | accuracy |")
+        print("|---|---|---|---|---|")
+        for row in sweep:
+            print(
+                f"| {row['method']} | {row['step']} | {row['ema_length']:g} | "
+                f"{row['residual']:.2%} | {row['accuracy']:.1%} |"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,18 +228,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="torch CPU threads (default: 1: these matmuls are too small to gain from more, "
         "and on a busy machine several threads slow each other down many times over)",
     )
+    parser.add_argument(
+        "--ema-sweep",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="SIGMA_REL",
+        help="post-hoc EMA sweep: the runs also track --posthoc-ema, and at the last step the "
+        "EMA of each of these σ_rel is reconstructed and scored (default: no sweep)",
+    )
+    parser.add_argument(
+        "--posthoc-ema",
+        type=float,
+        nargs="+",
+        default=[0.05, 0.10],
+        metavar="SIGMA_REL",
+        help="the σ_rel the sweep's runs track (default: 0.05 0.10, as EDM2)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     images, labels = write_digits(args.out / "data")
     classifier = fit_classifier(images, labels)
-    rows = []
+    posthoc = tuple(args.posthoc_ema) if args.ema_sweep else ()
+    rows, sweep = [], []
     for method in args.methods:
-        rows += run_method(
-            method, args.out / "data", args.out, sorted(args.steps), classifier, DemoSettings()
-        )
-    print("\n| method | step | accuracy |\n|---|---|---|")
-    for row in rows:
-        print(f"| {row['method']} | {row['step']} | {row['accuracy']:.1%} |")
+        rows += run_method(method, args.out / "data", args.out, sorted(args.steps), classifier,
+                           DemoSettings(), posthoc)  # fmt: skip
+        if args.ema_sweep:
+            run = args.out / f"{method}-posthoc"
+            sweep += posthoc_sweep(method, run, sorted(args.ema_sweep), classifier)
+    _print_tables(rows, sweep)
     return 0
 
 

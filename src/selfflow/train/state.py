@@ -8,6 +8,7 @@ Layout of ``RUN/``::
     checkpoints/step_000001000-ema.pt   the EMA weights alone, in the sampler's format (export)
     log.jsonl, tensorboard/, samples/, eval/
     verified_shards/rank_00000.json the shards this run verified (selfflow.data.verify.ShardRecord)
+    phema/step_000001000.pt         post-hoc EMA snapshots (--posthoc-ema; selfflow.train.posthoc)
 
 A checkpoint holds no RNG state: every random number of step k comes from streams keyed by
 (seed, k) (see :mod:`selfflow.train.streams`), so the step number is all a resume needs. Files
@@ -71,6 +72,7 @@ def write_checkpoint(
     settings: dict[str, Any],
     images_seen: int,
     card: dict[str, Any] | None = None,
+    posthoc_ema: dict[str, Any] | None = None,
 ) -> Path:
     """Write step ``step``'s training checkpoint atomically; returns its path.
 
@@ -92,6 +94,8 @@ def write_checkpoint(
         # classes and VAE (selfflow.model.card), for `selfflow export`; absent before they existed
         "card": card,
     }
+    if posthoc_ema is not None:  # --posthoc-ema's EMAs (selfflow.train.posthoc); else absent
+        state["posthoc_ema"] = posthoc_ema
     return atomic_save(state, checkpoint_path(run, step))
 
 
@@ -278,6 +282,27 @@ def state_bytes(num_parameters: int) -> int:
     return int(num_parameters * 4 * 5 * 1.05) + (1 << 20)
 
 
+def snapshot_plan(settings: Any, step: int, num_parameters: int) -> tuple[list[str], int]:
+    """The dry run's line on the post-hoc EMA snapshots still to be written from ``step``
+    (none without ``--posthoc-ema``) and their bytes: each holds every tracked EMA in float32,
+    and nothing prunes them."""
+    from selfflow.train.phema import snapshot_steps
+
+    sigma_rels = getattr(settings, "posthoc_ema", ())
+    if not sigma_rels:
+        return [], 0
+    steps = snapshot_steps(settings.snapshot_every, step, settings.steps)
+    each = len(sigma_rels) * num_parameters * 4 + (1 << 20)
+    total = len(steps) * each
+    line = (
+        f"post-hoc EMA σ_rel {', '.join(f'{s:g}' for s in sigma_rels)}: a snapshot of all of "
+        f"them every {settings.snapshot_every} steps and at the last, about {each / 1e6:,.1f} MB "
+        f"each; {len(steps)} still to write: about {total / 1e9:.2f} GB, kept until you delete "
+        f"them (phema/)"
+    )
+    return [line], total
+
+
 def plan_lines(
     run: Path,
     settings: Any,
@@ -309,6 +334,7 @@ def plan_lines(
     )
     each, kept = state_bytes(num_parameters), kept_checkpoints(settings)
     free = free_bytes(run)
+    snapshots, snapshot_total = snapshot_plan(settings, step, num_parameters)
     lines = [
         folder,
         f"each checkpoint with its EMA export: about {each / 1e9:.2f} GB, every "
@@ -316,17 +342,24 @@ def plan_lines(
         f"{settings.keep_last}"
         + (f" and every multiple of {settings.keep_every}" if settings.keep_every else "")
         + f"): about {kept * each / 1e9:.1f} GB; {free / 1e9:.1f} GB free there now"
-        + ("" if free >= kept * each else " (not enough for the whole run)"),
+        + ("" if free >= kept * each + snapshot_total else " (not enough for the whole run)"),
         to_go,
+        *snapshots,
     ]
     if init_from is not None:
         lines.append(f"starts from the weights of {init_from} (keys and shapes checked)")
     failures = []
-    if free < kept * each:
+    if free < kept * each + snapshot_total:
         failures.append(
             f"not enough free space in {nearest_existing(run)} for the whole run: "
             f"{free / 1e6:,.1f} MB free, its {kept} kept checkpoints with their exports need "
-            f"about {kept * each / 1e6:,.1f} MB; free space there, or keep fewer (--keep-last, "
-            f"--keep-every, --checkpoint-every)"
+            f"about {kept * each / 1e6:,.1f} MB"
+            + (
+                f" and its post-hoc EMA snapshots {snapshot_total / 1e6:,.1f} MB"
+                if snapshots
+                else ""
+            )
+            + "; free space there, or keep fewer (--keep-last, --keep-every, --checkpoint-every"
+            + (", --snapshot-every)" if snapshots else ")")
         )
     return lines, failures

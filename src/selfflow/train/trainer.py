@@ -47,6 +47,7 @@ from selfflow.train.cost import run_cost_lines
 from selfflow.train.ema import make_ema
 from selfflow.train.network import FastTrainingDiT, compile_errors, compiles, training_optimizer
 from selfflow.train.parallel import TrainerProcesses
+from selfflow.train.posthoc import PosthocEMA
 from selfflow.train.run_card import run_card, vae_plan_line
 from selfflow.train.step import StepRecipe, SummaryReader, TrainStep
 from selfflow.train.streams import (
@@ -307,6 +308,7 @@ class Trainer:
             model = FastTrainingDiT.from_model(model, compile=compile)
             ema = FastTrainingDiT.from_model(ema, compile=compile)
         device = self.context.device
+        self.posthoc = PosthocEMA.build(self.resolved.settings, model, restored, device)
         self.model, self.ema = model.to(device), ema.to(device)
         self.student, self.teacher = self._wrap(self.model, self.ema)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -352,7 +354,7 @@ class Trainer:
         if self.config.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            for module in (model, ema):
+            for module in (model, ema, *self.posthoc.modules):
                 for block in module.blocks:
                     fully_shard(block)
                 fully_shard(module)
@@ -409,14 +411,16 @@ class Trainer:
                     with compile_errors():  # compilation happens in the first step
                         summary = self.step(prefetch.get(step), stop=flag.raised)
                     step += 1
+                    self.posthoc.update(self.model, step)
                     reader.push(step, summary)
                     # the previous step's numbers, read while this one runs on the device
                     stop = self._read(reader, watch, keep=1)
                     saving = stop or step % settings.checkpoint_every == 0 or step == end
-                    if not (saving or watch.due(step, end)):
+                    if not (saving or self.posthoc.due(step, end) or watch.due(step, end)):
                         continue
                     # nothing is kept before every step up to here was read and was finite
                     stop = self._read(reader, watch, keep=0) or stop
+                    self.posthoc.snapshot_if_due(self, step, end)  # before the checkpoint
                     if stop or saving:
                         began = time.perf_counter()
                         self.save(step)
@@ -557,6 +561,7 @@ class Trainer:
         from selfflow.train.export import write_export
 
         model, ema, optimizer = self.full_states()
+        posthoc = self.posthoc.checkpoint_entry(self)  # None without --posthoc-ema
         if self.context.is_main:
             # the export first: a checkpoint is then never without its export, even when the
             # disk fills up between the two (a rerun resumes from the checkpoint and would not
@@ -575,6 +580,7 @@ class Trainer:
                 settings=self.resolved.to_dict(),
                 images_seen=step * self.resolved.settings.global_batch_size,
                 card=self.card.to_dict(),
+                posthoc_ema=posthoc,
             )
             s = self.resolved.settings
             run_state.prune(self.run_dir, s.keep_last, s.keep_every)
