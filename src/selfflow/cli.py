@@ -25,6 +25,7 @@ _SUBCOMMANDS: tuple[str, ...] = (
     "selfflow.model.classes_cli",
     "selfflow.data.cli",
     "selfflow.train.cli",
+    "selfflow.research.probe_cli",
 )
 
 
