@@ -130,7 +130,9 @@ def probe_features(
     """
     param = next(model.parameters())
     shape = dataset.latent_shape
-    found: dict[tuple[int, float], list[Tensor]] = {(l, t): [] for l in layers for t in taus}
+    found: dict[tuple[int, float], list[Tensor]] = {
+        (layer, tau): [] for layer in layers for tau in taus
+    }
     labels = []
     for start in range(0, len(rows), batch_size):
         chunk = np.asarray(rows[start : start + batch_size])

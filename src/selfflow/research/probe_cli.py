@@ -111,7 +111,9 @@ def check_dataset_fits(dataset, model, what: str = "--data") -> None:
     theirs = [(c.wnid, c.name) for c in classes_from_names(dataset.class_names)]
     ours = [(c.wnid, c.name) for c in card.classes(config.num_classes)][: len(theirs)]
     if len(theirs) > config.num_classes or theirs != ours:
-        first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), len(ours))
+        first = next(
+            (i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b), len(ours)
+        )
         found = theirs[first][1] if first < len(theirs) else "(none)"
         wanted = ours[first][1] if first < len(ours) else "(none)"
         raise ConfigurationError(
