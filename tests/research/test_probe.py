@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -279,3 +280,57 @@ def test_it_refuses_to_run_under_torchrun(digits, untrained, capsys, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     err = _refused(["probe", str(untrained), "--data", str(digits)], capsys, monkeypatch)
     assert "runs in one process" in err
+
+
+# -- the pages' tables are the recorded runs ----------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """(header, rows) of every markdown table whose header starts with "method | step"."""
+    found, lines = [], text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("| method | step |"):
+            header = [cell.strip() for cell in line.strip("|").split("|")]
+            rows = []
+            for row in lines[i + 2 :]:
+                if not row.startswith("|"):
+                    break
+                rows.append([cell.strip() for cell in row.strip("|").split("|")])
+            found.append((header, rows))
+    return found
+
+
+def test_the_probe_tables_of_the_pages_are_the_recorded_runs():
+    """docs/research.md's digits table: mean (min–max) over the seeds of the runs in the logs
+    it cites, recomputed here from their raw rows; the README's table is a part of it."""
+    page = (ROOT / "docs/research.md").read_text()
+    section = page.split("## Representation probe", 1)[1].split("\n## ", 1)[0]
+    logs = re.findall(r"`(benchmarks/results/[^`]+/digits_probe[^`]*\.log)`", section)
+    assert logs, "the probe section cites no record"
+    rows = [
+        json.loads(line.removeprefix("seed row: "))
+        for log in logs
+        for line in (ROOT / log).read_text().splitlines()
+        if line.startswith("seed row: ")
+    ]
+    ((header, table),) = _tables(section)
+    keys = ["accuracy" if name == "sample accuracy" else name for name in header[3:]]
+    assert {"accuracy", "probe L2 tau 0.3"} <= set(keys), header
+    shown = {}
+    for method, step, seeds, *cells in table:
+        group = [row for row in rows if row["method"] == method and row["step"] == int(step)]
+        assert sorted(str(row["seed"]) for row in group) == sorted(seeds.split(",")), seeds
+        assert len(group) >= 3, (method, step)
+        for key, cell in zip(keys, cells, strict=True):
+            values = [100 * row[key] for row in group]
+            mean, low, high = sum(values) / len(values), min(values), max(values)
+            assert cell == f"{mean:.1f} % ({low:.1f}–{high:.1f})", (method, step, key, cell)
+            shown[(method, step, key)] = cell
+    readme = (ROOT / "README.md").read_text()
+    ((small_header, small),) = _tables(readme)
+    for method, step, _seeds, *cells in small:
+        for name, cell in zip(small_header[3:], cells, strict=True):
+            key = "accuracy" if name == "sample accuracy" else name
+            assert shown[(method, step, key)] == cell, (method, step, name)

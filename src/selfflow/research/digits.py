@@ -58,6 +58,17 @@ def probe_scorer(
     return score
 
 
+def logged_rows(logs: Sequence[Path]) -> list[dict]:
+    """The rows that runs of this command printed (``seed row: {...}`` lines) in ``logs``."""
+    prefix = "seed row: "
+    return [
+        json.loads(line[len(prefix) :])
+        for log in logs
+        for line in Path(log).read_text().splitlines()
+        if line.startswith(prefix)
+    ]
+
+
 def summary_table(rows: list[dict], cells: Sequence[str]) -> str:
     """Mean and range over the seeds of each method's sample accuracy and probe cells."""
     keys = ["accuracy", *cells]
@@ -95,7 +106,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=list(DEFAULT_LAYERS))
     parser.add_argument("--taus", type=float, nargs="+", default=list(DEFAULT_TAUS))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument(
+        "--summarise",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="LOG",
+        help="train nothing: print the table of the runs recorded in these logs (this "
+        "command's output, e.g. seeds run in separate processes)",
+    )
     args = parser.parse_args(argv)
+    if args.summarise is not None:
+        rows = logged_rows(args.summarise)
+        cells = sorted({key for row in rows for key in row if key.startswith("probe ")})
+        rows.sort(key=lambda row: (row["method"] != "selfflow", row["step"], row["seed"]))
+        print(summary_table(rows, cells), flush=True)
+        return 0
     torch.set_num_threads(args.threads)
     images, labels = demo.write_digits(args.out / "data")
     classifier = demo.fit_classifier(images, labels)
