@@ -75,26 +75,26 @@ def test_the_untrained_model_reads_near_chance(digits, untrained):
     assert results[0].accuracy == results[2].accuracy and results[1].accuracy == results[3].accuracy
 
 
-@pytest.mark.slow  # about 30 s on one thread: 300 training steps of the demo's model
+@pytest.mark.slow  # about 40 s on one thread: 300 training steps of the demo's model
 def test_a_trained_model_reads_clearly_above_the_untrained_one(digits, untrained, tmp_path):
     from selfflow.train import TrainConfig, train
     from selfflow.train.state import export_path
 
     settings = demo.DemoSettings()
-    if True:
-        config = TrainConfig(
-            data=str(digits), output_dir=str(tmp_path / "run"), steps=300, model="tiny",
-            hidden_size=settings.hidden_size, depth=settings.depth, num_heads=settings.num_heads,
-            global_batch_size=settings.global_batch_size, lr=settings.lr,
-            ema_decay=settings.ema_decay, method="flow", seed=0, device="cpu",
-            checkpoint_every=300, sample_every=0, log_every=100, progress=False,
-        )  # fmt: skip
-        train(config, log=lambda _: None)
-        trained = load_model(export_path(tmp_path / "run", 300))
-        dataset = LatentDataset(digits)
-        before = _probe(load_model(untrained), dataset, layers=(2,), taus=(0.3,))[0]
-        after = _probe(trained, dataset, layers=(2,), taus=(0.3,))[0]
-    assert after.accuracy >= before.accuracy + 0.15 and after.accuracy >= 0.35, (before, after)
+    config = TrainConfig(
+        data=str(digits), output_dir=str(tmp_path / "run"), steps=300, model="tiny",
+        hidden_size=settings.hidden_size, depth=settings.depth, num_heads=settings.num_heads,
+        global_batch_size=settings.global_batch_size, lr=settings.lr,
+        ema_decay=settings.ema_decay, method="flow", seed=0, device="cpu",
+        checkpoint_every=300, sample_every=0, log_every=100, progress=False,
+    )  # fmt: skip
+    train(config, log=lambda _: None)
+    trained = load_model(export_path(tmp_path / "run", 300))
+    dataset = LatentDataset(digits)
+    before = _probe(load_model(untrained), dataset, layers=(2,), taus=(0.3,))[0]
+    after = _probe(trained, dataset, layers=(2,), taus=(0.3,))[0]
+    # block 2 of the recorded baseline runs read 63.2 to 72.1 % at 300 steps (docs/research.md)
+    assert after.accuracy >= 0.5 and after.accuracy >= before.accuracy + 0.3, (before, after)
 
 
 # -- one seed, one number -----------------------------------------------------------------------
