@@ -80,7 +80,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="keys the split, each row's noise and posterior draw (default: %(default)s)",
     )
     run_options = parser.add_argument_group("running")
-    add_options(run_options, "--device")
+    add_options(
+        run_options, "--device", help={"--device": "torch device (default: cuda if available)"}
+    )
     run_options.add_argument(
         "--batch-size", type=int, default=256, help="images per forward pass (default: 256)"
     )
