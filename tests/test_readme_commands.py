@@ -38,7 +38,8 @@ would be downloaded or would take days. The stand-ins, and nothing else, change 
   progress bar; ``sample`` and ``generate`` take 2 ODE steps and ``sample`` 8
   images (``samples_N.npz`` is ``samples_8.npz``); ``sweep`` 8 images of 2 steps per cell; the
   digits demo trains 2 steps and scores
-  3 samples per class with 10 sampler steps.
+  3 samples per class with 10 sampler steps; ``python -m selfflow.research.digits`` does the
+  same for one seed, probing block 1 only; ``selfflow probe`` probes block 1 on the CPU.
 
 A command that cannot run as written fails the test with its page and command named.
 """
@@ -62,7 +63,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # (group, pages): each group runs in its own work folder, its pages in this order. A page may
 # be narrowed to some of its "## " sections with "PAGE#section title".
 GROUPS = {
-    "data and training": ("docs/data.md", "docs/training.md", "docs/latents.md"),
+    "data and training": (
+        "docs/data.md",
+        "docs/training.md",
+        "docs/latents.md",
+        "docs/research.md## Post-hoc EMA lengths",
+        "docs/research.md## Representation probe",
+    ),
     "readme": ("README.md",),
     "sampling, evaluation, files and API": (
         "docs/sampling.md",
@@ -71,7 +78,7 @@ GROUPS = {
         "docs/api.md",
         "docs/performance.md",
         "docs/layout.md",
-        "docs/research.md",
+        "docs/research.md## `selfflow sweep`",
     ),
 }
 CHECKED_ELSEWHERE = {"docs/cluster.md": "tests/test_slurm_scripts.py"}
@@ -128,6 +135,17 @@ def _set(args: list[str], flag: str, value: str) -> list[str]:
         args[args.index(flag) + 1] = value
         return args
     return [*args, flag, value]
+
+
+def _set_all(args: list[str], flag: str, value: str) -> list[str]:
+    """``flag value`` in place of the flag and all its values (an option of several values)."""
+    if flag not in args:
+        return [*args, flag, value]
+    start = args.index(flag) + 1
+    end = start
+    while end < len(args) and not args[end].startswith("--"):
+        end += 1
+    return [*args[:start], value, *args[end:]]
 
 
 def _paths(arg: str, work: Path, cache: Path) -> str:
@@ -211,6 +229,11 @@ def _stand_in(line: str, at: StandIns) -> list[str] | None:
             words = ["selfflow", rest[0].removesuffix(".py"), *rest[1:]]
         else:
             raise AssertionError(f"no stand-in for this torchrun command: {line}")
+    if words[:3] == ["python", "-m", "selfflow.research.digits"]:
+        args = [_paths(a, work, cache) for a in words[3:]]
+        for flag, value in (("--seeds", "0"), ("--steps", str(STEPS)), ("--layers", "1")):
+            args = _set_all(args, flag, value)
+        return ["digits", *args]
     if words[:3] == ["python", "-m", "selfflow.train.demo"]:
         args = [_paths(a, work, cache) for a in words[3:]]
         if "--steps" in args:
@@ -257,6 +280,8 @@ def _stand_in(line: str, at: StandIns) -> list[str] | None:
         args = _set(args, "--step", str(STEPS))  # a snapshot step of the short run
     elif command == "classes" and "--ckpt" in args:
         args = _released_stand_in(args, at, vae=False)
+    elif command == "probe":
+        args = [*_set_all(args, "--layer", "1"), "--device", "cpu"]  # the tiny model's block 1
     elif command not in ("export", "classes", "download"):
         raise AssertionError(f"no stand-in for `selfflow {command}`: {line}")
     return [command, *args]
@@ -383,7 +408,7 @@ def _download_stand_ins(monkeypatch, at: StandIns) -> None:
 
 EXPECTED = {  # what each group must have run, so that a page cannot lose its commands quietly
     "data and training": {"prepare", "train", "export", "sample", "evaluate", "classes", "generate",
-                          "demo"},
+                          "demo", "probe", "digits"},
     "readme": {"prepare", "train", "export", "sample", "evaluate", "demo", "sweep"},
     "sampling, evaluation, files and API": {"sample", "evaluate", "download", "generate",
                                             "classes", "sweep"},
@@ -395,6 +420,7 @@ EXPECTED = {  # what each group must have run, so that a page cannot lose its co
 def test_every_command_of_the_readme_and_docs_runs(
     group, tmp_path, tiny_vae_dir, tiny_checkpoint, monkeypatch, capsys
 ):
+    from selfflow.research import digits
     from selfflow.train import demo
 
     work, cache = tmp_path / "work", tmp_path / "cache"
@@ -421,7 +447,13 @@ def test_every_command_of_the_readme_and_docs_runs(
                     args = _stand_in(part, at)
                     if args is None:
                         continue
-                    status = demo.main(args[1:]) if args[0] == "demo" else cli.main(args)
+                    status = (
+                        demo.main(args[1:])
+                        if args[0] == "demo"
+                        else digits.main(args[1:])
+                        if args[0] == "digits"
+                        else cli.main(args)
+                    )
                     printed = capsys.readouterr()
                     assert status == 0, (
                         f"{where}: `{line}` ran as {args} and ended with {status}:\n"

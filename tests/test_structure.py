@@ -301,7 +301,7 @@ ROOM_OFFERS: dict[str, set[str] | None] = {
     "batch": {"selfflow.batch", "selfflow.batch.cli"},  # `sweep` takes every `sample` option
     "data": {"selfflow.data", "selfflow.data.verify"},
     "eval": {"selfflow.eval", "selfflow.eval.evaluator"},
-    "train": {"selfflow.train"},
+    "train": {"selfflow.train", "selfflow.train.demo"},  # the demo: research builds on it
     "research": {"selfflow.research"},
 }
 

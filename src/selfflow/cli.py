@@ -26,6 +26,7 @@ _SUBCOMMANDS: tuple[str, ...] = (
     "selfflow.data.cli",
     "selfflow.train.cli",
     "selfflow.research.sweep_cli",
+    "selfflow.research.probe_cli",
 )
 
 

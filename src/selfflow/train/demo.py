@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,9 +119,13 @@ def run_method(
     classifier,
     demo: DemoSettings,
     posthoc: Sequence[float] = (),
+    extra: Callable[[torch.nn.Module], dict] | None = None,
 ) -> list[dict]:
     """Train one run up to each step count in turn (resuming) and score its EMA each time;
-    with ``posthoc``, the run (folder ``METHOD-posthoc``) also tracks those σ_rel."""
+    with ``posthoc``, the run (folder ``METHOD-posthoc``) also tracks those σ_rel.
+
+    ``extra(model)``, when given, adds its entries to each row (the representation probe of
+    ``python -m selfflow.research.digits``)."""
     from selfflow.model.checkpoint import load_model
     from selfflow.train import TrainConfig, train
     from selfflow.train.state import export_path
@@ -151,6 +155,7 @@ def run_method(
     )
     untrained = initial_model(config.resolve((1, 8, 8), 10), None)  # the run's step-0 weights
     rows = [{"method": method, "step": 0, "accuracy": accuracy(classifier, untrained, 1)}]
+    rows[0].update(extra(untrained) if extra is not None else {})
     trained = 0.0  # seconds inside train() only: the scoring between the runs is left out
     for count in steps:
         began = time.perf_counter()
@@ -163,6 +168,7 @@ def run_method(
                 "step": count,
                 "accuracy": accuracy(classifier, model, 1),
                 "train_seconds": round(trained, 1),
+                **(extra(model) if extra is not None else {}),
             }
         )
         print(json.dumps(rows[-1]), flush=True)

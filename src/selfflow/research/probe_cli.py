@@ -1,0 +1,226 @@
+"""``selfflow probe CKPT --data DIR [--layer L ...] [--tau T ...] [--out probe.json]``.
+
+Everything that can be wrong is checked before any feature is computed: the checkpoint loads
+strictly, the dataset's latent shape and classes are the model's, every layer is a block of
+it, every τ lies inside (0, 1), the split leaves rows on both sides, and ``--out`` can be
+written. The probe runs in one process (one GPU or the CPU); under torchrun it refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from selfflow.base.errors import ConfigurationError
+from selfflow.options import add_options
+
+DEFAULT_LAYER_FRACTION = 0.3  # the student's block in Self-Flow (8 of 28)
+DEFAULT_TAU = 0.5
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "probe",
+        help="linear-probe accuracy of a block's features (null label, fixed noise) on "
+        "held-out images of a latent dataset",
+        description=(
+            "How linearly readable are the classes in a block's output? Each image of a "
+            "latent dataset is noised to level tau (1 = pure noise) with noise keyed by its "
+            "row, run through the network up to block L with the NULL label (the class cannot "
+            "leak in through the conditioning), and its block output is averaged over the "
+            "tokens. A multinomial logistic regression (torch, L-BFGS, float64) fitted on "
+            "one part of the rows names the classes of the held-out part; its accuracy is "
+            "printed, one row per (layer, tau). Runs in one process (one GPU or the CPU). "
+            "Example: selfflow probe run_ema.pt --data latents --layer 2 4 --tau 0.3 0.7"
+        ),
+    )
+    parser.add_argument("ckpt", metavar="CKPT", help="a checkpoint or export (loaded strictly)")
+    parser.add_argument(
+        "--data", required=True, metavar="DIR", help="a latent dataset of the model's classes"
+    )
+    parser.add_argument(
+        "--layer",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="L",
+        help="1-based block number(s) (default: round(0.3 x depth), Self-Flow's student block)",
+    )
+    parser.add_argument(
+        "--tau",
+        type=float,
+        nargs="+",
+        default=[DEFAULT_TAU],
+        metavar="T",
+        help="noise level(s) strictly inside (0, 1), paper time: 1 = noise (default: 0.5)",
+    )
+    parser.add_argument("--out", default=None, metavar="JSON", help="write the results here")
+    split = parser.add_argument_group("rows")
+    split.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.2,
+        help="share of --data's rows held out to score the classifier, chosen by --seed "
+        "(default: %(default)s)",
+    )
+    split.add_argument(
+        "--test-data",
+        default=None,
+        metavar="DIR",
+        help="score on this dataset instead (e.g. one from another split); the classifier "
+        "then trains on every row of --data",
+    )
+    split.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="keys the split, each row's noise and posterior draw (default: %(default)s)",
+    )
+    run_options = parser.add_argument_group("running")
+    add_options(
+        run_options, "--device", help={"--device": "torch device (default: cuda if available)"}
+    )
+    run_options.add_argument(
+        "--batch-size", type=int, default=256, help="images per forward pass (default: 256)"
+    )
+    run_options.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def _check_single_process() -> None:
+    world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
+    if world is not None and world.strip() not in ("", "1"):
+        raise ConfigurationError(
+            f"selfflow probe runs in one process (one GPU or the CPU); found a launch of "
+            f"{world.strip()} processes: run it without torchrun or srun's tasks"
+        )
+
+
+def check_dataset_fits(dataset, model, what: str = "--data") -> None:
+    """The dataset's latents are the model's input and its classes are the model's first ones."""
+    config, card = model.config, model.checkpoint_info.card
+    expected = (config.in_channels, config.input_size, config.input_size)
+    if tuple(dataset.latent_shape) != expected:
+        raise ConfigurationError(
+            f"{what} {dataset.root} holds latents of shape {tuple(dataset.latent_shape)}; "
+            f"the model takes {expected}"
+        )
+    from selfflow.base.classes import classes_from_names
+
+    theirs = [(c.wnid, c.name) for c in classes_from_names(dataset.class_names)]
+    ours = [(c.wnid, c.name) for c in card.classes(config.num_classes)][: len(theirs)]
+    if len(theirs) > config.num_classes or theirs != ours:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b), len(ours)
+        )
+        found = theirs[first][1] if first < len(theirs) else "(none)"
+        wanted = ours[first][1] if first < len(ours) else "(none)"
+        raise ConfigurationError(
+            f"{what} {dataset.root} has {len(theirs)} classes that are not the model's "
+            f"{config.num_classes}: label {first} is {found!r} there and {wanted!r} in the model"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from selfflow.base.distributed import resolve_device
+    from selfflow.base.files import check_can_write, file_sha256
+    from selfflow.data import LatentDataset
+    from selfflow.model.checkpoint import load_model
+    from selfflow.research.probe import (
+        DEFAULT_C,
+        check_probe_request,
+        run_probe,
+        split_rows,
+    )
+
+    _check_single_process()
+    if args.batch_size < 1:
+        raise ConfigurationError(f"--batch-size must be at least 1; got {args.batch_size}")
+    if args.out is not None:
+        check_can_write(Path(args.out).resolve().parent, "--out")
+    device = resolve_device(args.device)
+    model = load_model(args.ckpt, device=device)
+    layers = args.layer or [max(1, round(DEFAULT_LAYER_FRACTION * model.config.depth))]
+    check_probe_request(model, layers, args.tau)
+    dataset = LatentDataset(args.data)
+    check_dataset_fits(dataset, model)
+    test_dataset = None
+    if args.test_data is not None:
+        test_dataset = LatentDataset(args.test_data)
+        check_dataset_fits(test_dataset, model, "--test-data")
+        if test_dataset.class_names != dataset.class_names:
+            raise ConfigurationError(
+                f"--test-data {args.test_data} names other classes than --data {args.data}"
+            )
+        train_rows, test_rows = np.arange(len(dataset)), np.arange(len(test_dataset))
+    else:
+        train_rows, test_rows = split_rows(len(dataset), args.test_fraction, args.seed)
+
+    results = _with_progress(
+        args, len(train_rows) + len(test_rows),
+        lambda advance: run_probe(
+            model, dataset, layers, args.tau, seed=args.seed, train_rows=train_rows,
+            test_rows=test_rows, test_dataset=test_dataset, batch_size=args.batch_size,
+            advance=advance,
+        ),
+    )  # fmt: skip
+    report = {
+        "checkpoint": str(Path(args.ckpt).resolve()),
+        "checkpoint_sha256": file_sha256(args.ckpt),
+        "data": str(Path(args.data).resolve()),
+        "data_identity": dataset.identity,
+        "test_data": None if test_dataset is None else str(Path(args.test_data).resolve()),
+        "seed": args.seed,
+        "split": {
+            "train": len(train_rows),
+            "test": len(test_rows),
+            "test_fraction": None if test_dataset is not None else args.test_fraction,
+        },
+        "label": "null",
+        "features": "block output, mean over tokens",
+        "classifier": {"kind": "multinomial logistic regression, L-BFGS, float64", "C": DEFAULT_C},
+        "num_classes": dataset.num_classes,
+        "results": [result.to_dict() for result in results],
+    }
+    if len(results) == 1:
+        report.update({k: results[0].to_dict()[k] for k in ("accuracy", "layer", "tau")})
+    print(format_table(results, report), flush=True)
+    if args.out is not None:
+        _write_json(Path(args.out), report)
+        print(f"selfflow probe: wrote {args.out}", flush=True)
+    return 0
+
+
+def _with_progress(args: argparse.Namespace, total: int, work):
+    """``work(advance)`` under a progress bar counting images (rate and ETA) on a terminal."""
+    if args.no_progress or not sys.stderr.isatty():
+        return work(None)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc="probe features", unit="img", dynamic_ncols=True) as bar:
+        return work(bar.update)
+
+
+def format_table(results, report: dict) -> str:
+    split = report["split"]
+    lines = [
+        f"linear probe, null label, seed {report['seed']}: {split['train']} training rows, "
+        f"{split['test']} test rows, {report['num_classes']} classes "
+        f"(chance {1 / report['num_classes']:.1%})",
+        "| layer | tau | test accuracy | train accuracy |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(f"| {r.layer} | {r.tau:g} | {r.accuracy:.1%} | {r.train_accuracy:.1%} |")
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, report: dict) -> None:
+    from selfflow.base.files import atomic_write
+
+    atomic_write(path, lambda handle: handle.write((json.dumps(report, indent=2) + "\n").encode()))
