@@ -337,9 +337,17 @@ def test_every_page_is_run_or_checked():
     assert shown <= pages | set(CHECKED_ELSEWHERE), shown - pages - set(CHECKED_ELSEWHERE)
     for page, test in CHECKED_ELSEWHERE.items():
         assert page in (ROOT / test).read_text(), (page, test)
-    for group, pages_of_group in GROUPS.items():
+    split: dict[str, set[str]] = {}  # a page run in sections, split between groups
+    for pages_of_group in GROUPS.values():
         for page in pages_of_group:
-            assert "#" not in page, (group, page)  # every page runs whole
+            path, _, title = page.partition("#")
+            if title:
+                split.setdefault(path, set()).add("#" + title)
+    for path, titles in split.items():  # then every section that shows commands is run
+        sections = ("\n" + (ROOT / path).read_text()).split("\n## ")[1:]
+        with_commands = {"## " + s.splitlines()[0] for s in sections if "```bash" in s}
+        assert with_commands <= titles, (path, with_commands - titles)
+        assert not any(g for g in GROUPS.values() if path in g), (path, "whole and in parts")
 
 
 class _Parsed(Exception):
