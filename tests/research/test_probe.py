@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from selfflow import cli
+from selfflow.base.errors import ConfigurationError
 from selfflow.data import LatentDataset, write_dataset
 from selfflow.model.card import ModelCard
 from selfflow.model.checkpoint import load_model, save_model
@@ -30,6 +31,7 @@ DIGITS = ModelConfig(
     projector_dim=128,
 )  # fmt: skip
 DIGIT_NAMES = tuple(str(i) for i in range(10))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -276,15 +278,80 @@ def test_a_checkpoint_that_does_not_load_strictly_is_refused(
     assert "missing keys (blocks.3.mlp.fc2.bias)" in err
 
 
-def test_it_refuses_to_run_under_torchrun(digits, untrained, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    err = _refused(["probe", str(untrained), "--data", str(digits)], capsys, monkeypatch)
-    assert "runs in one process" in err
+# -- any process count -----------------------------------------------------------------------
+
+
+def test_the_shares_of_any_process_count_join_into_the_one_process_features(digits):
+    """Each rank computes whole batches of the one-process run (batch j on rank j mod world):
+    joined, every count gives the one-process features bit for bit, each row exactly once."""
+    model = randomize_(SelfFlowDiT(DIGITS), seed=3, gain=0.5).eval()
+    dataset = LatentDataset(digits)
+    rows = np.arange(3, 1797, 37)  # 49 rows: 7 batches of 7, split unevenly over 2 or 3 ranks
+    common = dict(seed=2, batch_size=7)
+    one, labels = probe.probe_features(model, dataset, rows, [1, 3], [0.2, 0.6], **common)
+    for world in (2, 3, 4):
+        shares = [
+            probe.feature_pieces(
+                model, dataset, rows, [1, 3], [0.2, 0.6], rank=rank, world_size=world, **common
+            )  # fmt: skip
+            for rank in range(world)
+        ]
+        numbers = sorted(number for share in shares for number, _, _ in share)
+        assert numbers == list(range(7)), (world, numbers)  # no batch twice, none left out
+        assert all(len(share) in (7 // world, -(-7 // world)) for share in shares)
+        # the last rank's pieces first: the join orders by batch, not by arrival
+        joined, joined_labels = probe.join_pieces([p for share in shares[::-1] for p in share])
+        assert torch.equal(joined_labels, labels)
+        assert joined.keys() == one.keys()
+        for key in one:
+            assert torch.equal(joined[key], one[key]), (world, key)
+    # the labels are the rows' own (an independent read of the dataset)
+    assert torch.equal(labels, LatentDataset(digits).get_batch(rows)[2])
+    with pytest.raises(ConfigurationError, match="each once"):
+        probe.join_pieces(shares[0])  # rank 0's share alone: batches missing
+
+
+@pytest.mark.slow  # four to seven torchrun processes start on CPUs: about a minute
+@pytest.mark.parametrize(("processes", "batch_size"), [(2, "200"), (3, "256")])
+def test_torchrun_writes_the_one_process_record(digits, tmp_path, capsys, processes, batch_size):
+    """Under torchrun (gloo on the CPU) only rank 0 prints and writes, and its probe.json is
+    the one-process run's: the same split, accuracies and classifier losses, exactly. Two
+    processes split 1 438 + 359 rows into batches of 200 (rank 1 has the short ones); with
+    three and batches of 256, the third process has no held-out batch at all."""
+    import os
+    import subprocess
+    import sys
+
+    checkpoint = tmp_path / "random.pt"
+    model = randomize_(SelfFlowDiT(DIGITS), seed=3, gain=0.5)
+    save_model(model, checkpoint, card=ModelCard(class_names=DIGIT_NAMES, vae=None))
+    args = ["probe", str(checkpoint), "--data", str(digits), "--layer", "1", "3", "--tau",
+            "0.3", "0.7", "--device", "cpu", "--seed", "5", "--batch-size", batch_size,
+            "--no-progress", "--out"]  # fmt: skip
+    assert cli.main([*args, str(tmp_path / "one.json")]) == 0  # one thread (the fixture)
+    printed_one = capsys.readouterr().out
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", "-m", "selfflow.cli", *args,
+               str(tmp_path / "many.json")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    many = json.loads((tmp_path / "many.json").read_text())
+    assert (one["processes"], many["processes"]) == (1, processes)
+    assert many["split"] == one["split"] == {"train": 1438, "test": 359, "test_fraction": 0.2}
+    assert len(many["results"]) == 4
+    for mine, theirs in zip(many["results"], one["results"], strict=True):
+        assert mine == theirs  # accuracy, train accuracy, classifier loss and iterations
+    del one["processes"], many["processes"]
+    assert many == one
+    # rank 0 alone printed: one table, one "wrote", the one-process table's rows
+    assert done.stdout.count("| layer | tau |") == 1 and done.stdout.count("wrote") == 1
+    table = [line for line in printed_one.splitlines() if line.startswith("| ")]
+    assert [line for line in done.stdout.splitlines() if line.startswith("| ")] == table
 
 
 # -- the pages' tables are the recorded runs ----------------------------------------------------
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tables(text: str) -> list[tuple[list[str], list[list[str]]]]:

@@ -328,6 +328,21 @@ def all_gather_objects(context: DistributedContext, value: T) -> list[T]:
     return gathered
 
 
+def gather_objects(context: DistributedContext, value: T, dst: int = 0) -> list[T] | None:
+    """Every rank's ``value``, in rank order, on rank ``dst``; None on the other ranks.
+
+    For results too big to copy to every process (the probe's features). It runs on the gloo
+    control group when the default group is NCCL, so CPU objects never pass through GPU memory.
+    """
+    if not context.is_distributed:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] | None = [None] * context.world_size if context.rank == dst else None
+    dist.gather_object(value, gathered, dst=dst, group=context.control_group)
+    return gathered
+
+
 def assign(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     """Round-robin share of ``items`` for ``rank``: item ``j`` goes to rank ``j % world_size``.
 

@@ -11,6 +11,8 @@ Everything random is keyed by the dataset row (:func:`selfflow.base.seeds.keyed_
 posterior draw, its noise (one ε per row, shared by every τ so that levels are compared on the
 same draw) and the split into probe-train and probe-test rows (one permutation keyed by the
 seed). A row's features do not depend on which batch it was computed in, beyond float rounding.
+Several processes split the work by whole batches (:func:`feature_pieces`), the batches one
+process would make, so the gathered features, and every figure, are one process's bit for bit.
 
 The classifier is written here in torch (no scikit-learn in the package): full-batch L-BFGS
 on standardised features in float64, with the loss summed over chunks of rows so that
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfflow.base import distributed
 from selfflow.base.errors import ConfigurationError
 from selfflow.base.seeds import keyed_rng, normals
 from selfflow.data import LatentDataset
@@ -112,6 +115,65 @@ def block_features(
     return {layer: caught[layer] for layer in layers}
 
 
+FeatureKey = tuple[int, float]  # (layer, tau)
+# (batch number, {(layer, tau): (rows, hidden)}, labels): one batch of rows' features
+Piece = tuple[int, dict[FeatureKey, Tensor], Tensor]
+
+
+def feature_pieces(
+    model: SelfFlowDiT,
+    dataset: LatentDataset,
+    rows: np.ndarray,
+    layers: Sequence[int],
+    taus: Sequence[float],
+    *,
+    seed: int,
+    batch_size: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
+    advance: Callable[[int], object] | None = None,
+) -> list[Piece]:
+    """The features of this process's batches: batch ``j`` is ``rows[j·B : (j+1)·B]`` and goes
+    to rank ``j mod world_size``.
+
+    The batches are the same on any process count (only their owner changes), so each is
+    computed exactly as one process would compute it: :func:`join_pieces` of every rank's
+    pieces is the one-process result bit for bit, not only up to the rounding of other
+    batch shapes. ``advance(k)`` is called after each batch of k rows (a progress bar).
+    """
+    param = next(model.parameters())
+    shape = dataset.latent_shape
+    starts = range(0, len(rows), batch_size)
+    pieces: list[Piece] = []
+    for start in distributed.assign(list(starts), rank, world_size):
+        chunk = np.asarray(rows[start : start + batch_size])
+        x0, y = clean_latents(dataset, chunk, seed)
+        noise = row_noise(chunk, shape, seed)
+        found: dict[FeatureKey, Tensor] = {}
+        for tau in taus:
+            x = ((1.0 - tau) * x0 + tau * noise).to(param.device, param.dtype)
+            for layer, value in block_features(model, x, tau, layers).items():
+                found[(layer, tau)] = value.cpu()
+        pieces.append((start // batch_size, found, y))
+        if advance is not None:
+            advance(len(chunk))
+    return pieces
+
+
+def join_pieces(pieces: Sequence[Piece]) -> tuple[dict[FeatureKey, Tensor], Tensor]:
+    """Every batch's pieces (from any ranks, in any order) as ``(features, labels)`` in row
+    order; a missing or repeated batch is an error, not a silently shorter table."""
+    ordered = sorted(pieces, key=lambda piece: piece[0])
+    numbers = [number for number, _, _ in ordered]
+    if not ordered or numbers != list(range(len(ordered))):
+        raise ConfigurationError(
+            f"the probe's feature batches must be 0..n-1, each once; found {numbers[:8]}"
+        )
+    keys = list(ordered[0][1])
+    features = {key: torch.cat([found[key] for _, found, _ in ordered]) for key in keys}
+    return features, torch.cat([labels for _, _, labels in ordered])
+
+
 def probe_features(
     model: SelfFlowDiT,
     dataset: LatentDataset,
@@ -122,31 +184,14 @@ def probe_features(
     seed: int,
     batch_size: int = 256,
     advance: Callable[[int], object] | None = None,
-) -> tuple[dict[tuple[int, float], Tensor], Tensor]:
+) -> tuple[dict[FeatureKey, Tensor], Tensor]:
     """``({(layer, tau): (n, hidden) float32 CPU}, labels (n,))`` for ``rows`` in their order.
 
     ``x_τ = (1 − τ) · x0 + τ · ε`` (the paper's path, τ = 1 noise) with the row's own x0 and ε.
     ``advance(k)`` is called after each batch of k rows (a progress bar).
     """
-    param = next(model.parameters())
-    shape = dataset.latent_shape
-    found: dict[tuple[int, float], list[Tensor]] = {
-        (layer, tau): [] for layer in layers for tau in taus
-    }
-    labels = []
-    for start in range(0, len(rows), batch_size):
-        chunk = np.asarray(rows[start : start + batch_size])
-        x0, y = clean_latents(dataset, chunk, seed)
-        noise = row_noise(chunk, shape, seed)
-        labels.append(y)
-        for tau in taus:
-            x = ((1.0 - tau) * x0 + tau * noise).to(param.device, param.dtype)
-            for layer, value in block_features(model, x, tau, layers).items():
-                found[(layer, tau)].append(value.cpu())
-        if advance is not None:
-            advance(len(chunk))
-    features = {key: torch.cat(values) for key, values in found.items()}
-    return features, torch.cat(labels)
+    common = dict(seed=seed, batch_size=batch_size, advance=advance)
+    return join_pieces(feature_pieces(model, dataset, rows, layers, taus, **common))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,23 +405,43 @@ def run_probe(
     c: float = DEFAULT_C,
     max_iter: int = DEFAULT_MAX_ITER,
     advance: Callable[[int], object] | None = None,
-) -> list[ProbeResult]:
+    context: distributed.DistributedContext | None = None,
+) -> list[ProbeResult] | None:
     """The probe of ``model`` on ``dataset``, one result per (layer, τ) in that order.
 
     Rows: ``train_rows`` / ``test_rows`` as given, else :func:`split_rows` with
     ``DEFAULT_TEST_FRACTION``; with ``test_dataset``, every row of ``dataset`` trains and every
     row of ``test_dataset`` tests (its rows are keyed as its own, under the same seed).
+
+    With a distributed ``context`` every process calls this: each computes its share of the
+    batches (:func:`feature_pieces`), rank 0 gathers them in row order and fits the classifiers
+    alone, and returns the results; the other ranks return None. The features, and so every
+    figure, are those of one process.
     """
     check_probe_request(model, layers, taus)
+    context = context or distributed.DistributedContext()
     layers, taus = list(layers), [float(t) for t in taus]
     if test_dataset is not None:
         train_rows = np.arange(len(dataset)) if train_rows is None else train_rows
         test_rows = np.arange(len(test_dataset)) if test_rows is None else test_rows
     elif train_rows is None or test_rows is None:
         train_rows, test_rows = split_rows(len(dataset), DEFAULT_TEST_FRACTION, seed)
-    common = dict(seed=seed, batch_size=batch_size, advance=advance)
-    train = probe_features(model, dataset, train_rows, layers, taus, **common)
-    test = probe_features(model, test_dataset or dataset, test_rows, layers, taus, **common)
+    common = dict(
+        seed=seed,
+        batch_size=batch_size,
+        advance=advance,
+        rank=context.rank,
+        world_size=context.world_size,
+    )
+    mine = (
+        feature_pieces(model, dataset, train_rows, layers, taus, **common),
+        feature_pieces(model, test_dataset or dataset, test_rows, layers, taus, **common),
+    )
+    gathered = distributed.gather_objects(context, mine)
+    if gathered is None:
+        return None  # not rank 0: rank 0 fits and reports
+    train = join_pieces([piece for train_part, _ in gathered for piece in train_part])
+    test = join_pieces([piece for _, test_part in gathered for piece in test_part])
     device = next(model.parameters()).device
     by_key = {
         (r.layer, r.tau): r

@@ -3,18 +3,23 @@
 Everything that can be wrong is checked before any feature is computed: the checkpoint loads
 strictly, the dataset's latent shape and classes are the model's, every layer is a block of
 it, every τ lies inside (0, 1), the split leaves rows on both sides, and ``--out`` can be
-written. The probe runs in one process (one GPU or the CPU); under torchrun it refuses.
+written. Every process checks the same things and all stop together when one fails.
+
+It runs on any process count (torchrun, or srun with one task per GPU): each process computes
+the features of its share of the batches, rank 0 gathers them in row order, fits the classifiers
+and alone prints and writes; the features are keyed by row, so the figures are one process's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from selfflow.base.errors import ConfigurationError
+from selfflow.base.errors import ConfigurationError, SelfFlowError
 from selfflow.options import add_options
 
 DEFAULT_LAYER_FRACTION = 0.3  # the student's block in Self-Flow (8 of 28)
@@ -33,7 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "leak in through the conditioning), and its block output is averaged over the "
             "tokens. A multinomial logistic regression (torch, L-BFGS, float64) fitted on "
             "one part of the rows names the classes of the held-out part; its accuracy is "
-            "printed, one row per (layer, tau). Runs in one process (one GPU or the CPU). "
+            "printed, one row per (layer, tau). Runs on one GPU, the CPU, or any number of "
+            "processes (torchrun, srun tasks): the features are computed in shares and the "
+            "figures are the same on any process count. "
             "Example: selfflow probe run_ema.pt --data latents --layer 2 4 --tau 0.3 0.7"
         ),
     )
@@ -84,19 +91,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         run_options, "--device", help={"--device": "torch device (default: cuda if available)"}
     )
     run_options.add_argument(
-        "--batch-size", type=int, default=256, help="images per forward pass (default: 256)"
+        "--batch-size",
+        type=int,
+        default=256,
+        help="images per forward pass, in each process (default: 256)",
     )
     run_options.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
-
-
-def _check_single_process() -> None:
-    world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
-    if world is not None and world.strip() not in ("", "1"):
-        raise ConfigurationError(
-            f"selfflow probe runs in one process (one GPU or the CPU); found a launch of "
-            f"{world.strip()} processes: run it without torchrun or srun's tasks"
-        )
 
 
 def check_dataset_fits(dataset, model, what: str = "--data") -> None:
@@ -124,27 +125,31 @@ def check_dataset_fits(dataset, model, what: str = "--data") -> None:
         )
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class _Request:
+    """What every process loaded and checked before any feature is computed."""
+
+    model: Any
+    layers: list[int]
+    dataset: Any
+    test_dataset: Any
+    train_rows: Any
+    test_rows: Any
+
+
+def _prepare(args: argparse.Namespace, context) -> _Request:
     import numpy as np
 
-    from selfflow.base.distributed import resolve_device
-    from selfflow.base.files import check_can_write, file_sha256
+    from selfflow.base.files import check_can_write
     from selfflow.data import LatentDataset
     from selfflow.model.checkpoint import load_model
-    from selfflow.research.probe import (
-        DEFAULT_C,
-        check_probe_request,
-        run_probe,
-        split_rows,
-    )
+    from selfflow.research.probe import check_probe_request, split_rows
 
-    _check_single_process()
     if args.batch_size < 1:
         raise ConfigurationError(f"--batch-size must be at least 1; got {args.batch_size}")
-    if args.out is not None:
+    if args.out is not None and context.is_main:  # only rank 0 writes it
         check_can_write(Path(args.out).resolve().parent, "--out")
-    device = resolve_device(args.device)
-    model = load_model(args.ckpt, device=device)
+    model = load_model(args.ckpt, device=context.device)
     layers = args.layer or [max(1, round(DEFAULT_LAYER_FRACTION * model.config.depth))]
     check_probe_request(model, layers, args.tau)
     dataset = LatentDataset(args.data)
@@ -160,15 +165,58 @@ def run(args: argparse.Namespace) -> int:
         train_rows, test_rows = np.arange(len(dataset)), np.arange(len(test_dataset))
     else:
         train_rows, test_rows = split_rows(len(dataset), args.test_fraction, args.seed)
+    return _Request(model, layers, dataset, test_dataset, train_rows, test_rows)
 
+
+def _agreed(args: argparse.Namespace, context) -> _Request | None:
+    """:func:`_prepare` on every process, and every process learns whether all succeeded:
+    rank 0 raises the first failure (one line), the others return None and stop quietly."""
+    from selfflow.base import distributed
+
+    try:
+        request = _prepare(args, context)
+    except SelfFlowError as error:
+        distributed.all_gather_objects(context, str(error))
+        if context.is_main:
+            raise
+        return None
+    failed = [message for message in distributed.all_gather_objects(context, None) if message]
+    if failed and context.is_main:
+        raise SelfFlowError(failed[0])
+    return None if failed else request
+
+
+def run(args: argparse.Namespace) -> int:
+    from selfflow.base import distributed
+
+    context = distributed.setup(args.device)
+    try:
+        request = _agreed(args, context)
+        if request is None:
+            return 1  # rank 0 reports why
+        return _probe(args, context, request)
+    finally:
+        distributed.teardown(context)
+
+
+def _probe(args: argparse.Namespace, context, request: _Request) -> int:
+    from selfflow.base.files import file_sha256
+    from selfflow.research.probe import DEFAULT_C, run_probe
+
+    dataset, test_dataset = request.dataset, request.test_dataset
+    train_rows, test_rows = request.train_rows, request.test_rows
+    # rank 0's bar counts its own share of the images (every process has one of about the size)
+    share = -(-(len(train_rows) + len(test_rows)) // context.world_size)
     results = _with_progress(
-        args, len(train_rows) + len(test_rows),
+        args if context.is_main else argparse.Namespace(no_progress=True), share,
         lambda advance: run_probe(
-            model, dataset, layers, args.tau, seed=args.seed, train_rows=train_rows,
-            test_rows=test_rows, test_dataset=test_dataset, batch_size=args.batch_size,
-            advance=advance,
+            request.model, dataset, request.layers, args.tau, seed=args.seed,
+            train_rows=train_rows, test_rows=test_rows, test_dataset=test_dataset,
+            batch_size=args.batch_size, advance=advance, context=context,
         ),
     )  # fmt: skip
+    if results is None:
+        return 0  # not rank 0: rank 0 fits, prints and writes
     report = {
         "checkpoint": str(Path(args.ckpt).resolve()),
         "checkpoint_sha256": file_sha256(args.ckpt),
@@ -176,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         "data_identity": dataset.identity,
         "test_data": None if test_dataset is None else str(Path(args.test_data).resolve()),
         "seed": args.seed,
+        "processes": context.world_size,
         "split": {
             "train": len(train_rows),
             "test": len(test_rows),
