@@ -194,7 +194,7 @@ def test_the_classifier_finds_scikit_learns_logistic_regression():
 
 
 def test_the_command_prints_a_table_and_writes_its_record(digits, untrained, tmp_path, capsys):
-    out = tmp_path / "probe.json"
+    out = tmp_path / "results" / "probe.json"  # in a folder not made yet, as --out may name
     args = ["probe", str(untrained), "--data", str(digits), "--layer", "1", "3", "--tau", "0.2",
             "0.7", "--device", "cpu", "--out", str(out), "--seed", "4"]  # fmt: skip
     assert cli.main(args) == 0
