@@ -272,5 +272,4 @@ def format_table(results, report: dict) -> str:
 def _write_json(path: Path, report: dict) -> None:
     from selfflow.base.files import atomic_write
 
-    path.parent.mkdir(parents=True, exist_ok=True)  # checked writable before any work
     atomic_write(path, lambda handle: handle.write((json.dumps(report, indent=2) + "\n").encode()))
