@@ -159,6 +159,24 @@ def test_the_label_cannot_reach_the_features_through_the_conditioning(digits):
     assert not torch.allclose(moved[(3, 0.4)], before[(3, 0.4)], atol=1e-3)
 
 
+def test_the_probe_sees_the_latents_the_trainer_sees(digits):
+    """A latent space with a shift and per-channel statistics (``prepare --latent-norm``): the
+    probe's x0 is ``((z − shift) · scale − mean) / std``, written out here in float64."""
+    from selfflow.model.latents import LatentConvention
+
+    dataset = LatentDataset(digits)
+    channels = dataset.latent_shape[0]
+    dataset.latent = LatentConvention(
+        channels=channels, factor=None, scaling_factor=0.5, shift_factor=0.25,
+        mean=(0.1,) * channels, std=(2.0,) * channels,
+    )  # fmt: skip
+    rows = np.arange(0, 1797, 97)
+    x0, _ = probe.clean_latents(dataset, rows, 0)
+    z = torch.as_tensor(dataset.get_batch(rows)[0], dtype=torch.float64)  # digits: no stds
+    expected = ((z - 0.25) * 0.5 - 0.1) / 2.0
+    torch.testing.assert_close(x0.double(), expected, rtol=1e-6, atol=1e-6)
+
+
 # -- the classifier -----------------------------------------------------------------------------
 
 

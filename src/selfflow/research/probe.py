@@ -71,13 +71,14 @@ def split_rows(num_rows: int, test_fraction: float, seed: int) -> tuple[np.ndarr
 
 
 def clean_latents(dataset: LatentDataset, rows: np.ndarray, seed: int) -> tuple[Tensor, Tensor]:
-    """``(x0, labels)`` of ``rows``: ``x0 = scale · (mean + std · n)`` with ``n`` drawn from the
-    row's own stream (the trainer's latent convention; without stds, ``scale · mean``)."""
+    """``(x0, labels)`` of ``rows``: ``z = mean + std · n`` with ``n`` drawn from the row's own
+    stream (without stds, ``z = mean``), brought to the model's numbers by the dataset's latent
+    convention, as the trainer does (``(z − shift) · scale``, then any per-channel statistics)."""
     means, stds, labels = dataset.get_batch(rows)
     if stds is not None:
         draws = [normals(keyed_rng(seed, int(r), POSTERIOR_PURPOSE), means.shape[1:]) for r in rows]
         means = means + stds * torch.stack(draws)
-    return means * float(dataset.scale), labels
+    return dataset.latent.normalise(means), labels
 
 
 def row_noise(rows: np.ndarray, shape: Sequence[int], seed: int) -> Tensor:
