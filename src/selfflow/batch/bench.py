@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=False,
             log=lambda m: None,
         )
-        distributed.teardown(context)
+        distributed.teardown(context, finished=True)
     end_to_end = result.images_per_second
     print(
         f"device {context.device}, network {network}, batch {args.batch_size}, "

@@ -80,14 +80,8 @@ def generate_fid_batch(
     ``prepare_pipeline(pipe)`` may wrap or instrument the loaded pipeline (tests use it); it
     must not change what the images are.
     """
-    own = context is None
-    context = context or distributed.setup(config.device)
-    job = BatchJob(config, context, prepare_pipeline, progress, log or _print)
-    try:
-        return job.run()
-    finally:
-        if own:
-            distributed.teardown(context)
+    with distributed.session(config.device, context) as context:
+        return BatchJob(config, context, prepare_pipeline, progress, log or _print).run()
 
 
 def _shards(shards: int, images: int) -> str:

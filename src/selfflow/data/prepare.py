@@ -151,13 +151,8 @@ def prepare_dataset(
     """Run ``selfflow prepare``; returns the result on rank 0, None on the other ranks."""
     config.validate()
     jobs = holdout.parts(config)  # OUT_DIR, then OUT_DIR-val with --val-per-class
-    own = context is None
-    context = context or distributed.setup(config.device)
-    try:
+    with distributed.session(config.device, context) as context:
         results = [_run_part(c, part, context, progress, log or _print) for part, c in jobs]
-    finally:
-        if own:
-            distributed.teardown(context)
     if results[0] is not None and len(results) > 1:
         results[0].held_out = results[1]
     return results[0]

@@ -189,14 +189,11 @@ def _agreed(args: argparse.Namespace, context) -> _Request | None:
 def run(args: argparse.Namespace) -> int:
     from selfflow.base import distributed
 
-    context = distributed.setup(args.device)
-    try:
+    with distributed.session(args.device) as context:
         request = _agreed(args, context)
         if request is None:
             return 1  # rank 0 reports why
         return _probe(args, context, request)
-    finally:
-        distributed.teardown(context)
 
 
 def _probe(args: argparse.Namespace, context, request: _Request) -> int:

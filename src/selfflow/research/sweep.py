@@ -103,11 +103,19 @@ def run_sweep(
     Returns every row of the folder on rank 0 (None elsewhere); the best cell is the last
     line logged.
     """
+    with distributed.session(config.base.device, context) as context:
+        return _sweep(config, context, progress, log or _print)
+
+
+def _sweep(
+    config: SweepConfig,
+    context: distributed.DistributedContext,
+    progress: bool,
+    log: Callable[[str], None],
+) -> list[dict] | None:
     from selfflow.research import results
 
-    own = context is None
-    context = context or distributed.setup(config.base.device)
-    log = (log or _print) if context.is_main else (lambda message: None)
+    log = log if context.is_main else (lambda message: None)
     lock = FolderLock(config.output_dir, command="selfflow sweep")
     try:
         plan = agreed_plan(config, context, lock)
@@ -133,8 +141,6 @@ def run_sweep(
         return rows
     finally:
         lock.release()
-        if own:
-            distributed.teardown(context)
 
 
 def _eta(started: float, done: int, total: int) -> str:

@@ -103,13 +103,8 @@ def train(
         if not context.is_main:
             return TrainResult(0, None, None, 0.0, {}, context.rank)
         return Trainer(config, context, log or _print, dry_run).run()
-    own = context is None
-    context = context or distributed.setup(config.device)
-    try:
+    with distributed.session(config.device, context) as context:
         return Trainer(config, context, log or _print).run()
-    finally:
-        if own:
-            distributed.teardown(context)
 
 
 def _print(message: str) -> None:
