@@ -177,6 +177,67 @@ def test_the_probe_sees_the_latents_the_trainer_sees(digits):
     torch.testing.assert_close(x0.double(), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_a_model_reads_the_data_through_the_convention_it_was_trained_on(digits, tmp_path):
+    """A model trained with ``--latent-norm channel`` records its training data's statistics
+    in its card; held-out data prepared on its own measured other ones. The probe's input is
+    the card's ``(z − mean) / std`` (written out here in float64), not the data's."""
+    from dataclasses import replace
+
+    from selfflow.model.latents import LatentConvention
+
+    dataset = LatentDataset(digits)
+    trained = replace(dataset.latent, mean=(0.3,), std=(2.0,))
+    dataset.latent = replace(dataset.latent, mean=(5.0,), std=(7.0,))  # the data's own
+    torch.manual_seed(0)
+    model = SelfFlowDiT(DIGITS)
+    randomize_(model)  # blocks that are not the identity: the input's scale shows
+    path = tmp_path / "normed.pt"
+    save_model(model, path, card=ModelCard(class_names=DIGIT_NAMES, vae=None, latent=trained))
+    model = load_model(path, device="cpu")
+    rows = np.arange(0, 1797, 61)
+    found, _ = probe.probe_features(model, dataset, rows, [2], [0.4], seed=0)
+    z = torch.as_tensor(dataset.get_batch(rows)[0], dtype=torch.float64)  # digits: no stds
+    x0 = (z * dataset.latent.scaling_factor - 0.3) / 2.0
+    x = 0.6 * x0 + 0.4 * probe.row_noise(rows, dataset.latent_shape, 0).double()
+    expected = probe.block_features(model, x.float(), 0.4, [2])[2]
+    torch.testing.assert_close(found[(2, 0.4)], expected, rtol=1e-5, atol=1e-5)
+
+    # data of another latent space is refused, naming both (the shape alone cannot tell)
+    dataset.latent = LatentConvention(channels=1, factor=None, scaling_factor=0.5)
+    with pytest.raises(
+        ConfigurationError, match=r"holds latents of 1 channels.*· 0\.5.*trained on"
+    ):
+        probe.probe_features(model, dataset, rows, [2], [0.4], seed=0)
+
+
+def test_data_of_another_latent_space_or_encoder_is_refused_before_any_work(
+    digits, tmp_path, capsys, monkeypatch
+):
+    from dataclasses import replace
+
+    dataset = LatentDataset(digits)
+    path = tmp_path / "m.pt"
+    scaled = replace(dataset.latent, scaling_factor=0.5)  # a model of another latent space
+    save_model(SelfFlowDiT(DIGITS), path, card=ModelCard(DIGIT_NAMES, vae=None, latent=scaled))
+    err = _refused(["probe", str(path), "--data", str(digits), "--device", "cpu"], capsys,
+                   monkeypatch)  # fmt: skip
+    assert f"--data {digits} holds latents of 1 channels, no VAE, z · 1" in err
+    assert "but the model was trained on 1 channels, no VAE, z · 0.5" in err
+
+    card = ModelCard(DIGIT_NAMES, vae=None, vae_identity="encoder-sha256:" + "a" * 64,
+                     latent=dataset.latent)  # fmt: skip
+    save_model(SelfFlowDiT(DIGITS), path, card=card)
+    model = load_model(path, device="cpu")
+    assert probe.model_convention(model, dataset) == dataset.latent  # no digest recorded: ok
+    dataset.manifest["vae_identity"] = "encoder-sha256:" + "b" * 64
+    with pytest.raises(
+        ConfigurationError,
+        match=r"encoder encoder-sha256:bbbbbbbbbbbb…, but "
+        r"the model was trained on latents of the encoder encoder-sha256:aaaa",
+    ):
+        probe.model_convention(model, dataset)  # fmt: skip
+
+
 # -- the classifier -----------------------------------------------------------------------------
 
 

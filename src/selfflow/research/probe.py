@@ -35,6 +35,7 @@ from selfflow.base import distributed
 from selfflow.base.errors import ConfigurationError
 from selfflow.base.seeds import keyed_rng, normals
 from selfflow.data import LatentDataset
+from selfflow.model.latents import LatentConvention
 from selfflow.model.network import SelfFlowDiT
 
 SPLIT_PURPOSE = "probe-split"
@@ -70,15 +71,47 @@ def split_rows(num_rows: int, test_fraction: float, seed: int) -> tuple[np.ndarr
 # Features
 
 
-def clean_latents(dataset: LatentDataset, rows: np.ndarray, seed: int) -> tuple[Tensor, Tensor]:
+def model_convention(
+    model: SelfFlowDiT, dataset: LatentDataset, what: str = "the data"
+) -> LatentConvention:
+    """The latent convention that brings ``dataset``'s latents to ``model``'s numbers: the one
+    its card says it was trained on (with that training data's per-channel statistics, as
+    validation uses them), refused when the dataset holds another VAE's latents, naming both.
+    A model without a recorded convention (the released checkpoint, cards of earlier versions,
+    a network built in memory) takes the dataset's own."""
+    card = getattr(getattr(model, "checkpoint_info", None), "card", None)
+    trained = getattr(card, "latent", None)
+    if trained is None:
+        return dataset.latent
+    if not trained.same_vae_space(dataset.latent):
+        raise ConfigurationError(
+            f"{what} {dataset.root} holds latents of {dataset.latent.describe()}, but the model "
+            f"was trained on {trained.describe()}: probe it on data prepared with its VAE"
+        )
+    recorded, found = card.vae_identity, dataset.manifest.get("vae_identity")
+    if recorded is not None and found is not None and recorded != found:
+        from selfflow.model.card import short
+
+        raise ConfigurationError(
+            f"{what} {dataset.root} holds latents of the encoder {short(found)}, but the model "
+            f"was trained on latents of the encoder {short(recorded)}: its features would "
+            f"describe another latent space; probe it on data prepared with its VAE"
+        )
+    return trained
+
+
+def clean_latents(
+    dataset: LatentDataset, rows: np.ndarray, seed: int, latent: LatentConvention | None = None
+) -> tuple[Tensor, Tensor]:
     """``(x0, labels)`` of ``rows``: ``z = mean + std · n`` with ``n`` drawn from the row's own
-    stream (without stds, ``z = mean``), brought to the model's numbers by the dataset's latent
-    convention, as the trainer does (``(z − shift) · scale``, then any per-channel statistics)."""
+    stream (without stds, ``z = mean``), brought to the model's numbers by ``latent`` (default:
+    the dataset's own convention), as the trainer does (``(z − shift) · scale``, then any
+    per-channel statistics)."""
     means, stds, labels = dataset.get_batch(rows)
     if stds is not None:
         draws = [normals(keyed_rng(seed, int(r), POSTERIOR_PURPOSE), means.shape[1:]) for r in rows]
         means = means + stds * torch.stack(draws)
-    return dataset.latent.normalise(means), labels
+    return (latent or dataset.latent).normalise(means), labels
 
 
 def row_noise(rows: np.ndarray, shape: Sequence[int], seed: int) -> Tensor:
@@ -133,6 +166,7 @@ def feature_pieces(
     rank: int = 0,
     world_size: int = 1,
     advance: Callable[[int], object] | None = None,
+    latent: LatentConvention | None = None,
 ) -> list[Piece]:
     """The features of this process's batches: batch ``j`` is ``rows[j·B : (j+1)·B]`` and goes
     to rank ``j mod world_size``.
@@ -141,6 +175,8 @@ def feature_pieces(
     computed exactly as one process would compute it: :func:`join_pieces` of every rank's
     pieces is the one-process result bit for bit, not only up to the rounding of other
     batch shapes. ``advance(k)`` is called after each batch of k rows (a progress bar).
+    ``latent``: the model's latent convention (:func:`model_convention`; default: the
+    dataset's).
     """
     param = next(model.parameters())
     shape = dataset.latent_shape
@@ -148,7 +184,7 @@ def feature_pieces(
     pieces: list[Piece] = []
     for start in distributed.assign(list(starts), rank, world_size):
         chunk = np.asarray(rows[start : start + batch_size])
-        x0, y = clean_latents(dataset, chunk, seed)
+        x0, y = clean_latents(dataset, chunk, seed, latent)
         noise = row_noise(chunk, shape, seed)
         found: dict[FeatureKey, Tensor] = {}
         for tau in taus:
@@ -189,9 +225,11 @@ def probe_features(
     """``({(layer, tau): (n, hidden) float32 CPU}, labels (n,))`` for ``rows`` in their order.
 
     ``x_τ = (1 − τ) · x0 + τ · ε`` (the paper's path, τ = 1 noise) with the row's own x0 and ε.
-    ``advance(k)`` is called after each batch of k rows (a progress bar).
+    ``advance(k)`` is called after each batch of k rows (a progress bar). The latents are
+    brought to the model's numbers by :func:`model_convention`.
     """
-    common = dict(seed=seed, batch_size=batch_size, advance=advance)
+    latent = model_convention(model, dataset)
+    common = dict(seed=seed, batch_size=batch_size, advance=advance, latent=latent)
     return join_pieces(feature_pieces(model, dataset, rows, layers, taus, **common))
 
 
@@ -434,10 +472,17 @@ def run_probe(
         rank=context.rank,
         world_size=context.world_size,
     )
+    test_data = test_dataset or dataset
     mine = (
-        feature_pieces(model, dataset, train_rows, layers, taus, **common),
-        feature_pieces(model, test_dataset or dataset, test_rows, layers, taus, **common),
-    )
+        feature_pieces(
+            model, dataset, train_rows, layers, taus, **common,
+            latent=model_convention(model, dataset),
+        ),
+        feature_pieces(
+            model, test_data, test_rows, layers, taus, **common,
+            latent=model_convention(model, test_data, "the test data"),
+        ),
+    )  # fmt: skip
     gathered = distributed.gather_objects(context, mine)
     if gathered is None:
         return None  # not rank 0: rank 0 fits and reports

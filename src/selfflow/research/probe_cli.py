@@ -101,7 +101,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def check_dataset_fits(dataset, model, what: str = "--data") -> None:
-    """The dataset's latents are the model's input and its classes are the model's first ones."""
+    """The dataset's latents are the model's input (shape, and the latent space its card
+    records) and its classes are the model's first ones."""
+    from selfflow.research.probe import model_convention
+
     config, card = model.config, model.checkpoint_info.card
     expected = (config.in_channels, config.input_size, config.input_size)
     if tuple(dataset.latent_shape) != expected:
@@ -109,6 +112,7 @@ def check_dataset_fits(dataset, model, what: str = "--data") -> None:
             f"{what} {dataset.root} holds latents of shape {tuple(dataset.latent_shape)}; "
             f"the model takes {expected}"
         )
+    model_convention(model, dataset, what)
     from selfflow.base.classes import classes_from_names
 
     theirs = [(c.wnid, c.name) for c in classes_from_names(dataset.class_names)]
