@@ -92,6 +92,36 @@ def test_a_vae_of_another_convention_is_refused_naming_both(vaes):
         LatentConvention(channels=16, scaling_factor=1.5, shift_factor=0.0).check_vae(sixteen, "x")
 
 
+def test_a_vae_config_with_latents_mean_and_std_is_taken_as_diffusers_pipelines_take_it(
+    tmp_path,
+):
+    """Playground v2.5's VAE config carries ``latents_mean``/``latents_std``; the SDXL
+    pipeline decodes ``latents · std / scaling_factor + mean`` (so it trained on
+    ``(z − mean) · scaling_factor / std``). Written out here in float64, with and without a
+    shift factor (which diffusers never combines with them: the raw-z form must hold anyway)."""
+    from selfflow.model.vae import load_vae
+
+    raw_mean, raw_std = [0.5, -0.25, 0.0, 1.0], [2.0, 4.0, 0.5, 1.0]
+    z = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    column = lambda v: torch.tensor(v, dtype=torch.float64).view(1, 4, 1, 1)  # noqa: E731
+    for shift in (None, 0.25):
+        folder = tmp_path / f"shift{shift}"
+        make_tiny_vae(
+            scaling_factor=0.5, shift_factor=shift, latents_mean=raw_mean, latents_std=raw_std
+        ).save_pretrained(folder)
+        convention = convention_of_vae(load_vae(folder, dtype=torch.float32))
+        expected = (z - column(raw_mean)) * 0.5 / column(raw_std)
+        torch.testing.assert_close(convention.normalise(z), expected, rtol=1e-12, atol=1e-12)
+        pipeline_z = expected * column(raw_std) / 0.5 + column(raw_mean)  # SDXL's decode
+        torch.testing.assert_close(convention.denormalise(expected), pipeline_z)
+        assert "per-channel mean/std" in convention.describe()
+
+    broken = tmp_path / "broken"
+    make_tiny_vae(latents_mean=[0.0] * 3, latents_std=[1.0] * 3).save_pretrained(broken)
+    with pytest.raises(ConfigurationError, match=r"does not define a latent space.*need 4"):
+        convention_of_vae(load_vae(broken, dtype=torch.float32))
+
+
 # -- statistics and the round trip ----------------------------------------------------------------
 
 
@@ -131,6 +161,39 @@ def test_stored_channel_statistics_match_a_float64_recomputation(normed):
     # the same folder prepared again by one process in other batches: the same statistics
     manifest = json.loads((normed / "manifest.json").read_text())
     assert manifest["latent"]["mean"] == list(convention.mean)
+
+
+def test_prepare_records_the_vae_configs_statistics_unless_it_measures_its_own(tmp_path):
+    from selfflow.model.vae import load_vae
+
+    folder = tmp_path / "playground"
+    make_tiny_vae(
+        latents_mean=[0.5, -0.25, 0.0, 1.0], latents_std=[2.0, 4.0, 0.5, 1.0]
+    ).save_pretrained(folder)
+    declared = convention_of_vae(load_vae(folder, dtype=torch.float32))
+    write_tree(tmp_path / "images", per_class=2, classes=("a", "b"))
+    common = ["--vae", str(folder), "--image-size", "32", "--num-workers", "0", "--no-progress"]
+    assert (
+        cli.main(["prepare", str(tmp_path / "images"), str(tmp_path / "as-declared"), *common]) == 0
+    )
+    assert LatentDataset(tmp_path / "as-declared").latent == declared
+    measured = tmp_path / "measured"
+    assert (
+        cli.main(
+            [
+                "prepare",
+                str(tmp_path / "images"),
+                str(measured),
+                *common,
+                "--latent-norm",
+                "channel",
+            ]
+        )
+        == 0
+    )
+    found = LatentDataset(measured).latent
+    assert found.mean is not None and found.mean != declared.mean and found.std != declared.std
+    assert found.same_vae_space(declared)
 
 
 def test_encoding_then_decoding_through_the_stored_convention_is_the_vaes_round_trip(normed, vaes):

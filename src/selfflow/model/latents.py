@@ -11,6 +11,15 @@ apply them::
 Some latent spaces also need a per-channel normalisation (LightningDiT's VA-VAE gives FID above
 100 without it); ``selfflow prepare --latent-norm channel`` measures the per-channel mean and
 std of the scaled latents over the dataset, and the model then sees ``(latents - mean) / std``.
+A VAE whose config itself carries ``latents_mean`` and ``latents_std`` (Playground v2.5's; the
+SDXL pipeline applies them) is taken as diffusers' pipelines take it, without measuring::
+
+    latents = (z - latents_mean) * scaling_factor / latents_std
+    z = latents * latents_std / scaling_factor + latents_mean
+
+which is this module's form with ``mean = (latents_mean - shift) · scale`` and
+``std = latents_std`` (:func:`convention_of_vae`); ``--latent-norm channel`` replaces them
+with the dataset's measured ones.
 
 :class:`LatentConvention` holds all of it, and :meth:`~LatentConvention.normalise` and
 :meth:`~LatentConvention.denormalise` are the one place where it is applied. The dataset
@@ -185,14 +194,30 @@ SD_VAE = LatentConvention()
 def convention_of_vae(vae: Any) -> LatentConvention:
     """The convention a diffusers ``AutoencoderKL`` defines through its config: latent channels,
     downsampling factor ``2 ** (len(block_out_channels) − 1)``, ``scaling_factor`` (diffusers'
-    default 0.18215) and ``shift_factor`` (``None`` in the config: no shift)."""
+    default 0.18215), ``shift_factor`` (``None`` in the config: no shift), and per-channel
+    statistics when the config gives ``latents_mean`` and ``latents_std`` (see the module
+    docstring for how diffusers applies them). A config whose entries do not fit is refused,
+    naming them."""
     config = vae.config
     blocks = getattr(config, "block_out_channels", None) or (0,) * 4
     scale = getattr(config, "scaling_factor", None)
     shift = getattr(config, "shift_factor", None)
-    return LatentConvention(
-        channels=int(getattr(config, "latent_channels", 4)),
-        factor=2 ** (len(blocks) - 1),
-        scaling_factor=SD_VAE_SCALE if scale is None else float(scale),
-        shift_factor=0.0 if shift is None else float(shift),
-    )
+    raw_mean = getattr(config, "latents_mean", None)
+    raw_std = getattr(config, "latents_std", None)
+    try:
+        convention = LatentConvention(
+            channels=int(getattr(config, "latent_channels", 4)),
+            factor=2 ** (len(blocks) - 1),
+            scaling_factor=SD_VAE_SCALE if scale is None else float(scale),
+            shift_factor=0.0 if shift is None else float(shift),
+        )
+        if raw_mean is None and raw_std is None:
+            return convention
+        if raw_mean is None or raw_std is None:
+            raise ValueError("latents_mean and latents_std come together (both or neither)")
+        s, shift_ = convention.scaling_factor, convention.shift_factor
+        return convention.with_statistics([(float(m) - shift_) * s for m in raw_mean], raw_std)
+    except (TypeError, ValueError) as error:
+        raise ConfigurationError(
+            f"the VAE's config does not define a latent space: {error}"
+        ) from error
