@@ -118,6 +118,10 @@ def test_vae_loading_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(DownloadError, match="--vae FOLDER"):
         load_vae("someone/absent-vae")
+    # what can only be a folder, missing, is a typo to name, not a repository to ask for
+    for typo in ("vae44", str(tmp_path / "no-vae"), "./vaes/four", "a/b/c"):
+        with pytest.raises(ConfigurationError, match=r"there is no VAE folder .* not a hub id"):
+            load_vae(typo)
 
 
 def test_settings_validation():

@@ -17,7 +17,7 @@ import torch
 
 from selfflow import cli
 from selfflow.base import download as dl
-from selfflow.base.errors import CheckpointError, DownloadError
+from selfflow.base.errors import CheckpointError, ConfigurationError, DownloadError
 from selfflow.model.checkpoint import load_model
 from selfflow.model.vae import SD_VAE_ID, load_vae
 from tests.conftest import make_tiny_vae
@@ -254,8 +254,8 @@ def test_loading_a_hub_vae_without_network_fails_at_once_without_retry_lines(
 
 
 def test_a_missing_absolute_vae_folder_is_not_asked_of_the_hub(empty_hub_cache, no_dns, tmp_path):
-    with pytest.raises(DownloadError) as caught:
-        load_vae(tmp_path / "moved-away")
+    with pytest.raises(ConfigurationError, match="there is no VAE folder") as caught:
+        load_vae(tmp_path / "moved-away")  # named as missing, not as a download that failed
     assert no_dns == [] and str(tmp_path / "moved-away") in str(caught.value)
 
 

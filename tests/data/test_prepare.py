@@ -297,6 +297,13 @@ def test_a_folder_holding_other_things_is_refused_before_any_work(
         prepare(tree, batch, tiny_vae_dir)
 
 
+def test_a_mistyped_vae_folder_is_named_and_leaves_no_out_dir(tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["prepare", str(tree), str(out), "--vae", "tinyvea", "--no-progress"]) == 1
+    assert "there is no VAE folder tinyvea" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_an_empty_folder_and_one_with_hidden_files_are_accepted(tree, tiny_vae_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "hidden").mkdir()

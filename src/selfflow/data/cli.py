@@ -74,7 +74,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "dataset and store them, so training sees (latents - mean) / std and decoding undoes "
         "it (for VAEs whose latents are not near unit variance; default: none)",
     )
-    add_options(parser, "--vae", "--device")
+    add_options(
+        parser,
+        "--vae",
+        "--device",
+        help={
+            "--vae": "the VAE that encodes the images: a hub id or a local diffusers "
+            "AutoencoderKL folder (default: stabilityai/sd-vae-ft-ema, SD-VAE); its latent "
+            "convention and encoder digest are recorded in the manifest, and a local folder "
+            "as its absolute path"
+        },
+    )
     parser.add_argument(
         "--dtype",
         choices=("float32", "float16"),

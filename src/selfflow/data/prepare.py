@@ -254,9 +254,9 @@ class _Job:
                 + "; remove them, or pass --skip-bad-images to leave them out (they are listed "
                 "in the manifest)"
             )
+        self.vae = self._load_vae()  # a VAE that cannot be had leaves no OUT_DIR behind
         self.out.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
-        self.vae = self._load_vae()
         header = {**self._header(source), **({"holdout": held} if held else {})}
         stored = store.stored_manifest(self.out)
         if stored is not None and config.overwrite:

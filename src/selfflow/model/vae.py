@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -53,8 +54,10 @@ def load_vae(
             f"{local} is not a diffusers AutoencoderKL folder: expected config.json and "
             f"diffusion_pytorch_model.safetensors inside (save it with vae.save_pretrained(folder))"
         )
+    if not local.exists() and not could_be_hub_id(source):
+        raise ConfigurationError(missing_folder(source))
     unreachable = None  # why the hub cannot be asked now: then its cache alone, at once
-    if not local.exists() and not local.is_absolute():  # an absolute path is no hub id
+    if not local.exists():
         from selfflow.base.download import hub_unreachable
 
         unreachable = hub_unreachable(source, "config.json")
@@ -90,6 +93,24 @@ def load_vae(
     return vae.to(device=device).eval().requires_grad_(False)
 
 
+def could_be_hub_id(source: str) -> bool:
+    """Whether ``source`` has the form of a hub repository id, ``owner/name`` (names of
+    letters, digits, ``-``, ``_`` and ``.``): an absolute path, ``./vae``, ``~/vae``,
+    ``a/b/c`` or a bare ``vae`` can only mean a local folder, and a missing one is a typo to
+    name, not a repository to ask the hub for."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", source) is not None
+
+
+def missing_folder(source: str) -> str:
+    """The one line for a ``--vae`` that is neither a folder here nor a hub id."""
+    where = Path(source).expanduser().absolute()
+    looked = "" if str(where) == source else f" (looked for {where})"
+    return (
+        f"there is no VAE folder {source}{looked}, and it is not a hub id (owner/name, e.g. "
+        f"{SD_VAE_ID}): pass a diffusers AutoencoderKL folder (config.json inside) or a hub id"
+    )
+
+
 def _vae_by_hand(name: str) -> str:
     """How to get a hub VAE's folder without the hub's client, in words (ends the message)."""
     return (
@@ -113,6 +134,8 @@ def vae_source(name_or_path: str | os.PathLike) -> str:
         return f"the local folder {local}"
     if local.is_absolute():  # a recorded folder, never a hub id
         return f"the local folder {local}, which is NOT on this machine (pass --vae)"
+    if not could_be_hub_id(source):
+        raise ConfigurationError(missing_folder(source))
     from huggingface_hub import try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(source, "config.json"), str):
