@@ -325,6 +325,10 @@ def test_a_model_given_the_other_vae_is_refused_naming_both(worlds, vaes, tmp_pa
         said = capsys.readouterr().err
         assert "16 channels" in said and "4 channels" in said, said
         assert not (tmp_path / "g.png").exists()
+        # without the flag: the same message, not the encoder digests' (which offers the flag)
+        assert cli.main([*args, "--out", str(tmp_path / "g.png")]) == 1
+        said = capsys.readouterr().err
+        assert "16 channels" in said and "allow-vae-mismatch" not in said, said
 
 
 @SLOW

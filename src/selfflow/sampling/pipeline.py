@@ -169,6 +169,9 @@ class SelfFlowPipeline:
         card = model.checkpoint_info.card
         vae_name = chosen_vae(card, vae)
         autoencoder = load_vae(vae_name, device=device, dtype=vae_dtype)
+        if vae is not None and card.convention.factor is not None:
+            # another latent space first: no flag allows it, so --allow-vae-mismatch is no help
+            card.convention.check_vae(autoencoder, vae_name)
         if vae is not None and card.vae_identity is not None:
             note = check_vae_identity(
                 card.vae_identity, encoder_record_of(vae_name), vae_name, allow=allow_vae_mismatch
