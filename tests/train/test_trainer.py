@@ -457,6 +457,23 @@ def test_export_is_the_ema_and_loads_strictly_and_samples(tmp_path, reference):
     assert latents.shape == (3, 4, 8, 8) and bool(torch.isfinite(latents).all())
 
 
+def test_a_training_checkpoint_loads_as_its_ema_with_its_config_and_card(reference, capsys):
+    """``sample --ckpt checkpoints/step_N.pt`` once said "pass config=ModelConfig(...) to
+    load_model": the checkpoint records its config (in the run identity) and its card."""
+    from selfflow.model.checkpoint import read_card
+
+    checkpoint = run_state.checkpoint_path(reference, 4)
+    model = load_model(checkpoint)
+    export = load_model(run_state.export_path(reference, 4))
+    assert model.config == export.config
+    assert model.checkpoint_info.card == export.checkpoint_info.card
+    assert read_card(checkpoint) == read_card(run_state.export_path(reference, 4))
+    ema = final_state(reference, 4)["ema"]
+    assert all(torch.equal(value, ema[key]) for key, value in model.state_dict().items())
+    assert cli.main(["classes", "--ckpt", str(checkpoint)]) == 0
+    assert "c9" in capsys.readouterr().out
+
+
 def test_export_of_a_folder_without_checkpoints_says_so(tmp_path):
     with pytest.raises(CheckpointError, match="no intact training checkpoint"):
         from selfflow.train.export import export_run

@@ -42,6 +42,10 @@ HUB_REPO_ID = "Hila/Self-Flow"
 HUB_FILENAME = "selfflow_imagenet256.pt"
 HUB_URL = f"https://huggingface.co/{HUB_REPO_ID}/resolve/main/{HUB_FILENAME}"
 FORMAT_TAG = "selfflow"
+TRAINING_FORMAT_TAG = "selfflow-train"
+"""A checkpoint of ``selfflow train`` (weights, EMA, optimizer; written by
+:mod:`selfflow.train.state`): its identity records the model config and it carries the card, so
+it loads here as its EMA, like the export beside it."""
 _PREFIXES = ("module.", "_orig_mod.")
 _WRAPPERS = ("ema", "model", "state_dict")  # in order of preference
 _MAX_LISTED = 8
@@ -285,10 +289,7 @@ def read_checkpoint(
         return _strip_prefixes(state), stored_config, None, [], card  # type: ignore[return-value]
 
     raw = torch_load_verified(path, mmap=mmap)
-    card = RELEASED
-    if isinstance(raw, Mapping) and raw.get("format") == FORMAT_TAG:
-        stored_config = _parse_config(raw.get("config"), path)
-        card = _parse_card(raw.get("card"), path)
+    card, stored_config = _recorded(raw, path)
     state, entry, notes = _unwrap(raw, path)
     state = _strip_prefixes(state)
     not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
@@ -335,8 +336,20 @@ def read_card(path: str | os.PathLike | None) -> tuple[ModelCard, ModelConfig | 
             None if config is None else _parse_config(json.loads(config), path),
         )
     raw = _torch_load(path, mmap=zipfile.is_zipfile(path))  # torch < 1.6 files cannot be mapped
-    if isinstance(raw, Mapping) and raw.get("format") == FORMAT_TAG:
+    return _recorded(raw, path)
+
+
+def _recorded(raw: object, path: Path) -> tuple[ModelCard, ModelConfig | None]:
+    """The card and model config a ``.pt``'s top level records: an export's, a training
+    checkpoint's (its config is in the run identity), or none (the released file)."""
+    if not isinstance(raw, Mapping):
+        return RELEASED, None
+    if raw.get("format") == FORMAT_TAG:
         return _parse_card(raw.get("card"), path), _parse_config(raw.get("config"), path)
+    if raw.get("format") == TRAINING_FORMAT_TAG:
+        identity = raw.get("identity")
+        values = identity.get("model_config") if isinstance(identity, Mapping) else None
+        return _parse_card(raw.get("card"), path), _parse_config(values, path)
     return RELEASED, None
 
 

@@ -32,9 +32,9 @@ from selfflow.base.errors import CheckpointError, ConfigurationError, DiskFullEr
 from selfflow.base.files import nearest_existing, replaced_atomically, writing
 from selfflow.base.files import remove_temporaries as remove_temporaries_in
 from selfflow.data.verify import RECORD_DIR
-from selfflow.model.checkpoint import torch_load_verified
+from selfflow.model.checkpoint import TRAINING_FORMAT_TAG, torch_load_verified
 
-FORMAT = "selfflow-train"
+FORMAT = TRAINING_FORMAT_TAG  # the model loader reads these files too (their EMA)
 FORMAT_VERSION = 1
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
