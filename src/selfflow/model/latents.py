@@ -8,8 +8,8 @@ apply them::
     latents = (z - shift_factor) * scaling_factor          encoding (training data)
     z = latents / scaling_factor + shift_factor            decoding (before vae.decode)
 
-Some latent spaces also need a per-channel normalisation (LightningDiT's VA-VAE gives FID above
-100 without it); ``selfflow prepare --latent-norm channel`` measures the per-channel mean and
+Some latent spaces also need a per-channel normalisation (LightningDiT normalises its VA-VAE's
+latents per channel before training); ``selfflow prepare --latent-norm channel`` measures the per-channel mean and
 std of the scaled latents over the dataset, and the model then sees ``(latents - mean) / std``.
 A VAE whose config itself carries ``latents_mean`` and ``latents_std`` (Playground v2.5's; the
 SDXL pipeline applies them) is taken as diffusers' pipelines take it, without measuring::
