@@ -357,6 +357,48 @@ def test_a_checkpoint_that_does_not_load_strictly_is_refused(
     assert "missing keys (blocks.3.mlp.fc2.bias)" in err
 
 
+def test_an_out_that_is_a_folder_is_refused_before_any_work(
+    digits, untrained, tmp_path, capsys, monkeypatch
+):
+    # it used to compute every feature, then fail writing with an IsADirectoryError traceback
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    err = _refused(["probe", str(untrained), "--data", str(digits), "--device", "cpu", "--out",
+                    str(runs)], capsys, monkeypatch)  # fmt: skip
+    assert f"{runs} is a folder" in err and not any(runs.iterdir())
+
+
+def test_test_data_that_is_the_data_itself_is_refused(
+    digits, untrained, tmp_path, capsys, monkeypatch
+):
+    # scored on its own training rows, it printed a near-perfect accuracy with no warning;
+    # a copy of the folder is the same data (same identity) too
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(digits, copy)
+    for test_data in (digits, copy):
+        err = _refused(["probe", str(untrained), "--data", str(digits), "--device", "cpu",
+                        "--test-data", str(test_data)], capsys, monkeypatch)  # fmt: skip
+        assert err.startswith("selfflow probe: error: --test-data is --data itself"), err
+
+
+def test_a_layer_or_tau_named_twice_is_one_row(untrained, tmp_path, capsys):
+    # it printed (and recorded) the same cell twice
+    images, labels = demo.write_digits(tmp_path / "all")
+    small = tmp_path / "small"
+    write_dataset(small, images[:100], labels[:100], class_names=list(DIGIT_NAMES))
+    out = tmp_path / "probe.json"
+    args = ["probe", str(untrained), "--data", str(small), "--layer", "2", "1", "2", "--tau",
+            "0.3", "0.3", "0.7", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    rows = [line.split("|")[1:3] for line in capsys.readouterr().out.splitlines()
+            if re.match(r"\| \d", line)]  # fmt: skip
+    cells = [(2, 0.3), (2, 0.7), (1, 0.3), (1, 0.7)]  # first-named order, each once
+    assert [(int(a), float(b)) for a, b in rows] == cells
+    assert [(r["layer"], r["tau"]) for r in json.loads(out.read_text())["results"]] == cells
+
+
 # -- any process count -----------------------------------------------------------------------
 
 

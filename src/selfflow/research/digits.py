@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from selfflow.base.errors import ConfigurationError, SelfFlowError
 from selfflow.data import LatentDataset
 from selfflow.research.probe import run_probe, split_rows
 from selfflow.train import demo
@@ -59,14 +60,31 @@ def probe_scorer(
 
 
 def logged_rows(logs: Sequence[Path]) -> list[dict]:
-    """The rows that runs of this command printed (``seed row: {...}`` lines) in ``logs``."""
+    """The rows that runs of this command printed (``seed row: {...}`` lines) in ``logs``;
+    a log that is missing or holds none is one line naming it."""
     prefix = "seed row: "
-    return [
-        json.loads(line[len(prefix) :])
-        for log in logs
-        for line in Path(log).read_text().splitlines()
-        if line.startswith(prefix)
-    ]
+    rows = []
+    for log in logs:
+        try:
+            lines = Path(log).read_text(errors="replace").splitlines()
+        except OSError as error:
+            raise ConfigurationError(
+                f"--summarise {log}: cannot be read ({error.strerror or error})"
+            ) from None
+        found = [line[len(prefix) :] for line in lines if line.startswith(prefix)]
+        if not found:
+            raise ConfigurationError(
+                f"--summarise {log}: no digits probe records found in it (expected lines "
+                f"starting {prefix!r}, as python -m selfflow.research.digits prints them)"
+            )
+        for text in found:
+            try:
+                rows.append(json.loads(text))
+            except json.JSONDecodeError:
+                raise ConfigurationError(
+                    f"--summarise {log}: a {prefix!r} line is not a record: {text[:60]!r}"
+                ) from None
+    return rows
 
 
 def summary_table(rows: list[dict], cells: Sequence[str]) -> str:
@@ -88,12 +106,13 @@ def summary_table(rows: list[dict], cells: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m selfflow.research.digits",
         description="The digits demo (python -m selfflow.train.demo) over several training "
         "seeds, with the representation probe of each scored model beside its sample "
         "accuracy: mean and range (min-max) over the seeds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("digits_probe"), help="work folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
@@ -101,11 +120,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--steps", type=int, nargs="+", default=[300, 600], help="step counts to score"
     )
     parser.add_argument(
-        "--methods", nargs="+", default=["selfflow", "flow"], choices=("selfflow", "flow")
-    )
-    parser.add_argument("--layers", type=int, nargs="+", default=list(DEFAULT_LAYERS))
-    parser.add_argument("--taus", type=float, nargs="+", default=list(DEFAULT_TAUS))
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+        "--methods", nargs="+", default=["selfflow", "flow"], choices=demo.METHODS,
+        help="training objectives, as the demo's",
+    )  # fmt: skip
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=list(DEFAULT_LAYERS),
+        help=f"1-based blocks to probe (the demo's model has {demo.DemoSettings().depth})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--taus", type=float, nargs="+", default=list(DEFAULT_TAUS),
+        help="noise levels to probe at, strictly inside (0, 1): 1 = pure noise",
+    )  # fmt: skip
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument(
         "--summarise",
         type=Path,
@@ -115,13 +141,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="train nothing: print the table of the runs recorded in these logs (this "
         "command's output, e.g. seeds run in separate processes)",
     )
+    return parser
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Every option before the digits are written or any step is trained (one line each);
+    repeated values are dropped, keeping their order."""
+    from selfflow.research.probe import check_cells
+
+    for name in ("seeds", "methods", "layers", "taus"):
+        setattr(args, name, list(dict.fromkeys(getattr(args, name))))
+    demo.check_options(args)
+    for seed in args.seeds:
+        if seed < 0:
+            raise ConfigurationError(f"--seeds must be whole numbers >= 0; got {seed}")
+    check_cells(demo.DemoSettings().depth, args.layers, args.taus, "--layers", "--taus")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.summarise is not None:
-        rows = logged_rows(args.summarise)
-        cells = sorted({key for row in rows for key in row if key.startswith("probe ")})
-        rows.sort(key=lambda row: (row["method"] != "selfflow", row["step"], row["seed"]))
-        print(summary_table(rows, cells), flush=True)
-        return 0
+    try:
+        if args.summarise is not None:
+            rows = logged_rows(args.summarise)
+            cells = sorted({key for row in rows for key in row if key.startswith("probe ")})
+            rows.sort(key=lambda row: (row["method"] != "selfflow", row["step"], row["seed"]))
+            print(summary_table(rows, cells), flush=True)
+            return 0
+        check_options(args)
+        return _run(args)
+    except SelfFlowError as error:  # one line, as the selfflow command prints it
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
+
+
+def _run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     images, labels = demo.write_digits(args.out / "data")
     classifier = demo.fit_classifier(images, labels)
@@ -135,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 method,
                 args.out / "data",
                 args.out / f"seed{seed}",
-                sorted(args.steps),
+                sorted(set(args.steps)),
                 classifier,
                 settings,
                 extra=score,

@@ -414,19 +414,30 @@ def fit_and_score(
 
 def check_probe_request(model: SelfFlowDiT, layers: Sequence[int], taus: Sequence[float]) -> None:
     """Layers are 1-based blocks of this model and every τ lies strictly inside (0, 1)."""
-    depth = model.config.depth
+    check_cells(model.config.depth, layers, taus)
+
+
+def check_cells(
+    depth: int,
+    layers: Sequence[int],
+    taus: Sequence[float],
+    layer_option: str = "--layer",
+    tau_option: str = "--tau",
+) -> None:
+    """:func:`check_probe_request` for a model of ``depth`` blocks not built yet (the digits
+    runs check theirs before training), naming the caller's own options."""
     if not layers or not taus:
         raise ConfigurationError("the probe needs at least one layer and one tau")
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= depth:
             raise ConfigurationError(
-                f"--layer must be a block number in 1..{depth} (1-based; this model has "
+                f"{layer_option} must be a block number in 1..{depth} (1-based; this model has "
                 f"{depth} blocks); got {layer!r}"
             )
     for tau in taus:
         if not 0.0 < float(tau) < 1.0:
             raise ConfigurationError(
-                f"--tau must lie strictly between 0 (clean) and 1 (pure noise); got {tau}"
+                f"{tau_option} must lie strictly between 0 (clean) and 1 (pure noise); got {tau}"
             )
 
 

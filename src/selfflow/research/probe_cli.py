@@ -152,9 +152,13 @@ def _prepare(args: argparse.Namespace, context) -> _Request:
     if args.batch_size < 1:
         raise ConfigurationError(f"--batch-size must be at least 1; got {args.batch_size}")
     if args.out is not None and context.is_main:  # only rank 0 writes it
-        check_can_write(Path(args.out).resolve().parent, "--out")
+        if Path(args.out).is_dir():
+            raise ConfigurationError(f"--out must be a JSON file; {args.out} is a folder")
+        check_can_write(Path(args.out).resolve().parent, f"--out {args.out}")
     model = load_model(args.ckpt, device=context.device)
     layers = args.layer or [max(1, round(DEFAULT_LAYER_FRACTION * model.config.depth))]
+    # a value named twice is one row: the table and the record hold each (layer, tau) once
+    layers, args.tau = list(dict.fromkeys(layers)), list(dict.fromkeys(args.tau))
     check_probe_request(model, layers, args.tau)
     dataset = LatentDataset(args.data)
     check_dataset_fits(dataset, model)
@@ -162,6 +166,13 @@ def _prepare(args: argparse.Namespace, context) -> _Request:
     if args.test_data is not None:
         test_dataset = LatentDataset(args.test_data)
         check_dataset_fits(test_dataset, model, "--test-data")
+        if test_dataset.identity == dataset.identity:
+            raise ConfigurationError(
+                f"--test-data is --data itself: {args.test_data} holds the same data "
+                f"(identity {dataset.identity}) as {args.data}, so the classifier would be "
+                f"scored on its own training rows; give a held-out split, or leave --test-data "
+                f"out to hold out --test-fraction of --data"
+            )
         if test_dataset.class_names != dataset.class_names:
             raise ConfigurationError(
                 f"--test-data {args.test_data} names other classes than --data {args.data}"

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfflow.base.errors import ConfigurationError, SelfFlowError
+
 SAMPLES_PER_CLASS = 20
 SAMPLER_STEPS = 100
 
@@ -211,28 +213,48 @@ def _print_tables(rows: list[dict], sweep: list[dict]) -> None:
             )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+METHODS = ("selfflow", "flow", "dual")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The demo's numbers, before the digits are written or any step is trained: one line
+    naming the demo's own option (the trainer's would name options the demo does not have).
+    Also checked for ``python -m selfflow.research.digits``, which takes the same ones."""
+    from selfflow.base.files import check_can_write
+    from selfflow.train.config import check_posthoc_options
+    from selfflow.train.phema import check_sigma_rel
+
+    for name, values in (("--steps", args.steps), ("--threads", [args.threads])):
+        for value in values:
+            if value < 1:
+                raise ConfigurationError(f"{name} must be at least 1; got {value}")
+    check_posthoc_options(list(getattr(args, "posthoc_ema", None) or ()), None)
+    for value in getattr(args, "ema_sweep", None) or ():
+        check_sigma_rel(value, "--ema-sweep")
+    check_can_write(args.out, f"--out {args.out}")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m selfflow.train.demo",
         description="Train Self-Flow and the SiT baseline on scikit-learn's 8x8 digits on the "
         "CPU; a classifier fitted on real digits scores the class-conditional samples.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("digits_demo"), help="work folder")
     parser.add_argument(
         "--steps", type=int, nargs="+", default=[200, 400, 800], help="step counts to score"
     )
     parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=["selfflow", "flow"],
-        choices=("selfflow", "flow", "dual"),
-    )
+        "--methods", nargs="+", default=["selfflow", "flow"], choices=METHODS,
+        help="training objectives: Self-Flow, the SiT baseline (flow), or both losses (dual)",
+    )  # fmt: skip
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="torch CPU threads (default: 1: these matmuls are too small to gain from more, "
-        "and on a busy machine several threads slow each other down many times over)",
+        help="torch CPU threads (1: these matmuls are too small to gain from more, and on a "
+        "busy machine several threads slow each other down many times over)",
     )
     parser.add_argument(
         "--ema-sweep",
@@ -241,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         metavar="SIGMA_REL",
         help="post-hoc EMA sweep: the runs also track --posthoc-ema, and at the last step the "
-        "EMA of each of these σ_rel is reconstructed and scored (default: no sweep)",
+        "EMA of each of these σ_rel is reconstructed and scored (None: no sweep)",
     )
     parser.add_argument(
         "--posthoc-ema",
@@ -249,20 +271,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         default=[0.05, 0.10],
         metavar="SIGMA_REL",
-        help="the σ_rel the sweep's runs track (default: 0.05 0.10, as EDM2)",
+        help="the σ_rel the sweep's runs track (as EDM2)",
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except SelfFlowError as error:  # one line, as the selfflow command prints it
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
+
+
+def _run(args: argparse.Namespace) -> int:
+    check_options(args)
     torch.set_num_threads(args.threads)
     images, labels = write_digits(args.out / "data")
     classifier = fit_classifier(images, labels)
     posthoc = tuple(args.posthoc_ema) if args.ema_sweep else ()
+    steps = sorted(set(args.steps))
     rows, sweep = [], []
-    for method in args.methods:
-        rows += run_method(method, args.out / "data", args.out, sorted(args.steps), classifier,
+    for method in dict.fromkeys(args.methods):
+        rows += run_method(method, args.out / "data", args.out, steps, classifier,
                            DemoSettings(), posthoc)  # fmt: skip
         if args.ema_sweep:
             run = args.out / f"{method}-posthoc"
-            sweep += posthoc_sweep(method, run, sorted(args.ema_sweep), classifier)
+            sweep += posthoc_sweep(method, run, sorted(set(args.ema_sweep)), classifier)
     _print_tables(rows, sweep)
     return 0
 
