@@ -439,6 +439,9 @@ def test_empty_folders_are_refused(tiny_vae_dir, tmp_path):
     "options,message",
     [
         ({"image_size": 0}, "--image-size"),
+        ({"image_size": 2}, "gives 1×1 latents"),  # the tiny VAE downsamples by 2
+        ({"image_size": 6}, "gives 3×3 latents.*multiple of 4"),
+        ({"image_size": 7}, "not a multiple of the VAE's downsampling factor 2"),
         ({"batch_size": 0}, "--batch-size"),
         ({"num_workers": -1}, "--num-workers"),
         ({"dtype": "bfloat16"}, "--dtype"),

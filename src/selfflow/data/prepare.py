@@ -52,6 +52,7 @@ from selfflow.data.images import (
 )
 from selfflow.data.latent_stats import NORMS
 from selfflow.data.summary import PrepareResult
+from selfflow.model.latents import convention_of_vae
 
 CROP = "adm_center_crop"
 # Settings that must match to resume in a folder, with how a difference is described.
@@ -255,6 +256,7 @@ class _Job:
                 "in the manifest)"
             )
         self.vae = self._load_vae()  # a VAE that cannot be had leaves no OUT_DIR behind
+        convention_of_vae(self.vae).check_image_size(config.image_size)  # before any folder
         self.out.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         header = {**self._header(source), **({"holdout": held} if held else {})}
@@ -294,16 +296,10 @@ class _Job:
     def _header(self, source: SourceList) -> dict[str, Any]:
         from selfflow.base.precision import full_fp32
         from selfflow.model.card import resolved_vae_name
-        from selfflow.model.latents import convention_of_vae
         from selfflow.model.vae import SD_VAE_ID, encode_posterior, encoder_record
 
         size = self.config.image_size
         convention = convention_of_vae(self.vae)
-        if size % int(convention.factor or 1):
-            raise ConfigurationError(
-                f"--image-size {size} is not a multiple of the VAE's downsampling factor "
-                f"{convention.factor}; choose a size that is (256, 512, ...)"
-            )
         with full_fp32():
             probe, _ = encode_posterior(self.vae, np.zeros((1, size, size, 3), dtype=np.uint8))
         return {

@@ -179,6 +179,24 @@ class LatentConvention:
             and math.isclose(self.shift_factor, other.shift_factor, rel_tol=1e-9, abs_tol=1e-12)
         )
 
+    def check_image_size(self, size: int, patch: int = 2) -> None:
+        """Refuse an image size (``prepare --image-size``) that this VAE cannot turn into
+        latents the network can cut into ``patch`` × ``patch`` patches: said before hours of
+        encoding, rather than by ``train`` afterwards."""
+        factor = int(self.factor or 1)
+        if size % factor:
+            raise ConfigurationError(
+                f"--image-size {size} is not a multiple of the VAE's downsampling factor "
+                f"{factor}; choose a size that is (256, 512, ...)"
+            )
+        side = size // factor
+        if side % patch or side < patch:
+            raise ConfigurationError(
+                f"--image-size {size} gives {side}×{side} latents with this VAE (downsampling "
+                f"{factor}); Self-Flow's models cut latents into {patch}×{patch} patches, so "
+                f"choose a multiple of {patch * factor}"
+            )
+
     def check_channels(self, in_channels: int, what: str = "the model") -> None:
         """Refuse a model whose input channels are not the convention's."""
         if in_channels != self.channels:
