@@ -68,11 +68,22 @@ MODELS = ("online", "ema")
 def open_val_data(settings: Any, train_data: LatentDataset) -> LatentDataset:
     """The ``--val-data`` dataset, refused unless its latents and classes are the training
     data's (each difference named), before any training work."""
+    from selfflow.base.errors import DatasetError
     from selfflow.data import LatentDataset
 
-    val = LatentDataset(settings.val_data)
+    try:
+        val = LatentDataset(settings.val_data)
+    except DatasetError as error:  # say which option named the folder
+        raise DatasetError(f"--val-data {settings.val_data}: {error}") from None
     if len(val) == 0:
         raise ConfigurationError(f"--val-data {settings.val_data} holds no images")
+    trained_on = _not_held_out(val, train_data)
+    if trained_on:
+        raise ConfigurationError(
+            f"--val-data {settings.val_data} is not held out from --data {settings.data}: "
+            f"{trained_on}; pass the held-out part (`selfflow prepare --val-per-class N` "
+            f"writes it to DATA-val)"
+        )
     found = []
     for name in ("latent_shape", "has_std", "scale"):
         mine, theirs = getattr(val, name), getattr(train_data, name)
@@ -106,6 +117,24 @@ def open_val_data(settings: Any, train_data: LatentDataset) -> LatentDataset:
             + "; ".join(found)
         )
     return val
+
+
+def _not_held_out(val: LatentDataset, train_data: LatentDataset) -> str | None:
+    """What shows that the validation data were trained on, or None: the same dataset, or the
+    halves of a ``prepare --val-per-class`` split used the wrong way round (each manifest's
+    ``holdout`` record names its part). Data without a record (``write_dataset``, a split
+    prepared alone) cannot be told apart and are accepted."""
+    if val.identity == train_data.identity:
+        return f"it is the training data itself (identity {val.identity})"
+    found = []
+    for label, dataset, wrong in (("--val-data", val, "train"), ("--data", train_data, "val")):
+        part = (dataset.manifest.get("holdout") or {}).get("part")
+        if part == wrong:
+            found.append(
+                f"{label} {dataset.root} is the {'training' if wrong == 'train' else 'held-out'} "
+                f"part of a --val-per-class split (its manifest's holdout part is {part!r})"
+            )
+    return "; ".join(found) or None
 
 
 def _name_at(names: list[str], index: int) -> str:
