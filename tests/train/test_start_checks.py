@@ -73,6 +73,10 @@ def test_the_training_data_itself_or_the_swapped_halves_are_refused_as_val_data(
     message = refusal(swapped)
     assert f"--val-data {lat} is the training part" in message
     assert f"--data {lat_val} is the held-out part" in message
+    # and both say what to pass instead: the split's halves the right way round
+    right_way = f"--data {lat.resolve()} --val-data {lat_val.resolve()}"
+    assert message.endswith(right_way), message
+    assert refusal(config).endswith(right_way)
     # the halves the right way round, and data without a holdout record, are accepted
     right = tiny_config(lat, tmp_path / "right", val_data=str(lat_val), val_every=1)
     train(right, dry_run=True, log=lambda m: None)
@@ -81,7 +85,7 @@ def test_the_training_data_itself_or_the_swapped_halves_are_refused_as_val_data(
     train(tiny_config(plain, tmp_path / "a", val_data=str(held_out), val_every=1), dry_run=True)
     copy = make_dataset(tmp_path / "copy")  # the same rows written again: the same identity
     message = refusal(tiny_config(plain, tmp_path / "b", val_data=str(copy), val_every=1))
-    assert "training data itself" in message
+    assert "training data itself" in message and "--val-per-class N" in message
 
 
 # -- 2. the options named in words -------------------------------------------------------------

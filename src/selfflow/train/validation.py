@@ -81,8 +81,7 @@ def open_val_data(settings: Any, train_data: LatentDataset) -> LatentDataset:
     if trained_on:
         raise ConfigurationError(
             f"--val-data {settings.val_data} is not held out from --data {settings.data}: "
-            f"{trained_on}; pass the held-out part (`selfflow prepare --val-per-class N` "
-            f"writes it to DATA-val)"
+            f"{trained_on}"
         )
     found = []
     for name in ("latent_shape", "has_std", "scale"):
@@ -120,21 +119,35 @@ def open_val_data(settings: Any, train_data: LatentDataset) -> LatentDataset:
 
 
 def _not_held_out(val: LatentDataset, train_data: LatentDataset) -> str | None:
-    """What shows that the validation data were trained on, or None: the same dataset, or the
-    halves of a ``prepare --val-per-class`` split used the wrong way round (each manifest's
-    ``holdout`` record names its part). Data without a record (``write_dataset``, a split
-    prepared alone) cannot be told apart and are accepted."""
-    if val.identity == train_data.identity:
-        return f"it is the training data itself (identity {val.identity})"
+    """What shows that the validation data were trained on, and what to pass instead; None if
+    nothing does. Found: the same dataset, or the halves of a ``prepare --val-per-class`` split
+    used the wrong way round (each manifest's ``holdout`` record names its part and both
+    folders). Data without a record (``write_dataset``, a split prepared alone) cannot be told
+    apart and are accepted."""
+    records = [d.manifest.get("holdout") for d in (val, train_data)]
+    records = [r if isinstance(r, dict) else {} for r in records]
     found = []
-    for label, dataset, wrong in (("--val-data", val, "train"), ("--data", train_data, "val")):
-        part = (dataset.manifest.get("holdout") or {}).get("part")
-        if part == wrong:
+    same = val.identity == train_data.identity
+    if same:
+        found.append(f"it is the training data itself (identity {val.identity})")
+    for label, dataset, record, wrong in (
+        ("--val-data", val, records[0], "train"),
+        ("--data", train_data, records[1], "val"),
+    ):
+        if record.get("part") == wrong and not same:
             found.append(
                 f"{label} {dataset.root} is the {'training' if wrong == 'train' else 'held-out'} "
-                f"part of a --val-per-class split (its manifest's holdout part is {part!r})"
+                f"part of a --val-per-class split (its manifest's holdout part is {wrong!r})"
             )
-    return "; ".join(found) or None
+    if not found:
+        return None
+    split = next((r for r in records if r.get("train") and r.get("val")), None)
+    hint = (
+        f"pass its held-out part: --data {split['train']} --val-data {split['val']}"
+        if split
+        else "pass held-out data (`selfflow prepare --val-per-class N` writes them to OUT_DIR-val)"
+    )
+    return "; ".join(found) + "; " + hint
 
 
 def _name_at(names: list[str], index: int) -> str:
