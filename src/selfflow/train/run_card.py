@@ -32,7 +32,8 @@ def run_card(
 
     A ``--vae`` must have the encoder that made the data's latents: with ``check`` (the process
     that reports) it is loaded once in float32 to compare; a mismatch is refused unless
-    ``--allow-vae-mismatch`` (then ``log`` says so). A recorded folder missing from this
+    ``--allow-vae-mismatch`` (then ``log`` says so). A VAE of another latent space is refused
+    whatever the flag (:func:`check_vae_space`). A recorded folder missing from this
     machine is refused only when the run decodes (grids, evaluations), recorded as it is
     otherwise. ``settings`` are the resolved settings (``sample_every``, ``eval_every``).
     """
@@ -49,7 +50,8 @@ def run_card(
     if given is None and (dataset.vae is None or not decodes):
         return dataset.vae, card
     name = chosen_vae(card, given)
-    if given is not None and check:
+    checks = recorded is not None or dataset.latent.factor is not None  # raw data: nothing
+    if given is not None and check and checks:
         import torch
 
         from selfflow.model.vae import encoder_record, load_vae
