@@ -147,13 +147,23 @@ class LatentDataset:
     def repair_hint(self) -> str:
         """How to mend missing or damaged shards of this dataset, for error messages."""
         source = self.manifest.get("source")
-        if isinstance(source, dict) and source.get("root"):
+        if not (isinstance(source, dict) and source.get("root")):
+            return "rewrite the dataset (selfflow.data.write_dataset with overwrite=True)"
+        held = self.manifest.get("holdout")
+        if isinstance(held, dict) and held.get("part") == "val" and held.get("train"):
+            # made with its training folder: `prepare` of this folder alone is refused (it
+            # holds another dataset) and --overwrite would replace it with a full dataset
             return (
                 f"delete the damaged shard files and rerun `selfflow prepare {source['root']} "
-                f"{self.root}` with the options that made it: it re-checks every shard and "
-                f"re-encodes the missing ones"
+                f"{held['train']} --val-per-class {held['per_class']}` (the training folder) "
+                f"with the other options that made it: it writes this held-out part beside it "
+                f"again, re-checks every shard and re-encodes the missing ones"
             )
-        return "rewrite the dataset (selfflow.data.write_dataset with overwrite=True)"
+        return (
+            f"delete the damaged shard files and rerun `selfflow prepare {source['root']} "
+            f"{self.root}` with the options that made it: it re-checks every shard and "
+            f"re-encodes the missing ones"
+        )
 
     def start_verifying(
         self, indices: Any = None, record: ShardRecord | None = None

@@ -201,8 +201,7 @@ class TrainConfig:
         if bool(self.val_every) != bool(self.val_data):
             raise ConfigurationError(
                 "--val-every K and --val-data DIR go together (the validation loss every K "
-                f"steps on the held-out dataset DIR); got --val-every {self.val_every} and "
-                f"--val-data {self.val_data}"
+                f"steps on the held-out dataset DIR); got {_one_of(self.val_every, self.val_data)}"
             )
         if self.network not in NETWORKS:
             raise ConfigurationError(f"--network must be fast or plain; got {self.network!r}")
@@ -466,6 +465,13 @@ def check_posthoc_options(sigma_rels: object, snapshot_every: object) -> None:
                 "--snapshot-every writes snapshots of post-hoc EMAs; it needs --posthoc-ema "
                 "SIGMA_REL ... (e.g. --posthoc-ema 0.05 0.10)"
             )
+
+
+def _one_of(val_every: int, val_data: str | None) -> str:
+    """The validation option given without its partner, in words (not a Python ``None``)."""
+    if val_every:
+        return f"--val-every {val_every} and no --val-data"
+    return f"--val-data {val_data} and no --val-every"
 
 
 def _whole(name: str, value: Any, minimum: int) -> None:

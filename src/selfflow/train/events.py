@@ -79,9 +79,10 @@ def record(data: bytes) -> bytes:
 class EventWriter:
     """Appends scalars and images to a new event file in ``folder``.
 
-    ``purge_step`` (a resume's first new step) tells TensorBoard to drop the events of that
-    step and later ones from the files written before (a killed run may have logged steps past
-    the checkpoint the resume starts from): a ``SessionLog.START`` event at that step.
+    ``purge_step`` (a run's first new step: a resume's, or 0 for a start over) tells
+    TensorBoard to drop the events of that step and later ones from the files written before (a
+    killed run may have logged steps past the checkpoint the resume starts from, or steps of an
+    attempt killed before its first checkpoint): a ``SessionLog.START`` event at that step.
     """
 
     def __init__(self, folder: str | os.PathLike, purge_step: int | None = None) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from selfflow.model.card import ModelCard, check_vae_identity, chosen_vae
+from selfflow.base.errors import ConfigurationError
+from selfflow.model.card import MISMATCH_FLAG, ModelCard, check_vae_identity, chosen_vae
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -31,7 +32,8 @@ def run_card(
 
     A ``--vae`` must have the encoder that made the data's latents: with ``check`` (the process
     that reports) it is loaded once in float32 to compare; a mismatch is refused unless
-    ``--allow-vae-mismatch`` (then ``log`` says so). A recorded folder missing from this
+    ``--allow-vae-mismatch`` (then ``log`` says so). A VAE of another latent space is refused
+    whatever the flag (:func:`check_vae_space`). A recorded folder missing from this
     machine is refused only when the run decodes (grids, evaluations), recorded as it is
     otherwise. ``settings`` are the resolved settings (``sample_every``, ``eval_every``).
     """
@@ -48,12 +50,17 @@ def run_card(
     if given is None and (dataset.vae is None or not decodes):
         return dataset.vae, card
     name = chosen_vae(card, given)
-    if given is not None and recorded is not None and check:
-        from selfflow.model.vae import encoder_record_of
+    checks = recorded is not None or dataset.latent.factor is not None  # raw data: nothing
+    if given is not None and check and checks:
+        import torch
 
+        from selfflow.model.vae import encoder_record, load_vae
+
+        vae = load_vae(name, dtype=torch.float32)  # float32: the encoder digest's precision
+        check_vae_space(dataset, vae, name, config.data)
         note = check_vae_identity(
             recorded,
-            encoder_record_of(name),
+            encoder_record(vae),
             name,
             allow=config.allow_vae_mismatch,
             what=f"the dataset {config.data}",
@@ -61,6 +68,26 @@ def run_card(
         if note:
             log(note)
     return name, replace(card, vae=name)
+
+
+def check_vae_space(dataset: LatentDataset, vae: Any, name: str, data: str) -> None:
+    """Refuse a ``--vae`` whose latent space (channels, scaling, shift) is not the data's,
+    naming both, whatever ``--allow-vae-mismatch`` says: that flag lets another *encoder* of
+    the same space decode, but a VAE of another space cannot decode the model's latents at all,
+    and the run would die at its first sample grid, hours in, with its exports recording it.
+    Latents that no VAE made (no downsampling factor) take any VAE, as the sampler does."""
+    from selfflow.model.latents import convention_of_vae
+
+    if dataset.latent.factor is None:
+        return
+    found = convention_of_vae(vae)
+    if not dataset.latent.same_vae_space(found):
+        raise ConfigurationError(
+            f"--vae {name} has latents of {found.describe()}, but the dataset {data} holds "
+            f"latents of {dataset.latent.describe()}: its decoder cannot read them "
+            f"({MISMATCH_FLAG} allows only another encoder of the same latent space); pass the "
+            f"VAE the data was prepared with ({dataset.vae})"
+        )
 
 
 def vae_plan_line(name: str, settings: Any) -> str:

@@ -68,11 +68,21 @@ MODELS = ("online", "ema")
 def open_val_data(settings: Any, train_data: LatentDataset) -> LatentDataset:
     """The ``--val-data`` dataset, refused unless its latents and classes are the training
     data's (each difference named), before any training work."""
+    from selfflow.base.errors import DatasetError
     from selfflow.data import LatentDataset
 
-    val = LatentDataset(settings.val_data)
+    try:
+        val = LatentDataset(settings.val_data)
+    except DatasetError as error:  # say which option named the folder
+        raise DatasetError(f"--val-data {settings.val_data}: {error}") from None
     if len(val) == 0:
         raise ConfigurationError(f"--val-data {settings.val_data} holds no images")
+    trained_on = _not_held_out(val, train_data)
+    if trained_on:
+        raise ConfigurationError(
+            f"--val-data {settings.val_data} is not held out from --data {settings.data}: "
+            f"{trained_on}"
+        )
     found = []
     for name in ("latent_shape", "has_std", "scale"):
         mine, theirs = getattr(val, name), getattr(train_data, name)
@@ -106,6 +116,38 @@ def open_val_data(settings: Any, train_data: LatentDataset) -> LatentDataset:
             + "; ".join(found)
         )
     return val
+
+
+def _not_held_out(val: LatentDataset, train_data: LatentDataset) -> str | None:
+    """What shows that the validation data were trained on, and what to pass instead; None if
+    nothing does. Found: the same dataset, or the halves of a ``prepare --val-per-class`` split
+    used the wrong way round (each manifest's ``holdout`` record names its part and both
+    folders). Data without a record (``write_dataset``, a split prepared alone) cannot be told
+    apart and are accepted."""
+    records = [d.manifest.get("holdout") for d in (val, train_data)]
+    records = [r if isinstance(r, dict) else {} for r in records]
+    found = []
+    same = val.identity == train_data.identity
+    if same:
+        found.append(f"it is the training data itself (identity {val.identity})")
+    for label, dataset, record, wrong in (
+        ("--val-data", val, records[0], "train"),
+        ("--data", train_data, records[1], "val"),
+    ):
+        if record.get("part") == wrong and not same:
+            found.append(
+                f"{label} {dataset.root} is the {'training' if wrong == 'train' else 'held-out'} "
+                f"part of a --val-per-class split (its manifest's holdout part is {wrong!r})"
+            )
+    if not found:
+        return None
+    split = next((r for r in records if r.get("train") and r.get("val")), None)
+    hint = (
+        f"pass its held-out part: --data {split['train']} --val-data {split['val']}"
+        if split
+        else "pass held-out data (`selfflow prepare --val-per-class N` writes them to OUT_DIR-val)"
+    )
+    return "; ".join(found) + "; " + hint
 
 
 def _name_at(names: list[str], index: int) -> str:

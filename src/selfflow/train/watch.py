@@ -147,10 +147,13 @@ class Watch:
         from selfflow.train.events import EventWriter
 
         run = trainer.run_dir
-        _truncate_log(run / LOG_NAME, step)
-        # a resume from the checkpoint of step N keeps what was logged up to N (as log.jsonl
-        # does) and has TensorBoard drop the events of N + 1 on, which are trained again
-        self.writer = EventWriter(run / "tensorboard", purge_step=step + 1 if step else None)
+        # a resume from the checkpoint of step N keeps what was logged up to N and has
+        # TensorBoard drop the events of N + 1 on, which are trained again; a start from step 0
+        # (no checkpoint: an attempt killed before its first one) drops everything, its step-0
+        # validation included, or each step would show twice
+        first_new = step + 1 if step else 0
+        _truncate_log(run / LOG_NAME, first_new - 1)
+        self.writer = EventWriter(run / "tensorboard", purge_step=first_new)
         s = self.settings
         self.bar = tqdm(
             total=s.steps,
@@ -337,7 +340,7 @@ def _step_of(line: str, torn: int) -> int:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop the records of steps after ``step`` (a resume trains them again)."""
+    """Drop the records of steps after ``step`` (the run logs them again; -1: all of them)."""
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if _step_of(line, step + 1) <= step]
