@@ -161,6 +161,31 @@ def test_validation_runs_under_bf16_autocast(tmp_path, data, held_out, one_threa
     assert len(values) == 2 * 2 * 2 * (len(VAL_TAUS) + 1) and all(np.isfinite(values))
 
 
+def test_a_non_finite_validation_is_said_with_where_to_look(tmp_path, data, one_thread):
+    """Held-out shards are size-checked, not hashed: a NaN written into one is logged as NaN,
+    and the run says so in a line naming the folder and the command that checks it."""
+    folder = val_dataset(tmp_path / "damaged", n=12)
+    shard = np.load(LatentDataset(folder).shard_path(0), mmap_mode="r+")  # same size, one NaN
+    shard.reshape(-1)[7] = np.nan
+    shard.flush()
+    del shard
+    said: list[str] = []
+    run = tmp_path / "run"
+    train(tiny_config(data, run, steps=1, val_data=str(folder), val_every=1), log=said.append)
+    assert not np.isfinite(log_records(run, "val")[0]["loss_mean/online"])
+    warnings = [line for line in said if line.startswith("warning: the validation of step")]
+    assert len(warnings) == 2, said  # steps 0 and 1
+    assert f"selfflow prepare --verify {folder}" in warnings[0]
+
+
+def test_a_finite_validation_warns_of_nothing(tmp_path, data, held_out, one_thread):
+    said: list[str] = []
+    config = tiny_config(data, tmp_path / "run", steps=1, val_data=str(held_out), val_every=1)
+    train(config, log=said.append)
+    assert len(log_records(tmp_path / "run", "val")) == 2
+    assert not [line for line in said if line.startswith("warning")], said
+
+
 def test_held_out_data_of_another_shape_or_classes_is_refused_by_name(tmp_path, data):
     other_classes = val_dataset(tmp_path / "classes", n=12, classes=12)
     with pytest.raises(ConfigurationError, match=r"classes: 12.*training data: 10"):

@@ -27,6 +27,7 @@ of the trainer, so the trainer imports the watch and the watch never imports the
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -105,6 +106,10 @@ class WatchedRun(Protocol):
     card: ModelCard  # what the evaluation's export carries
     dtype: torch.dtype  # the FID batch samples in it
     prefetch: Prefetcher  # its ``waited`` seconds give ``data_wait``
+
+    def log(self, message: str) -> None:
+        """One line to the user (rank 0 prints it)."""
+        ...
 
     @property
     def sharded(self) -> bool:
@@ -225,6 +230,14 @@ class Watch:
         values = self.validation(self.trainer.model, self.trainer.ema)
         if self.main:
             self.log_record({"step": step, **values}, prefix="val")
+            broken = [k for k, v in values.items() if not math.isfinite(v)]
+            if broken:  # the held-out shards are size-checked, not hashed, so say where to look
+                folder = self.settings.val_data
+                self.trainer.log(
+                    f"warning: the validation of step {step} is not finite ({len(broken)} "
+                    f"values, e.g. {broken[0]}): --val-data {folder} may hold damaged latents; "
+                    f"check them with `selfflow prepare --verify {folder}`"
+                )
 
     # -- samples ------------------------------------------------------------------------------
 
