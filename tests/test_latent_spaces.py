@@ -12,6 +12,7 @@ and float64 re-computations written here from the definitions.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from selfflow.data import LatentDataset
 from selfflow.model.card import ModelCard
 from selfflow.model.checkpoint import read_card
 from selfflow.model.latents import SD_VAE, LatentConvention, convention_of_vae
+from selfflow.model.network import SelfFlowDiT
 from tests.conftest import make_tiny_vae
 from tests.data.trees import write_tree
 
@@ -378,7 +380,14 @@ def test_the_dry_run_reports_flops_and_memory_at_the_datas_shape(normed, tmp_pat
     resolved = config.resolve((16, 16, 16), 3)
     s = resolved.settings
     flops = train_step_flops(resolved.model, teacher_layer=s.teacher_layer, rep_weight=s.rep_weight)
-    line = next(line for line in text.splitlines() if "GFLOP per image per step" in line)
-    assert f"{flops / 1e9:,.1f} GFLOP" in line and "16×16×16 latents (64 tokens)" in line
-    assert "GiB of training state per GPU" in text
+    line = next(line for line in text.splitlines() if line.startswith("compute: "))
+    number, unit = re.match(r"compute: ([\d.,]+) ([MGTP])FLOP per image per step", line).groups()
+    said = float(number.replace(",", "")) * {"M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}[unit]
+    assert said == pytest.approx(flops, rel=5e-3)  # three figures, in the unit that fits
+    assert "16×16×16 latents (64 tokens)" in line
+    state = re.search(r"memory: ([\d.]+) (MiB|GiB) of training state per GPU", text)
+    parameters = sum(p.numel() for p in SelfFlowDiT(resolved.model).parameters())
+    expected = parameters * 20 / {"MiB": 2**20, "GiB": 2**30}[state.group(2)]
+    assert float(state.group(1)) == pytest.approx(expected, abs=0.006)  # fp32 weights, grads,
+    # Adam's two moments and the EMA: 20 bytes per parameter
     assert "--image-size 32 --latent-channels 16" in text  # the VAE's factor, as recorded

@@ -186,6 +186,30 @@ def test_a_finite_validation_warns_of_nothing(tmp_path, data, held_out, one_thre
     assert not [line for line in said if line.startswith("warning")], said
 
 
+def test_the_dry_run_says_what_validation_costs(tmp_path, data, held_out):
+    """One validation's FLOPs against the training FLOPs of the K steps between two: the
+    figure docs/training.md works out for XL/2, said for the run at hand before it starts."""
+    import re
+
+    from selfflow.train import train_step_flops
+    from selfflow.train.config import TrainConfig
+    from selfflow.train.validation import validation_flops
+
+    for samples, rows in ((10_000, 40), (16, 16)):  # all 40 held-out rows, or --val-samples
+        said: list[str] = []
+        config = tiny_config(data, tmp_path / "run", steps=4, val_data=str(held_out), val_every=3)
+        train(replace(config, val_samples=samples), dry_run=True, log=said.append)
+        line = next(line for line in said if line.startswith("validation: "))
+        assert f"validation: {rows} held-out rows × 5 noise levels every 3 steps" in line
+        resolved = TrainConfig(**{**config.__dict__, "val_samples": samples}).resolve((4, 8, 8), 10)
+        m, st = resolved.model, resolved.settings
+        one = validation_flops(m, rows, rep=True, teacher_layer=st.teacher_layer)
+        step = train_step_flops(m, teacher_layer=st.teacher_layer, rep_weight=st.rep_weight)
+        share = float(re.search(r"each: ([\d.e+-]+) % of", line).group(1))
+        assert share == pytest.approx(100 * one / (step * st.global_batch_size * 3), rel=0.05)
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
 def test_held_out_data_of_another_shape_or_classes_is_refused_by_name(tmp_path, data):
     other_classes = val_dataset(tmp_path / "classes", n=12, classes=12)
     with pytest.raises(ConfigurationError, match=r"classes: 12.*training data: 10"):
