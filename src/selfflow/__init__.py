@@ -7,6 +7,7 @@ are imported only when used.
 from __future__ import annotations
 
 from selfflow.base.errors import CheckpointError, ConfigurationError, DownloadError, SelfFlowError
+from selfflow.base.lazy import lazy_names
 from selfflow.base.version import __version__
 
 __all__ = [
@@ -22,19 +23,12 @@ __all__ = [
     "save_model",
 ]
 
-
-def __getattr__(name: str):
-    # Lazy attributes keep `import selfflow` fast (no torch import for `selfflow --help`).
-    if name in ("ModelConfig", "SelfFlowDiT"):
-        from selfflow.model import network as model
-
-        return getattr(model, name)
-    if name in ("load_model", "save_model"):
-        from selfflow.model import checkpoint
-
-        return getattr(checkpoint, name)
-    if name == "SelfFlowPipeline":
-        from selfflow.sampling.pipeline import SelfFlowPipeline
-
-        return SelfFlowPipeline
-    raise AttributeError(f"module 'selfflow' has no attribute {name!r}")
+# Lazy names keep `import selfflow` fast (no torch import for `selfflow --help`).
+_HOMES = {
+    "ModelConfig": "selfflow.model.network",
+    "SelfFlowDiT": "selfflow.model.network",
+    "load_model": "selfflow.model.checkpoint",
+    "save_model": "selfflow.model.checkpoint",
+    "SelfFlowPipeline": "selfflow.sampling.pipeline",
+}
+__getattr__ = lazy_names(__name__, _HOMES)

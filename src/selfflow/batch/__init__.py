@@ -12,8 +12,7 @@ The names are loaded on first use, so that ``selfflow --help`` does not import t
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from selfflow.base.lazy import lazy_names
 
 __all__ = ["BatchConfig", "BatchResult", "generate_fid_batch"]
 _HOMES = {
@@ -23,7 +22,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'selfflow.batch' has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+__getattr__ = lazy_names(__name__, _HOMES)

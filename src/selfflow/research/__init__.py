@@ -16,8 +16,7 @@ The names are loaded on first use, so that ``selfflow --help`` does not import t
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from selfflow.base.lazy import lazy_names
 
 __all__ = ["SweepConfig", "dry_run", "run_sweep"]
 _HOMES = {
@@ -27,7 +26,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'selfflow.research' has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+__getattr__ = lazy_names(__name__, _HOMES)
